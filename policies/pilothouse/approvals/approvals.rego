@@ -1,0 +1,203 @@
+# METADATA
+# title: Entrypoint - approvals so far
+# description: >-
+#   Given the approvals recorded for an action (approver stable id, roles, the action hash each was bound to,
+#   expiry), are they sufficient now? Every approval that does not count is listed with the reasons it was refused.
+package pilothouse.approvals
+
+import data.pilothouse.identity
+import data.pilothouse.risk
+
+recorded := object.get(input, "approvals", [])
+
+approver_id(a) := identity.normalise(a.approver.id)
+
+display_id(a) := approver_id(a) if is_string(a.approver.id) else := ""
+
+# Reasons one approval cannot count, judged on the approval alone: own_refusals[index] is a set of reasons.
+own_refusals[i] contains {"code": "non_human_principal", "message": msg} if {
+	some i, a in recorded
+	not identity.is_human(a.approver)
+	msg := sprintf("%v is a service or model principal (or has no stable id): only humans approve", [
+		object.get(a.approver, "id", "<missing>"),
+	])
+}
+
+own_refusals[i] contains {"code": "self_approval", "message": msg} if {
+	some i, a in recorded
+	approver_id(a) == risk.proposer_id
+	msg := sprintf("%v proposed this action and cannot approve it", [approver_id(a)])
+}
+
+own_refusals[i] contains {"code": "approver_is_validator", "message": msg} if {
+	some i, a in recorded
+	risk.validator_ids[approver_id(a)]
+	msg := sprintf("%v validated the hypothesis and cannot also approve the action", [approver_id(a)])
+}
+
+own_refusals[i] contains {"code": "hash_mismatch", "message": msg} if {
+	some i, a in recorded
+	a.action_hash != input.action.action_hash
+	msg := sprintf("approval was bound to action hash %v, the action now hashes to %v", [
+		a.action_hash, input.action.action_hash,
+	])
+}
+
+own_refusals[i] contains {"code": "hash_mismatch", "message": "approval carries no action hash"} if {
+	some i, a in recorded
+	not is_string(a.action_hash)
+}
+
+own_refusals[i] contains {"code": "expired", "message": msg} if {
+	some i, a in recorded
+	time.parse_rfc3339_ns(a.expires_at) <= risk.now_ns
+	msg := sprintf("approval expired at %v (now %v)", [a.expires_at, input.now])
+}
+
+own_refusals[i] contains {"code": "expired", "message": "approval has no valid expires_at (RFC 3339)"} if {
+	some i, a in recorded
+	not time.parse_rfc3339_ns(a.expires_at)
+}
+
+own_refusals[i] contains {"code": "granted_in_future", "message": msg} if {
+	some i, a in recorded
+	time.parse_rfc3339_ns(a.granted_at) > risk.now_ns
+	msg := sprintf("approval granted at %v, after now (%v)", [a.granted_at, input.now])
+}
+
+own_refusals[i] contains {"code": "missing_role", "message": msg} if {
+	some i, a in recorded
+	not risk.frozen
+	not identity.has_any_role(a.approver, risk.approver_roles)
+	msg := sprintf("%v risk needs role %v; %v has %v", [
+		risk.tier, concat("|", risk.approver_roles), approver_id(a), concat(",", sort(identity.roles(a.approver))),
+	])
+}
+
+own_refusals[i] contains {"code": "frozen_window", "message": msg} if {
+	some i, a in recorded
+	risk.frozen
+	not identity.has_any_role(a.approver, risk.approver_roles)
+	msg := sprintf("change freeze %v is active: only %v may approve, %v may not", [
+		concat(",", sort(risk.active_freezes)), concat("|", risk.approver_roles), approver_id(a),
+	])
+}
+
+# Decision-level blocks (kill switch, exhausted budget, not admissible...) refuse every approval too.
+block_refusals := {{"code": b.code, "message": sprintf("cannot count while %v", [b.message])} | some b in risk.blocks}
+
+own(i) := object.get(own_refusals, i, set())
+
+acceptable(i) if {
+	recorded[i]
+	count(own(i)) == 0
+}
+
+# The same human twice counts once: an approval is a duplicate if an earlier acceptable approval has the same
+# normalised stable id (oncall-7, ONCALL-7 and on<ZWSP>call-7 are one account).
+first_approval_of_same_human[i] := min(earlier) if {
+	some i, a in recorded
+	earlier := {j |
+		some j, other in recorded
+		j < i
+		acceptable(j)
+		approver_id(other) == approver_id(a)
+	}
+	count(earlier) > 0
+}
+
+duplicate_refusal(i) := {{"code": "duplicate_approver", "message": msg} |
+	j := first_approval_of_same_human[i]
+	msg := sprintf("%v already approved (approval %v): the same human counts once", [
+		approver_id(recorded[i]), object.get(recorded[j], "approval_id", j),
+	])
+}
+
+refusals(i) := (own(i) | block_refusals) | duplicate_refusal(i)
+
+accepted := [a.approval_id |
+	some i, a in recorded
+	count(refusals(i)) == 0
+]
+
+refused := [r |
+	some i, a in recorded
+	reasons := refusals(i)
+	count(reasons) > 0
+	r := {
+		"approval_id": object.get(a, "approval_id", sprintf("#%d", [i])),
+		"approver_id": display_id(a),
+		"codes": sort(risk.codes(reasons)),
+		"reasons": risk.format_reasons(reasons),
+	}
+]
+
+sufficient if count(accepted) >= risk.approvers_needed
+
+default outcome := "deny"
+
+outcome := "deny" if {
+	count(risk.blocks) > 0
+} else := "allow" if {
+	risk.read_only
+} else := "allow" if {
+	risk.state_changing
+	risk.approvers_needed > 0
+	sufficient
+} else := "pending_approval" if {
+	risk.state_changing
+	risk.approvers_needed > 0
+}
+
+still_needed := max({0, risk.approvers_needed - count(accepted)}) if outcome == "pending_approval"
+
+else := 0
+
+status_notes contains {"code": "approvals_sufficient", "message": msg} if {
+	outcome == "allow"
+	risk.state_changing
+	msg := sprintf("%d of %d required approvals accepted", [count(accepted), risk.approvers_needed])
+}
+
+status_notes contains {"code": "approvals_pending", "message": msg} if {
+	outcome == "pending_approval"
+	msg := sprintf("%d of %d required approvals accepted; %d more needed", [
+		count(accepted), risk.approvers_needed, still_needed,
+	])
+}
+
+status_notes contains {"code": "approvals_refused", "message": msg} if {
+	count(refused) > 0
+	msg := sprintf("%d approval(s) refused: see refused_approvals", [count(refused)])
+}
+
+all_reasons := (risk.blocks | risk.notes) | status_notes
+
+reasons := risk.format_reasons(all_reasons) if {
+	count(all_reasons) > 0
+} else := ["undecidable: the input could not be assessed; denied"]
+
+reason_codes := sort(risk.codes(all_reasons)) if {
+	count(all_reasons) > 0
+} else := ["undecidable"]
+
+# METADATA
+# title: Approvals decision
+# description: Are the recorded approvals sufficient now? Lists accepted and refused approvals with reasons.
+# entrypoint: true
+decision := {
+	"entrypoint": "approvals",
+	"outcome": outcome,
+	"allow": outcome == "allow",
+	"requires_approval": outcome == "pending_approval",
+	"approvers_needed": risk.approvers_needed,
+	"approvals_still_needed": still_needed,
+	"approver_roles": risk.approver_roles,
+	"risk": risk.assessment,
+	"reasons": reasons,
+	"reason_codes": reason_codes,
+	"accepted_approvals": accepted,
+	"refused_approvals": refused,
+	"action_hash": object.get(object.get(input, "action", {}), "action_hash", ""),
+	"bundle_revision": data.pilothouse.config.bundle_revision,
+}

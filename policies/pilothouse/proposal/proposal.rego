@@ -1,0 +1,54 @@
+# METADATA
+# title: Entrypoint - a proposal arrives
+# description: >-
+#   Is the proposed action admissible (Gate 1), auto-allowed (read-only diagnostics within budget), pending human
+#   approval (Gate 2: how many approvers, with which roles) or denied - and why.
+package pilothouse.proposal
+
+import data.pilothouse.risk
+
+default outcome := "deny"
+
+outcome := "deny" if {
+	count(risk.blocks) > 0
+} else := "allow" if {
+	risk.read_only
+} else := "pending_approval" if {
+	risk.state_changing
+	risk.approvers_needed > 0
+}
+
+reasons := array.concat(risk.format_reasons(risk.blocks), risk.format_reasons(risk.notes)) if {
+	count(risk.blocks) > 0
+} else := risk.format_reasons(risk.notes) if {
+	count(risk.notes) > 0
+} else := ["undecidable: the input could not be assessed; denied"]
+
+reason_codes := sort(risk.codes(risk.blocks) | risk.codes(risk.notes)) if {
+	count(risk.blocks | risk.notes) > 0
+} else := ["undecidable"]
+
+# METADATA
+# title: Proposal decision
+# description: The decision document for a newly arrived proposal.
+# entrypoint: true
+decision := {
+	"entrypoint": "proposal",
+	"outcome": outcome,
+	"allow": outcome == "allow",
+	"requires_approval": outcome == "pending_approval",
+	"approvers_needed": risk.approvers_needed,
+	"approvals_still_needed": still_needed,
+	"approver_roles": risk.approver_roles,
+	"risk": risk.assessment,
+	"reasons": reasons,
+	"reason_codes": reason_codes,
+	"accepted_approvals": [],
+	"refused_approvals": [],
+	"action_hash": object.get(object.get(input, "action", {}), "action_hash", ""),
+	"bundle_revision": data.pilothouse.config.bundle_revision,
+}
+
+still_needed := risk.approvers_needed if outcome == "pending_approval"
+
+else := 0

@@ -1,0 +1,299 @@
+# METADATA
+# title: Risk assessment shared by both entrypoints
+# description: >-
+#   Everything both gates need: input sanity, Gate 1 (a human responder validated the hypothesis), the risk score and
+#   tier, the risk budget, concurrency caps, change freezes and the kill switches. Time comes only from input.now so
+#   every decision replays identically from (input, bundle revision).
+package pilothouse.risk
+
+import data.pilothouse.identity
+
+cfg := data.pilothouse.config
+
+now_ns := time.parse_rfc3339_ns(input.now)
+
+target_service := identity.normalise(input.action.target.service)
+
+environment := lower(input.action.target.environment)
+
+read_only if input.action.facts.read_only == true
+
+state_changing if not read_only
+
+proposer_id := identity.normalise(input.proposal.proposed_by.id)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input sanity: a missing or malformed field must deny with a clear reason, never fall through to allow.
+# ---------------------------------------------------------------------------------------------------------------
+
+input_errors contains {"code": "input_now_invalid", "message": "input.now must be an RFC 3339 timestamp"} if {
+	not now_ns
+}
+
+input_errors contains {"code": "input_action_hash_missing", "message": "input.action.action_hash is missing or empty"} if {
+	not valid_action_hash
+}
+
+valid_action_hash if regex.match(`^[0-9a-f]{64}$`, input.action.action_hash)
+
+input_errors contains {"code": "input_facts_invalid", "message": msg} if {
+	not valid_facts
+	msg := "input.action.facts needs reversible (bool), read_only (bool) and blast_radius (low|medium|high)"
+}
+
+valid_facts if {
+	is_boolean(input.action.facts.reversible)
+	is_boolean(input.action.facts.read_only)
+	cfg.risk.blast_radius_points[input.action.facts.blast_radius]
+}
+
+input_errors contains {"code": "input_target_invalid", "message": msg} if {
+	not target_service
+	msg := "input.action.target.service and input.action.target.environment are required"
+}
+
+input_errors contains {"code": "input_target_invalid", "message": msg} if {
+	not environment
+	msg := "input.action.target.service and input.action.target.environment are required"
+}
+
+input_errors contains {"code": "input_budget_invalid", "message": msg} if {
+	not valid_budget
+	msg := "input.budget needs scope, consumed (number >= 0), window_start and window_end (RFC 3339)"
+}
+
+valid_budget if {
+	is_number(input.budget.consumed)
+	input.budget.consumed >= 0
+	is_string(input.budget.scope)
+	time.parse_rfc3339_ns(input.budget.window_start)
+	time.parse_rfc3339_ns(input.budget.window_end)
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gate 1: the hypothesis the proposal addresses was validated by a human responder who did not propose it.
+# ---------------------------------------------------------------------------------------------------------------
+
+# Everyone who validated, valid or not: none of them may approve (separation of duties is judged on the claim).
+validator_ids contains identity.normalise(v.validator.id) if {
+	some v in input.proposal.hypothesis.validations
+}
+
+valid_validations contains v if {
+	some v in input.proposal.hypothesis.validations
+	identity.is_human(v.validator)
+	identity.has_any_role(v.validator, cfg.validator_roles)
+	identity.normalise(v.validator.id) != proposer_id
+	time.parse_rfc3339_ns(v.validated_at) <= now_ns
+}
+
+admissible if count(valid_validations) > 0
+
+blocks contains {"code": "hypothesis_not_validated", "message": msg} if {
+	not admissible
+	msg := sprintf(
+		"Gate 1: hypothesis %v has no validation by a human with role %v who did not propose the action",
+		[object.get(input.proposal.hypothesis, "hypothesis_id", "<missing>"), concat("|", cfg.validator_roles)],
+	)
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Risk score and tier.
+# ---------------------------------------------------------------------------------------------------------------
+
+blast_points := cfg.risk.blast_radius_points[input.action.facts.blast_radius]
+
+reversibility_points := 0 if input.action.facts.reversible == true
+
+reversibility_points := cfg.risk.irreversible_points if input.action.facts.reversible == false
+
+# An unknown environment is scored like production: fail towards caution.
+environment_points := object.get(cfg.risk.environment_points, environment, cfg.risk.unknown_environment_points)
+
+severity_points := object.get(cfg.risk.severity_points, lower(object.get(input.incident, "severity", "")), 0)
+
+score := ((blast_points + reversibility_points) + environment_points) + severity_points
+
+tier := "read_only" if read_only
+
+tier := "low" if {
+	state_changing
+	score <= cfg.risk.low_max
+}
+
+tier := "medium" if {
+	state_changing
+	score > cfg.risk.low_max
+	score <= cfg.risk.medium_max
+}
+
+tier := "high" if {
+	state_changing
+	score > cfg.risk.medium_max
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Risk budget: executed actions consume it (input.budget.consumed, summed by the ledger over the window).
+# ---------------------------------------------------------------------------------------------------------------
+
+cost := cfg.risk.read_only_cost if read_only
+
+cost := score if state_changing
+
+budget_limit := object.get(cfg.budgets.limits, input.budget.scope, cfg.budgets.default_limit)
+
+budget_remaining := budget_limit - input.budget.consumed
+
+budget_exhausted if budget_remaining < cost
+
+# Low water: what is left after this action would be below the configured fraction of the limit.
+budget_low if {
+	not budget_exhausted
+	budget_remaining - cost < budget_limit * cfg.budgets.low_water_fraction
+}
+
+budget_window_current if {
+	time.parse_rfc3339_ns(input.budget.window_start) <= now_ns
+	now_ns < time.parse_rfc3339_ns(input.budget.window_end)
+}
+
+blocks contains {"code": "budget_exhausted", "message": msg} if {
+	budget_exhausted
+	msg := sprintf(
+		"risk budget %v exhausted: %v of %v left, this action costs %v",
+		[input.budget.scope, budget_remaining, budget_limit, cost],
+	)
+}
+
+blocks contains {"code": "budget_window_stale", "message": msg} if {
+	valid_budget
+	now_ns
+	not budget_window_current
+	msg := sprintf("risk budget window %v..%v does not contain now (%v): budget figures are stale", [
+		input.budget.window_start, input.budget.window_end, input.now,
+	])
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kill switches, concurrency caps and change freezes.
+# ---------------------------------------------------------------------------------------------------------------
+
+blocks contains {"code": "kill_switch_global", "message": "the global kill switch is engaged: nothing runs"} if {
+	input.controls.kill_switch.global == true
+}
+
+killed_services := {identity.normalise(s) | some s in input.controls.kill_switch.services}
+
+blocks contains {"code": "kill_switch_service", "message": msg} if {
+	killed_services[target_service]
+	msg := sprintf("the kill switch for service %v is engaged", [target_service])
+}
+
+in_flight := object.get(object.get(input, "controls", {}), "in_flight_on_target", 0)
+
+blocks contains {"code": "concurrency_cap", "message": msg} if {
+	state_changing
+	in_flight >= cfg.concurrency.max_in_flight_per_target
+	msg := sprintf("%v actions already in flight on %v/%v (cap %v)", [
+		in_flight, target_service, object.get(input.action.target, "resource", ""),
+		cfg.concurrency.max_in_flight_per_target,
+	])
+}
+
+blocks contains err if some err in input_errors
+
+matches_scope(values, _) if "*" in values
+
+matches_scope(values, wanted) if {
+	some v in values
+	identity.normalise(v) == wanted
+}
+
+active_freezes contains w.name if {
+	some w in input.controls.freeze_windows
+	time.parse_rfc3339_ns(w.start) <= now_ns
+	now_ns < time.parse_rfc3339_ns(w.end)
+	matches_scope(object.get(w, "environments", ["*"]), environment)
+	matches_scope(object.get(w, "services", ["*"]), target_service)
+}
+
+# Read-only diagnostics are not frozen: looking is always allowed within budget.
+frozen if {
+	state_changing
+	count(active_freezes) > 0
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# How many human approvals, with which roles.
+# ---------------------------------------------------------------------------------------------------------------
+
+tightening := 1 if {
+	state_changing
+	budget_low
+} else := 0
+
+freeze_minimum := cfg.freeze.min_approvers if frozen
+
+else := 0
+
+default approvers_needed := 0
+
+approvers_needed := min({
+	max({cfg.tiers[tier].approvers + tightening, freeze_minimum}),
+	cfg.budgets.max_approvers,
+}) if state_changing
+
+default approver_roles := []
+
+approver_roles := sort(cfg.freeze.approver_roles) if frozen
+
+approver_roles := sort(cfg.tiers[tier].roles) if not frozen
+
+notes contains {"code": "read_only_auto_allowed", "message": msg} if {
+	read_only
+	msg := sprintf("read-only diagnostics within budget are auto-allowed (cost %v, %v left)", [cost, budget_remaining])
+}
+
+notes contains {"code": "approval_required", "message": msg} if {
+	state_changing
+	msg := sprintf("%v risk (score %v) needs %v distinct human approver(s) with role %v who neither proposed nor validated it", [
+		tier, score, approvers_needed, concat("|", approver_roles),
+	])
+}
+
+notes contains {"code": "budget_low", "message": msg} if {
+	state_changing
+	budget_low
+	msg := sprintf("risk budget %v is running low (%v of %v left, this action costs %v): one more approver required", [
+		input.budget.scope, budget_remaining, budget_limit, cost,
+	])
+}
+
+notes contains {"code": "freeze_window_active", "message": msg} if {
+	frozen
+	msg := sprintf("change freeze %v is active: only %v may approve, at least %v approvers", [
+		concat(",", sort(active_freezes)), concat("|", cfg.freeze.approver_roles), cfg.freeze.min_approvers,
+	])
+}
+
+# Human-readable "code: text" strings sorted by code, then text: stable across replays.
+format_reasons(items) := sort([sprintf("%v: %v", [r.code, r.message]) | some r in items])
+
+codes(items) := {r.code | some r in items}
+
+default assessment := {}
+
+assessment := {
+	"tier": tier,
+	"score": score,
+	"cost": cost,
+	"budget_scope": input.budget.scope,
+	"budget_limit": budget_limit,
+	"budget_remaining": budget_remaining,
+	"budget_low": budget_low_flag,
+	"frozen_by": sort(active_freezes),
+}
+
+budget_low_flag if budget_low
+
+else := false
