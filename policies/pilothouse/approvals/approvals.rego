@@ -12,14 +12,46 @@ recorded := object.get(input, "approvals", [])
 
 approver_id(a) := identity.normalise(a.approver.id)
 
-display_id(a) := approver_id(a) if is_string(a.approver.id) else := ""
+display_id(a) := approver_id(a) if is_string(a.approver.id)
+
+else := ""
+
+# Helpers take the whole approval so that a missing field stays inside the negated call: OPA hoists a field
+# reference used as a call argument out of a `not`, which would make the refusal rule silently not fire.
+approver_is_human(a) if identity.is_human(a.approver)
+
+has_hash(a) if is_string(a.action_hash)
+
+has_expiry(a) if time.parse_rfc3339_ns(a.expires_at)
+
+role_list(a) := concat(",", sort(identity.roles(a.approver))) if is_array(a.approver.roles)
+
+else := "no roles"
+
+has_required_role(a) if identity.has_any_role(a.approver, risk.approver_roles)
+
+well_formed(a) if {
+	is_string(a.approval_id)
+	is_string(a.approver.id)
+	is_string(a.approver.kind)
+	is_array(a.approver.roles)
+	is_string(a.action_hash)
+	time.parse_rfc3339_ns(a.granted_at)
+	time.parse_rfc3339_ns(a.expires_at)
+}
+
+own_refusals[i] contains {"code": "approval_malformed", "message": msg} if {
+	some i, a in recorded
+	not well_formed(a)
+	msg := "approval needs approval_id, approver {id, kind, roles}, action_hash, granted_at and expires_at (RFC 3339)"
+}
 
 # Reasons one approval cannot count, judged on the approval alone: own_refusals[index] is a set of reasons.
 own_refusals[i] contains {"code": "non_human_principal", "message": msg} if {
 	some i, a in recorded
-	not identity.is_human(a.approver)
+	not approver_is_human(a)
 	msg := sprintf("%v is a service or model principal (or has no stable id): only humans approve", [
-		object.get(a.approver, "id", "<missing>"),
+		display_id(a),
 	])
 }
 
@@ -45,7 +77,7 @@ own_refusals[i] contains {"code": "hash_mismatch", "message": msg} if {
 
 own_refusals[i] contains {"code": "hash_mismatch", "message": "approval carries no action hash"} if {
 	some i, a in recorded
-	not is_string(a.action_hash)
+	not has_hash(a)
 }
 
 own_refusals[i] contains {"code": "expired", "message": msg} if {
@@ -56,7 +88,7 @@ own_refusals[i] contains {"code": "expired", "message": msg} if {
 
 own_refusals[i] contains {"code": "expired", "message": "approval has no valid expires_at (RFC 3339)"} if {
 	some i, a in recorded
-	not time.parse_rfc3339_ns(a.expires_at)
+	not has_expiry(a)
 }
 
 own_refusals[i] contains {"code": "granted_in_future", "message": msg} if {
@@ -68,18 +100,18 @@ own_refusals[i] contains {"code": "granted_in_future", "message": msg} if {
 own_refusals[i] contains {"code": "missing_role", "message": msg} if {
 	some i, a in recorded
 	not risk.frozen
-	not identity.has_any_role(a.approver, risk.approver_roles)
+	not has_required_role(a)
 	msg := sprintf("%v risk needs role %v; %v has %v", [
-		risk.tier, concat("|", risk.approver_roles), approver_id(a), concat(",", sort(identity.roles(a.approver))),
+		risk.tier, concat("|", risk.approver_roles), display_id(a), role_list(a),
 	])
 }
 
 own_refusals[i] contains {"code": "frozen_window", "message": msg} if {
 	some i, a in recorded
 	risk.frozen
-	not identity.has_any_role(a.approver, risk.approver_roles)
+	not has_required_role(a)
 	msg := sprintf("change freeze %v is active: only %v may approve, %v may not", [
-		concat(",", sort(risk.active_freezes)), concat("|", risk.approver_roles), approver_id(a),
+		concat(",", sort(risk.active_freezes)), concat("|", risk.approver_roles), display_id(a),
 	])
 }
 
