@@ -1,0 +1,171 @@
+"""Avro binary serialisation with the schema's identity on every message.
+
+Two framings:
+
+* **Avro single-object encoding** (default): ``C3 01`` + 8-byte CRC-64-AVRO fingerprint (little-endian) + body.
+  The fingerprint names the schema; no registry is needed because every service ships the same ``schemas/``.
+* **Confluent wire format** when a schema registry URL is configured: ``00`` + 4-byte big-endian schema id + body.
+  Schemas are registered under ``<topic>-value``; ids read back from the registry must resolve to a schema we know
+  (by canonical fingerprint), otherwise the message is refused.
+
+Decoding is bounded: the message size is checked first, every schema was linted so no container item encodes to zero
+bytes (a few hostile bytes cannot declare a billion free elements), and the body must be consumed exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from typing import Any
+
+from fastavro import schemaless_reader, schemaless_writer
+from pydantic import ValidationError
+
+from pilothouse.bus.errors import DecodeError, OversizedMessage, RecordInvalid, RetryableError, SchemaError
+from pilothouse.bus.records import RECORDS, AvroRecord
+from pilothouse.bus.schemas import RecordSchema, SchemaSet, load_schemas
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+CONFLUENT_MAGIC = b"\x00"
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+
+
+class Decoded:
+    """A decoded message: which schema, the plain dict, and (built on first use) its pydantic model."""
+
+    __slots__ = ("schema", "data", "_record")
+
+    def __init__(self, schema: RecordSchema, data: dict):
+        self.schema = schema
+        self.data = data
+        self._record: AvroRecord | None = None
+
+    @property
+    def record(self) -> AvroRecord:
+        """The pydantic twin; raises DecodeError if the decoded data violates a model constraint."""
+        if self._record is None:
+            try:
+                self._record = RECORDS[self.schema.name].model_validate(self.data)
+            except ValidationError as e:
+                raise DecodeError(f"{self.schema.name}: decoded record is invalid: {e.errors()[0]['msg']}") from e
+        return self._record
+
+
+class Serde:
+    """Encode pydantic records to framed Avro bytes and back, with size bounds and validation."""
+
+    def __init__(
+        self,
+        schemas: SchemaSet | None = None,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        registry: Any | None = None,
+    ):
+        """``registry``: a confluent_kafka SchemaRegistryClient (``mock://`` works) to use the Confluent framing."""
+        self.schemas = schemas or load_schemas()
+        self.max_message_bytes = max_message_bytes
+        self.registry = registry
+        self._ids_by_name: dict[tuple[str, str], int] = {}
+        self._schema_by_id: dict[int, RecordSchema] = {}
+
+    # -- encoding ---------------------------------------------------------------------------------------------
+    def encode(self, record: AvroRecord, *, topic: str | None = None) -> bytes:
+        """Serialise ``record``; raises RecordInvalid / OversizedMessage."""
+        return self.encode_dict(type(record).AVRO_NAME, record.model_dump(), topic=topic)
+
+    def encode_dict(self, name: str, obj: dict, *, topic: str | None = None) -> bytes:
+        """Serialise a plain dict against schema ``name`` (the hot path: no pydantic round trip)."""
+        rs = self.schemas.get(name)
+        buf = io.BytesIO()
+        if self.registry is not None:
+            if topic is None:
+                raise RecordInvalid("the Confluent wire format needs the topic (subject <topic>-value)")
+            buf.write(CONFLUENT_MAGIC + struct.pack(">I", self._registered_id(topic, rs)))
+        else:
+            buf.write(SINGLE_OBJECT_MAGIC + rs.fingerprint)
+        try:
+            schemaless_writer(buf, rs.parsed, obj, strict_allow_default=True)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise RecordInvalid(f"{rs.name}: {e}") from e
+        data = buf.getvalue()
+        if len(data) > self.max_message_bytes:
+            raise OversizedMessage(
+                f"{rs.name} encodes to {len(data)} bytes, above the {self.max_message_bytes}-byte limit"
+            )
+        return data
+
+    def _registered_id(self, topic: str, rs: RecordSchema) -> int:
+        key = (topic, rs.name)
+        if key not in self._ids_by_name:
+            from confluent_kafka.schema_registry import Schema  # only with a registry configured
+            from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+            try:
+                sid = self.registry.register_schema(f"{topic}-value", Schema(rs.canonical, "AVRO"))
+            except SchemaRegistryError as e:
+                raise RetryableError(f"schema registry refused {rs.name} for {topic}: {e}") from e
+            self._ids_by_name[key] = sid
+            self._schema_by_id[sid] = rs
+        return self._ids_by_name[key]
+
+    # -- decoding ---------------------------------------------------------------------------------------------
+    def decode(self, data: bytes | None, *, expected: str | None = None) -> Decoded:
+        """Parse framed bytes; raises DecodeError / OversizedMessage with a precise reason.
+
+        ``expected``: the full Avro name the topic carries; any other known schema is refused too.
+        """
+        if data is None:
+            raise DecodeError("null value (tombstone) where a record was expected")
+        if len(data) > self.max_message_bytes:
+            raise OversizedMessage(f"message of {len(data)} bytes is above the {self.max_message_bytes}-byte limit")
+        rs, offset = self._resolve_schema(data)
+        if expected is not None and rs.name != expected:
+            raise DecodeError(f"record {rs.name} is not the type this topic carries ({expected})")
+        buf = io.BytesIO(data)
+        buf.seek(offset)
+        try:
+            obj = schemaless_reader(buf, rs.parsed, None)
+        except (EOFError, StopIteration, ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError,
+                UnicodeDecodeError, struct.error) as e:
+            raise DecodeError(f"{rs.name}: body does not decode: {type(e).__name__}: {e}") from e
+        if buf.tell() != len(data):
+            raise DecodeError(f"{rs.name}: {len(data) - buf.tell()} trailing bytes after the record")
+        return Decoded(rs, obj)
+
+    def _resolve_schema(self, data: bytes) -> tuple[RecordSchema, int]:
+        if data[:2] == SINGLE_OBJECT_MAGIC:
+            if len(data) < 10:
+                raise DecodeError(f"single-object header truncated ({len(data)} bytes)")
+            rs = self.schemas.by_fingerprint(bytes(data[2:10]))
+            if rs is None:
+                raise DecodeError(f"unknown schema fingerprint {bytes(data[2:10]).hex()}")
+            return rs, 10
+        if data[:1] == CONFLUENT_MAGIC and self.registry is not None:
+            if len(data) < 5:
+                raise DecodeError(f"Confluent header truncated ({len(data)} bytes)")
+            (sid,) = struct.unpack(">I", data[1:5])
+            return self._schema_for_id(sid), 5
+        raise DecodeError(f"unknown framing (first bytes {bytes(data[:2]).hex() or 'empty'})")
+
+    def _schema_for_id(self, sid: int) -> RecordSchema:
+        if sid not in self._schema_by_id:
+            from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+            try:
+                schema = self.registry.get_schema(sid)
+            except SchemaRegistryError as e:
+                raise DecodeError(f"schema id {sid} is not in the registry: {e}") from e
+            from fastavro.schema import fingerprint as _fp
+            from fastavro.schema import to_parsing_canonical_form
+
+            import json
+
+            try:
+                canonical = to_parsing_canonical_form(json.loads(schema.schema_str))
+            except (ValueError, SchemaError, Exception) as e:  # noqa: BLE001 - any parse failure is a decode error
+                raise DecodeError(f"schema id {sid} is not valid Avro: {e}") from e
+            rs = self.schemas.by_fingerprint(bytes.fromhex(_fp(canonical, "CRC-64-AVRO"))[::-1])
+            if rs is None:
+                raise DecodeError(f"schema id {sid} is not one of our schemas")
+            self._schema_by_id[sid] = rs
+        return self._schema_by_id[sid]
