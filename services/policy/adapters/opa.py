@@ -1,0 +1,209 @@
+"""The OPA adapter: evaluates the policy bundle's entrypoints through opa-python-client.
+
+One :class:`OpaPolicyEngine` holds one ``OpaClient`` and therefore one ``requests.Session``: HTTP keep-alive reuses the
+TCP connection, which is what keeps the per-decision overhead small (see benchmarks/policy.py). SDK and HTTP errors are
+translated into the project's errors: transient ones into :class:`PolicyEngineUnavailable` (retryable), everything
+else into :class:`PolicyEvaluationFailed` (permanent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import requests
+from opa_client import OpaClient
+from opa_client.errors import ConnectionsError, PolicyNotFoundError
+from pydantic import SecretStr, ValidationError
+
+from pilothouse.policy.domain import (
+    ENTRYPOINTS,
+    Decision,
+    DecisionRecord,
+    PolicyEngineUnavailable,
+    PolicyEvaluationFailed,
+    PolicyInput,
+    PolicyInputInvalid,
+    document_schemas,
+    parse_policy_input,
+    record_decision,
+    render_readme,
+)
+
+Entrypoint = Literal["proposal", "approvals"]
+
+#: Data path of the bundle revision (policies/pilothouse/config/data.json).
+REVISION_PATH = "pilothouse/config/bundle_revision"
+
+
+class OpaPolicyEngine:
+    """Evaluates decisions against a running OPA server (``opa run --server policies/``)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8181,
+        *,
+        timeout_s: float = 1.0,
+        retries: int = 0,
+        token: SecretStr | None = None,
+        ssl: bool = False,
+    ) -> None:
+        # retries=0: the caller owns retries (bounded backoff on PolicyEngineUnavailable), so one slow OPA is not
+        # hidden behind urllib3's own retry loop.
+        self._client = OpaClient(
+            host=host,
+            port=port,
+            timeout=timeout_s,
+            retries=retries,
+            ssl=ssl,
+            token=token.get_secret_value() if token is not None else None,
+        )
+        self.endpoint = f"{'https' if ssl else 'http'}://{host}:{port}"
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> OpaPolicyEngine:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PolicyInputInvalid(f"OPA url must look like http://host:port, got {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 8181)
+        return cls(parts.hostname, port, ssl=parts.scheme == "https", **kwargs)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._client.close_connection()
+
+    def __enter__(self) -> OpaPolicyEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_until_ready(self, timeout_s: float = 10.0) -> None:
+        """Block until OPA reports healthy with its bundles loaded, or raise PolicyEngineUnavailable."""
+        try:
+            self._client.wait_for_ready(timeout=timeout_s, interval=0.05, query={"bundles": True})
+        except ConnectionsError as e:
+            raise PolicyEngineUnavailable(f"OPA at {self.endpoint} not ready: {e.message}") from e
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+
+    def evaluate(self, path: str, input_document: dict[str, Any]) -> Any:
+        """POST ``input_document`` to ``/v1/data/<path>`` and return ``result``; undefined results are errors."""
+        package, _, rule = path.rpartition("/")
+        try:
+            body = self._client.query_rule(input_document, package_path=package, rule_name=rule)
+        except (requests.ConnectionError, requests.Timeout, ConnectionsError) as e:
+            raise PolicyEngineUnavailable(f"OPA at {self.endpoint} unreachable: {e}") from e
+        except requests.HTTPError as e:
+            status = e.response.status_code if e.response is not None else 0
+            detail = _opa_message(e.response)
+            if status >= 500 or status == 429:
+                raise PolicyEngineUnavailable(f"OPA answered {status} for {path}: {detail}") from e
+            raise PolicyEvaluationFailed(f"OPA refused {path} ({status}): {detail}") from e
+        except (requests.RequestException, ValueError) as e:  # ValueError: a body that is not JSON
+            raise PolicyEvaluationFailed(f"OPA answer for {path} unreadable: {e}") from e
+        if not isinstance(body, dict) or "result" not in body:
+            raise PolicyEvaluationFailed(f"{path} is undefined in OPA: is the pilothouse bundle loaded?")
+        return body["result"]
+
+    def decide(self, entrypoint: Entrypoint, policy_input: PolicyInput) -> DecisionRecord:
+        """Evaluate one entrypoint and return the validated decision with its replay data (id, input hash)."""
+        if entrypoint not in ENTRYPOINTS:
+            raise PolicyInputInvalid(f"unknown entrypoint {entrypoint!r}; use one of {sorted(ENTRYPOINTS)}")
+        result = self.evaluate(ENTRYPOINTS[entrypoint], policy_input.to_opa())
+        try:
+            decision = Decision.model_validate(result)
+        except ValidationError as e:
+            raise PolicyEvaluationFailed(f"OPA returned an invalid {entrypoint} decision: {e}") from e
+        if decision.entrypoint != entrypoint:
+            raise PolicyEvaluationFailed(f"asked {entrypoint}, OPA answered for {decision.entrypoint}")
+        return record_decision(policy_input, decision)
+
+    def decide_proposal(self, policy_input: PolicyInput) -> DecisionRecord:
+        return self.decide("proposal", policy_input)
+
+    def decide_approvals(self, policy_input: PolicyInput) -> DecisionRecord:
+        return self.decide("approvals", policy_input)
+
+    def bundle_revision(self) -> str:
+        try:
+            return str(self._client.get_data(REVISION_PATH)["result"])
+        except PolicyNotFoundError as e:
+            raise PolicyEvaluationFailed(f"{REVISION_PATH} missing in OPA: {e.message}") from e
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise PolicyEngineUnavailable(f"OPA at {self.endpoint} unreachable: {e}") from e
+
+
+def _opa_message(response: requests.Response | None) -> str:
+    if response is None:
+        return "no response"
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        return f"{body.get('code', '')}: {body.get('message', '')}".strip(": ")
+    return str(body)[:200]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: `pilothouse policy decide|schema ...`
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``decide``: evaluate an input document file against OPA and print the decision record (exit 0; 2 for a bad
+    input, 3 when OPA is unavailable or returns no valid decision). ``schema``: print the input/decision JSON schemas,
+    or with ``--readme PATH`` rewrite (or ``--check``) the generated blocks of policies/README.md."""
+    parser = argparse.ArgumentParser(prog="pilothouse policy", description="Evaluate and document pilothouse policy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    decide = sub.add_parser("decide", help="evaluate an input document against the OPA server")
+    decide.add_argument("entrypoint", choices=sorted(ENTRYPOINTS))
+    decide.add_argument("--input", required=True, help="path to the input JSON document, or - for stdin")
+    decide.add_argument("--opa-url", default="http://127.0.0.1:8181")
+    schema = sub.add_parser("schema", help="print or render the input and decision schemas")
+    schema.add_argument("--readme", type=Path, help="rewrite the generated blocks of this README")
+    schema.add_argument("--check", action="store_true", help="with --readme: exit 1 if the README is out of date")
+    args = parser.parse_args(argv)
+
+    if args.command == "schema":
+        return _schema_command(args.readme, args.check)
+    try:
+        raw = sys.stdin.read() if args.input == "-" else Path(args.input).read_text(encoding="utf-8")
+        policy_input = parse_policy_input(raw)
+    except (OSError, PolicyInputInvalid) as e:
+        print(f"input refused: {e}", file=sys.stderr)
+        return 2
+    try:
+        with OpaPolicyEngine.from_url(args.opa_url) as engine:
+            record = engine.decide(args.entrypoint, policy_input)
+    except (PolicyEngineUnavailable, PolicyEvaluationFailed) as e:
+        print(f"no decision: {e}", file=sys.stderr)
+        return 3
+    print(record.model_dump_json(indent=2))
+    return 0
+
+
+def _schema_command(readme: Path | None, check: bool) -> int:
+    if readme is None:
+        print(json.dumps(document_schemas(), indent=2, sort_keys=True))
+        return 0
+    current = readme.read_text(encoding="utf-8")
+    rendered = render_readme(current)
+    if check:
+        if rendered != current:
+            print(f"{readme} is out of date: run `pilothouse policy schema --readme {readme}`", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(rendered, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
