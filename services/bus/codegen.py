@@ -32,6 +32,7 @@ def _to_millis(value: datetime) -> datetime:
 
 
 Timestamp = Annotated[AwareDatetime, AfterValidator(_to_millis)]
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]  # Avro int; fastavro would not range-check it
 
 
 class AvroRecord(BaseModel):
@@ -57,7 +58,7 @@ class _Gen:
     def type_expr(self, t) -> str:
         if isinstance(t, str):
             return {
-                "string": "str", "long": "int", "int": "int", "double": "float", "float": "float",
+                "string": "str", "long": "int", "int": "Int32", "double": "float", "float": "float",
                 "boolean": "bool", "bytes": "bytes", "null": "None",
             }.get(t) or self.named_ref(t)
         if isinstance(t, list):

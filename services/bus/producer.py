@@ -184,4 +184,5 @@ def _registry(settings: BusSettings) -> Any | None:
         return None
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    return SchemaRegistryClient({"url": settings.schema_registry_url})
+    # new_client() returns the in-process mock registry for mock:// URLs (tests), a real client otherwise.
+    return SchemaRegistryClient.new_client({"url": settings.schema_registry_url})

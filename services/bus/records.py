@@ -18,6 +18,7 @@ def _to_millis(value: datetime) -> datetime:
 
 
 Timestamp = Annotated[AwareDatetime, AfterValidator(_to_millis)]
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]  # Avro int; fastavro would not range-check it
 
 
 class AvroRecord(BaseModel):
@@ -75,7 +76,7 @@ class ActionVerified(AvroRecord):
     outcome: Literal['verified', 'failed', 'rolled_back', 'rollback_failed', 'skipped']
     checks: list[VerificationCheck] = Field(default_factory=list)
     rolled_back: bool = False
-    window_s: int = 0
+    window_s: Int32 = 0
     detail: str = ''
 
 
@@ -190,7 +191,7 @@ class LedgerEntry(AvroRecord):
     entry_hash: str
     recorded_event_id: str
     recorded_topic: str
-    recorded_partition: int = 0
+    recorded_partition: Int32 = 0
     recorded_offset: int = 0
     recorded_type: str
     payload_json: str
@@ -244,7 +245,7 @@ class ApprovalRequested(AvroRecord):
     action_hash: str
     proposed_by: str
     validated_by: str = ''
-    approvers_needed: int
+    approvers_needed: Int32
     approver_roles: list[str] = Field(default_factory=list)
     approved_by: list[str] = Field(default_factory=list)
     reasons: list[str] = Field(default_factory=list)
@@ -272,7 +273,7 @@ class PolicyDecided(AvroRecord):
     outcome: Literal['denied', 'pending_approval', 'auto_allowed', 'authorized', 'waiting']
     allow: bool
     requires_approval: bool
-    approvers_needed: int = 0
+    approvers_needed: Int32 = 0
     approver_roles: list[str] = Field(default_factory=list)
     reasons: list[str] = Field(default_factory=list)
     bundle_revision: str
@@ -344,7 +345,7 @@ class Hypothesis(AvroRecord):
 
     AVRO_NAME: ClassVar[str] = 'pilothouse.reasoning.Hypothesis'
     hypothesis_id: str
-    rank: int
+    rank: Int32
     origin: Literal['llm', 'deterministic']
     root_cause_service: str
     fault_kind: str = 'unknown'
@@ -384,7 +385,7 @@ class RedactionFinding(AvroRecord):
 
     AVRO_NAME: ClassVar[str] = 'pilothouse.sensing.RedactionFinding'
     kind: str
-    count: int
+    count: Int32
 
 
 class RedactionManifest(AvroRecord):
@@ -467,7 +468,7 @@ class IncidentUpdated(AvroRecord):
     primary_service: str
     services: list[str] = Field(default_factory=list)
     alert_fingerprints: list[str] = Field(default_factory=list)
-    alert_count: int = 0
+    alert_count: Int32 = 0
     first_seen: Timestamp
     last_seen: Timestamp
     resolved_at: None | Timestamp = None

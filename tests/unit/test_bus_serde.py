@@ -1,0 +1,119 @@
+"""Serde: every record round-trips; hostile, oversized and foreign bytes are refused with a reason."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+
+import pytest
+
+from pilothouse.bus.errors import DecodeError, OversizedMessage, RecordInvalid
+from pilothouse.bus.records import RECORDS
+from pilothouse.bus.schemas import load_schemas
+from pilothouse.bus.serde import CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC, Serde
+from tests.avro_samples import sample
+
+
+def _instance(name: str):
+    return RECORDS[name].model_validate(sample(load_schemas().get(name).expanded))
+
+
+@pytest.mark.parametrize("name", sorted(RECORDS))
+def test_every_record_round_trips(name):
+    serde = Serde()
+    record = _instance(name)
+    data = serde.encode(record)
+    assert data[:2] == SINGLE_OBJECT_MAGIC
+    assert data[2:10] == load_schemas().get(name).fingerprint
+    decoded = serde.decode(data, expected=name)
+    assert decoded.record == record
+
+
+def test_decoder_refuses_the_wrong_type_for_a_topic():
+    serde = Serde()
+    data = serde.encode(_instance("pilothouse.sensing.AlertReceived"))
+    with pytest.raises(DecodeError, match="not the type this topic carries"):
+        serde.decode(data, expected="pilothouse.policy.ActionAuthorized")
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "unknown framing"),
+        (None, "tombstone"),
+        (b"{\"json\": true}", "unknown framing"),
+        (SINGLE_OBJECT_MAGIC + b"\x00" * 8 + b"abc", "unknown schema fingerprint"),
+        (SINGLE_OBJECT_MAGIC + b"\x01\x02", "truncated"),
+    ],
+)
+def test_foreign_bytes_are_refused_with_a_reason(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        Serde().decode(data)
+
+
+def test_truncated_and_padded_bodies_are_refused():
+    serde = Serde()
+    data = serde.encode(_instance("pilothouse.sensing.IncidentUpdated"))
+    with pytest.raises(DecodeError, match="does not decode"):
+        serde.decode(data[:-5])
+    with pytest.raises(DecodeError, match="trailing bytes"):
+        serde.decode(data + b"\x00")
+
+
+def test_six_bytes_declaring_a_huge_array_do_not_exhaust_memory():
+    """A header plus a varint count of ~1e9 elements: the decoder must fail fast with bounded memory."""
+    serde = Serde()
+    fp = load_schemas().get("pilothouse.reasoning.DroppedClaim").fingerprint
+    # DroppedClaim = {text: string, evidence_ids: array<string>, reason: string}
+    hostile = SINGLE_OBJECT_MAGIC + fp + b"\x00" + b"\xfe\xff\xff\xff\x07"  # "" then array count 2^30-1
+    assert len(hostile) - 10 == 6
+    tracemalloc.start()
+    with pytest.raises(DecodeError):
+        serde.decode(hostile)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 5_000_000, f"decoder allocated {peak} bytes for a 16-byte message"
+
+
+def test_oversized_messages_are_refused_both_ways():
+    serde = Serde(max_message_bytes=300)
+    big = RECORDS["pilothouse.sensing.AlertReceived"].model_validate(
+        {**sample(load_schemas().get("pilothouse.sensing.AlertReceived").expanded), "summary": "x" * 1000})
+    with pytest.raises(OversizedMessage, match="300-byte limit"):
+        serde.encode(big)
+    with pytest.raises(OversizedMessage, match="above the 300-byte limit"):
+        serde.decode(b"\xc3\x01" + b"\x00" * 400)
+
+
+def test_encode_refuses_values_the_schema_cannot_hold():
+    serde = Serde()
+    with pytest.raises(RecordInvalid):
+        serde.encode_dict("pilothouse.sensing.RedactionFinding", {"kind": "x", "count": "many"})
+    with pytest.raises(RecordInvalid):
+        serde.encode_dict("pilothouse.sensing.RedactionFinding", {"kind": "x"})
+    with pytest.raises(ValueError):  # the pydantic twin bounds Avro ints to 32 bits
+        RECORDS["pilothouse.sensing.RedactionFinding"](kind="x", count=2**40)
+
+
+def test_confluent_wire_format_through_the_mock_registry():
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    registry = SchemaRegistryClient.new_client({"url": "mock://pilothouse-test"})
+    serde = Serde(registry=registry)
+    record = _instance("pilothouse.policy.ActionAuthorized")
+    data = serde.encode(record, topic="pilothouse.policy.authorized-actions.v1")
+    assert data[:1] == CONFLUENT_MAGIC
+    (sid,) = struct.unpack(">I", data[1:5])
+    assert registry.get_schema(sid).schema_type == "AVRO"
+    # A fresh reader that only knows the registry resolves the id and decodes.
+    reader = Serde(registry=registry)
+    assert reader.decode(data).record == record
+    # An id the registry does not know is refused.
+    with pytest.raises(DecodeError, match="not in the registry"):
+        reader.decode(CONFLUENT_MAGIC + struct.pack(">I", 999_999) + data[5:])
+    # A schema registered by someone else that is not ours is refused.
+    from confluent_kafka.schema_registry import Schema
+
+    foreign = registry.register_schema("other-value", Schema('{"type":"record","name":"Foreign","fields":[]}', "AVRO"))
+    with pytest.raises(DecodeError, match="not one of our schemas"):
+        reader.decode(CONFLUENT_MAGIC + struct.pack(">I", foreign))
