@@ -274,8 +274,10 @@ class Action(_Model):
             try:
                 target = Target.model_validate(data["target"]).model_dump(mode="json")
                 data = {**data, "action_hash": action_hash(data["action_type"], target, data.get("params") or {})}
-            except (KeyError, TypeError, ValidationError, PolicyInputInvalid):
-                pass  # the field validators below report what is wrong
+            except PolicyInputInvalid as e:
+                raise ValueError(f"params: {e}") from e
+            except (KeyError, TypeError, ValidationError):
+                pass  # the field validators report what is missing or wrong
         return data
 
     @model_validator(mode="after")
