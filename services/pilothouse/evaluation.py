@@ -1,0 +1,506 @@
+"""``pilothouse eval rca``: run labelled fault cases through the same evidence + engine code and score the ranking.
+
+    pilothouse eval rca --dataset DIR --format nezha|rcaeval --out FILE [--with-llm] [--baseline reference|pre-window]
+
+Reports AC@1, AC@3, AC@5, Avg@5 (overall and per fault type), abstentions and time per case (evidence extraction
+plus ranking; loading files is reported apart). Dataset layouts:
+
+- ``nezha``: ``rca_data/<day>/<day>-fault_list.json``, ``rca_data/<day>/metric/<pod>_metric.csv[.gz]``,
+  ``dependency.csv``, ``source_50.csv``/``destination_50.csv`` (per-edge latency at client/server side),
+  optional ``trace/HH_MM_trace.csv[.gz]``; ``construct_data/<day>/metric`` is the normal reference.
+- ``rcaeval``: one directory per case named ``<service>_<fault>`` or ``<service>-<fault>`` (optionally with
+  repetition subdirectories) holding ``data.csv`` + ``inject_time.txt`` or ``normal.csv`` + ``anomalous.csv``;
+  columns ``time`` plus ``<service>_<metric>``.
+
+No dataset-specific rules: service names come from the files, the dependency graph from the dataset's call-graph
+files or traces (none for rcaeval metric cases), baselines from robust statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gzip
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pilothouse.bus.errors import PermanentError
+from pilothouse.reasoning.engine import EngineConfig, Ranking, rank_root_causes
+from pilothouse.sensing.evidence import (
+    EvidenceItem,
+    Series,
+    Span,
+    TraceProfile,
+    Window,
+    metric_anomalies,
+    network_time_series,
+    trace_hotspots,
+    trace_profile,
+)
+
+LLM_ENV = "PILOTHOUSE_LLM_BASE_URL"
+
+
+class DatasetError(PermanentError):
+    """The dataset directory does not have the layout its --format promises; the message names the file."""
+
+
+@dataclass(slots=True)
+class Case:
+    case_id: str
+    root_cause: str
+    fault_type: str
+    window: Window
+    series: list[Series]
+    reference: dict[tuple[str, str], Series] | None
+    edges: set[tuple[str, str]]
+    services: set[str]
+    trace_window: list[TraceProfile] = field(default_factory=list)
+    trace_reference: list[TraceProfile] = field(default_factory=list)
+    pre_window_ms: int = 3_600_000
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# file reading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        p = directory / name
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    try:
+        with _open_text(path) as fh:
+            reader = csv.reader(fh)
+            header = next(reader)
+            rows = [r for r in reader if r]
+    except (OSError, UnicodeDecodeError, csv.Error, StopIteration, EOFError) as e:
+        raise DatasetError(f"{path}: cannot read CSV ({type(e).__name__}: {e})") from e
+    return header, rows
+
+
+def _to_float(v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        return float("nan")
+
+
+_GO_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2})(\.\d+)?")
+
+
+def _parse_time_s(text: str) -> float | None:
+    """Unix seconds from a number or an ISO-like timestamp (UTC when no zone is given)."""
+    t = text.strip()
+    try:
+        x = float(t)
+        return x / 1000.0 if x > 1e11 else x  # milliseconds
+    except ValueError:
+        pass
+    m = _GO_TIME.match(t)
+    if not m:
+        return None
+    base = dt.datetime.strptime(m.group(1).replace("T", " "), "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.UTC)
+    return base.timestamp() + (float(m.group(2)) if m.group(2) else 0.0)
+
+
+def _service_of_pod(pod: str) -> str:
+    """Kubernetes Deployment pod name -> workload name (drop the ReplicaSet hash and pod suffix)."""
+    parts = pod.split("-")
+    return "-".join(parts[:-2]) if len(parts) > 2 else pod
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nezha layout
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _NezhaDay:
+    series: list[Series]
+    reference: dict[tuple[str, str], Series]
+    edges: set[tuple[str, str]]
+    services: set[str]
+    traces: list[TraceProfile]
+    notes: list[str]
+
+
+def _nezha_pod_metrics(metric_dir: Path, link_root: str, notes: list[str]) -> list[Series]:
+    out: list[Series] = []
+    for path in sorted(metric_dir.iterdir()):
+        if not path.name.endswith(("_metric.csv", "_metric.csv.gz")):
+            continue
+        header, rows = _read_csv(path)
+        if len(header) < 4 or header[:3] != ["Time", "TimeStamp", "PodName"]:
+            raise DatasetError(f"{path}: expected columns Time,TimeStamp,PodName,..., got {header[:4]}")
+        ts = np.empty(len(rows), dtype=np.int64)
+        fixed = 0
+        for i, r in enumerate(rows):
+            declared = _to_float(r[1])
+            parsed = _parse_time_s(r[0])
+            if parsed is not None and not (abs(declared - parsed) <= 3600):
+                fixed += 1  # the numeric column disagrees with the textual time: trust the text
+                ts[i] = int(parsed * 1000)
+            else:
+                ts[i] = int(declared * 1000)
+        if fixed:
+            notes.append(f"{path.name}: {fixed} rows had TimeStamp far from Time; used the Time column")
+        values = np.array([[_to_float(v) for v in r[3:len(header)]] for r in rows], dtype=np.float64)
+        service = _service_of_pod(rows[0][2]) if rows else path.name.split("_")[0]
+        link = f"{link_root}/{path.name}"
+        for j, name in enumerate(header[3:]):
+            out.append(Series(service, name, ts, values[:, j], source_link=f"{link}#col={name}"))
+    return out
+
+
+def _nezha_edge_series(metric_dir: Path, services: set[str], link_root: str) -> list[Series]:
+    src, dst = _find(metric_dir, "source_50.csv"), _find(metric_dir, "destination_50.csv")
+    if src is None or dst is None:
+        return []
+    sh, srows = _read_csv(src)
+    dh, drows = _read_csv(dst)
+
+    def table(header: list[str], rows: list[list[str]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        ts = np.array([int(_to_float(r[1]) * 1000) for r in rows], dtype=np.int64)
+        cols = {name: np.array([_to_float(r[j]) for r in rows]) for j, name in enumerate(header) if j >= 2}
+        return ts, cols
+
+    sts, scols = table(sh, srows)
+    dts, dcols = table(dh, drows)
+    out = []
+    for name, values in scols.items():
+        if name not in dcols:
+            continue
+        split = _split_edge(name, services)
+        if split is None:
+            continue
+        caller, callee = split
+        client = Series(callee, name, sts, values, source_link=f"{link_root}/{src.name}#col={name}")
+        server = Series(callee, name, dts, dcols[name], source_link=f"{link_root}/{dst.name}#col={name}")
+        out.append(network_time_series(client, server, caller=caller, callee=callee))
+    return out
+
+
+def _split_edge(name: str, services: set[str]) -> tuple[str, str] | None:
+    for i, ch in enumerate(name):
+        if ch == "_" and name[:i] in services and name[i + 1:] in services:
+            return name[:i], name[i + 1:]
+    return None
+
+
+def _nezha_traces(trace_dir: Path, day: str, link_root: str) -> list[TraceProfile]:
+    if not trace_dir.is_dir():
+        return []
+    profiles = []
+    for path in sorted(trace_dir.iterdir()):
+        m = re.match(r"^(\d{2})_(\d{2})_trace\.csv(\.gz)?$", path.name)
+        if not m:
+            continue
+        start = dt.datetime.strptime(f"{day} {m.group(1)}:{m.group(2)}", "%Y-%m-%d %H:%M").replace(tzinfo=dt.UTC)
+        header, rows = _read_csv(path)
+        try:
+            ix = {k: header.index(k) for k in ("TraceID", "SpanID", "ParentID", "PodName", "OperationName",
+                                               "StartTimeUnixNano", "Duration")}
+        except ValueError as e:
+            raise DatasetError(f"{path}: missing trace column ({e})") from e
+        pods: dict[str, str] = {}
+        spans = []
+        for r in rows:
+            pod = r[ix["PodName"]]
+            svc = pods.get(pod) or pods.setdefault(pod, _service_of_pod(pod))
+            spans.append(Span(r[ix["TraceID"]], r[ix["SpanID"]], r[ix["ParentID"]], svc, r[ix["OperationName"]],
+                              int(_to_float(r[ix["StartTimeUnixNano"]]) // 1_000_000),
+                              _to_float(r[ix["Duration"]])))
+        profiles.append(trace_profile(spans, start_ms=int(start.timestamp() * 1000),
+                                      source_link=f"{link_root}/{path.name}"))
+    return profiles
+
+
+def _load_nezha_day(root: Path, day: str, *, with_traces: bool) -> _NezhaDay:
+    notes: list[str] = []
+    mdir = root / "rca_data" / day / "metric"
+    if not mdir.is_dir():
+        raise DatasetError(f"{mdir}: missing metric directory")
+    link = f"dataset://nezha/rca_data/{day}/metric"
+    series = _nezha_pod_metrics(mdir, link, notes)
+    services = {s.service for s in series}
+    edges: set[tuple[str, str]] = set()
+    dep = _find(mdir, "dependency.csv")
+    if dep is not None:
+        header, rows = _read_csv(dep)
+        for r in rows:
+            if len(r) >= 2 and r[0] != r[1]:
+                edges.add((r[0], r[1]))
+    series += _nezha_edge_series(mdir, services, link)
+    cdir = root / "construct_data" / day / "metric"
+    reference: dict[tuple[str, str], Series] = {}
+    if cdir.is_dir():
+        clink = f"dataset://nezha/construct_data/{day}/metric"
+        ref_series = _nezha_pod_metrics(cdir, clink, notes) + _nezha_edge_series(cdir, services, clink)
+        reference = {(s.service, s.signal): s for s in ref_series}
+    else:
+        notes.append(f"{cdir} missing: baselines come from the pre-incident window")
+    traces = _nezha_traces(root / "rca_data" / day / "trace", day, f"dataset://nezha/rca_data/{day}/trace") \
+        if with_traces else []
+    if traces:
+        for p in traces:
+            edges.update(p.service_edges.keys())
+    return _NezhaDay(series, reference, edges, services, traces, notes)
+
+
+def iter_nezha_cases(root: Path, *, baseline: str = "reference", with_traces: bool = True,
+                     fault_len_s: int = 180) -> Iterator[Case]:
+    rca = root / "rca_data"
+    if not rca.is_dir():
+        raise DatasetError(f"{root}: no rca_data/ directory (is this the nezha layout?)")
+    days = sorted(p.name for p in rca.iterdir() if p.is_dir())
+    if not days:
+        raise DatasetError(f"{rca}: no day directories")
+    for day in days:
+        flist = rca / day / f"{day}-fault_list.json"
+        if not flist.is_file():
+            raise DatasetError(f"{flist}: missing fault list")
+        try:
+            faults = json.loads(flist.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DatasetError(f"{flist}: not valid JSON ({e})") from e
+        data = _load_nezha_day(root, day, with_traces=with_traces)
+        for hour in sorted(faults):
+            for i, f in enumerate(faults[hour]):
+                try:
+                    t0 = int(f["inject_timestamp"]) * 1000
+                    rc = _service_of_pod(f["inject_pod"])
+                    ftype = str(f["inject_type"])
+                except (KeyError, TypeError, ValueError) as e:
+                    raise DatasetError(f"{flist}: fault {hour}[{i}] lacks inject_timestamp/pod/type ({e})") from e
+                # The window covers the fault and one more scrape: a per-minute sample describes the minute
+                # before it.
+                window = Window(t0, t0 + (fault_len_s + 60) * 1000)
+                tw = [p for p in data.traces if window.start_ms - 60_000 < p.start_ms <= window.end_ms - 60_000]
+                guard = 10 * 60_000
+                tr = [p for p in data.traces
+                      if p.start_ms < window.start_ms - guard or p.start_ms > window.end_ms + guard]
+                use_ref = baseline == "reference" and bool(data.reference)
+                yield Case(
+                    case_id=f"{day}#{hour}#{i}", root_cause=rc, fault_type=ftype, window=window,
+                    series=data.series, reference=data.reference if use_ref else None, edges=data.edges,
+                    services=data.services, trace_window=tw, trace_reference=tr, notes=data.notes,
+                )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rcaeval layout
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _table_series(path: Path, link: str) -> list[Series]:
+    header, rows = _read_csv(path)
+    if not header or header[0].strip().lower() not in ("time", "timestamp"):
+        raise DatasetError(f"{path}: first column must be 'time', got {header[:1]}")
+    ts = []
+    for i, r in enumerate(rows):
+        t = _parse_time_s(r[0])
+        if t is None:
+            raise DatasetError(f"{path}: row {i + 2} has an unreadable time {r[0]!r}")
+        ts.append(int(t * 1000))
+    tsa = np.array(ts, dtype=np.int64)
+    out = []
+    for j, name in enumerate(header[1:], start=1):
+        if "_" not in name:
+            continue  # not a <service>_<metric> column
+        service, metric = name.split("_", 1)
+        if not service or not metric:
+            continue
+        vals = np.array([_to_float(r[j]) if j < len(r) else float("nan") for r in rows])
+        out.append(Series(service, metric, tsa, vals, source_link=f"{link}#col={name}"))
+    return out
+
+
+_CASE_NAME = re.compile(r"^(?P<svc>.+?)[_-](?P<fault>[A-Za-z]+)$")
+
+
+def iter_rcaeval_cases(root: Path, *, window_s: int = 600) -> Iterator[Case]:
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a directory")
+    found = False
+    for dirpath, _dirs, files in sorted(os.walk(root)):
+        d = Path(dirpath)
+        has_single = "data.csv" in files and "inject_time.txt" in files
+        has_pair = "normal.csv" in files and "anomalous.csv" in files
+        if not (has_single or has_pair):
+            continue
+        found = True
+        named = d if _CASE_NAME.match(d.name) and not d.name.isdigit() else d.parent
+        m = _CASE_NAME.match(named.name)
+        if not m:
+            raise DatasetError(f"{d}: cannot read <service>_<fault> from directory name {named.name!r}")
+        rel = d.relative_to(root).as_posix()
+        link = f"dataset://rcaeval/{rel}"
+        if has_single:
+            series = _table_series(d / "data.csv", f"{link}/data.csv")
+            try:
+                t0 = _parse_time_s((d / "inject_time.txt").read_text(encoding="utf-8").strip())
+            except OSError as e:
+                raise DatasetError(f"{d / 'inject_time.txt'}: {e}") from e
+            if t0 is None:
+                raise DatasetError(f"{d / 'inject_time.txt'}: not a unix time")
+            start = int(t0 * 1000)
+            end = start + window_s * 1000
+            reference = None
+        else:
+            normal = _table_series(d / "normal.csv", f"{link}/normal.csv")
+            series = _table_series(d / "anomalous.csv", f"{link}/anomalous.csv")
+            if not series or series[0].timestamps_ms.size == 0:
+                raise DatasetError(f"{d / 'anomalous.csv'}: no rows")
+            start = int(series[0].timestamps_ms.min())
+            end = int(series[0].timestamps_ms.max())
+            reference = {(s.service, s.signal): s for s in normal}
+        services = {s.service for s in series}
+        yield Case(case_id=rel, root_cause=m.group("svc"), fault_type=m.group("fault").lower(),
+                   window=Window(start, end), series=series, reference=reference, edges=set(), services=services)
+    if not found:
+        raise DatasetError(f"{root}: no case directory with data.csv+inject_time.txt or normal.csv+anomalous.csv")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running and scoring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def case_evidence(case: Case) -> list[EvidenceItem]:
+    """The same evidence extraction the sensing service runs, applied to one case."""
+    ev = metric_anomalies(case.series, case.window, reference=case.reference, pre_window_ms=case.pre_window_ms,
+                          guard_ms=10 * 60_000, min_points=2)
+    if case.trace_window:
+        ev += trace_hotspots(case.trace_window, case.trace_reference, case.window)
+    return ev
+
+
+def run_case(case: Case, config: EngineConfig = EngineConfig()) -> tuple[Ranking, list[EvidenceItem], float]:
+    t = time.perf_counter()
+    ev = case_evidence(case)
+    ranking = rank_root_causes(ev, case.edges, config=config, services=case.services)
+    return ranking, ev, (time.perf_counter() - t) * 1000.0
+
+
+def _acc(ranks: Sequence[int | None], k: int) -> float:
+    return sum(1 for r in ranks if r is not None and r <= k) / len(ranks) if ranks else 0.0
+
+
+def _summary(ranks: Sequence[int | None]) -> dict[str, float | int]:
+    ac = {k: _acc(ranks, k) for k in range(1, 6)}
+    return {"cases": len(ranks), "ac_at_1": ac[1], "ac_at_3": ac[3], "ac_at_5": ac[5],
+            "avg_at_5": sum(ac.values()) / 5}
+
+
+def _pct(xs: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.array(xs), q)) if xs else 0.0
+
+
+def evaluate(cases: Iterator[Case], config: EngineConfig = EngineConfig()) -> dict:
+    ranks: list[int | None] = []
+    by_type: dict[str, list[int | None]] = {}
+    times: list[float] = []
+    abstained = 0
+    details = []
+    notes: set[str] = set()
+    t_all = time.perf_counter()
+    for case in cases:
+        ranking, ev, ms = run_case(case, config)
+        order = ranking.top(len(ranking.candidates))
+        rank = order.index(case.root_cause) + 1 if case.root_cause in order else None
+        ranks.append(rank)
+        by_type.setdefault(case.fault_type, []).append(rank)
+        times.append(ms)
+        abstained += int(ranking.abstain)
+        notes.update(case.notes)
+        details.append({
+            "case": case.case_id, "fault_type": case.fault_type, "root_cause": case.root_cause, "rank": rank,
+            "abstain": ranking.abstain, "top5": [[c.service, c.score] for c in ranking.candidates[:5]],
+            "evidence_items": len(ev),
+            "top_evidence": [c.evidence_id for c in ranking.candidates[0].contributions[:3]]
+            if ranking.candidates else [],
+            "ms": round(ms, 2),
+        })
+    if not ranks:
+        raise DatasetError("the dataset yielded no cases")
+    out = _summary(ranks)
+    strict = [r if not d["abstain"] else None for r, d in zip(ranks, details, strict=True)]
+    out.update({
+        "ac_at_1_abstain_as_miss": _acc(strict, 1),
+        "per_fault_type": {t: _summary(v) for t, v in sorted(by_type.items())},
+        "abstained": abstained,
+        "time_per_case_ms": {"mean": float(np.mean(times)), "p50": _pct(times, 50), "p95": _pct(times, 95),
+                             "p99": _pct(times, 99), "max": max(times)},
+        "total_wall_s": round(time.perf_counter() - t_all, 2),
+        "data_notes": sorted(notes),
+        "details": details,
+    })
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pilothouse eval rca``. Returns 0 on success, 2 on bad usage or unusable dataset."""
+    p = argparse.ArgumentParser(prog="pilothouse eval rca",
+                                description="Score deterministic root-cause ranking on a labelled dataset.")
+    p.add_argument("--dataset", required=True, type=Path, help="dataset directory")
+    p.add_argument("--format", required=True, choices=("nezha", "rcaeval"), dest="fmt")
+    p.add_argument("--out", required=True, type=Path, help="JSON report to write")
+    p.add_argument("--with-llm", action="store_true", help="also ask the configured LLM (needs an LLM server)")
+    p.add_argument("--baseline", choices=("reference", "pre-window"), default="reference",
+                   help="nezha: normal-period reference (construct_data) or the hour before each fault")
+    p.add_argument("--no-traces", action="store_true", help="nezha: ignore trace files (metrics only)")
+    args = p.parse_args(argv)
+    if args.with_llm:
+        if not os.environ.get(LLM_ENV):
+            print(f"--with-llm: no LLM configured ({LLM_ENV} is not set); run without it or start the local "
+                  "stack's LLM server", file=sys.stderr)
+        else:
+            print("--with-llm: LLM-assisted ranking is not implemented in this evaluator yet", file=sys.stderr)
+        return 2
+    try:
+        if args.fmt == "nezha":
+            cases = iter_nezha_cases(args.dataset, baseline=args.baseline, with_traces=not args.no_traces)
+        else:
+            cases = iter_rcaeval_cases(args.dataset)
+        t = time.perf_counter()
+        report = evaluate(cases)
+        report["wall_s_including_load"] = round(time.perf_counter() - t, 2)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = {"dataset": str(args.dataset), "format": args.fmt, "baseline": args.baseline,
+              "traces": not args.no_traces, **report}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    pft = " ".join(f"{k}={v['ac_at_1']:.2f}" for k, v in report["per_fault_type"].items())
+    print(f"cases={report['cases']} AC@1={report['ac_at_1']:.3f} AC@3={report['ac_at_3']:.3f} "
+          f"AC@5={report['ac_at_5']:.3f} Avg@5={report['avg_at_5']:.3f} abstained={report['abstained']} "
+          f"p99={report['time_per_case_ms']['p99']:.1f} ms/case | AC@1 by fault: {pft} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
