@@ -9,8 +9,15 @@ else into :class:`PolicyEvaluationFailed` (permanent).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -138,6 +145,59 @@ class OpaPolicyEngine:
             raise PolicyEvaluationFailed(f"{REVISION_PATH} missing in OPA: {e.message}") from e
         except (requests.ConnectionError, requests.Timeout) as e:
             raise PolicyEngineUnavailable(f"OPA at {self.endpoint} unreachable: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A private OPA server for tests, benchmarks and one-off evaluations (the local stack runs its own).
+# ----------------------------------------------------------------------------------------------------------------
+
+OPA_CANDIDATES = (Path.home() / ".cache/pilothouse/bin/opa", Path("/tmp/gobin/opa"))
+
+
+def find_opa_binary() -> Path | None:
+    """``~/.cache/pilothouse/bin/opa``, else ``/tmp/gobin/opa``, else ``opa`` on PATH; None when there is none."""
+    for candidate in OPA_CANDIDATES:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("opa")
+    return Path(found) if found else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_opa_server(policies: Path, *, binary: Path | None = None, ready_timeout_s: float = 30.0) -> Iterator[OpaPolicyEngine]:
+    """Run ``opa run --server --addr 127.0.0.1:<free port> <policies>`` and yield an engine connected to it."""
+    opa = binary or find_opa_binary()
+    if opa is None:
+        raise PolicyEngineUnavailable("no opa binary: build it with `pilothouse stack up` or put opa on PATH")
+    port = _free_port()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [str(opa), "run", "--server", "--addr", f"127.0.0.1:{port}", "--log-level", "error", str(policies)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        engine = OpaPolicyEngine("127.0.0.1", port)
+        try:
+            try:
+                engine.wait_until_ready(ready_timeout_s)
+            except PolicyEngineUnavailable as e:
+                log.seek(0)
+                raise PolicyEngineUnavailable(f"{e}; opa said: {log.read().decode(errors='replace')[-2000:]}") from e
+            yield engine
+        finally:
+            engine.close()
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def _opa_message(response: requests.Response | None) -> str:
