@@ -130,7 +130,10 @@ class TransactionalProcessor:
             except (RetryableError, KafkaException) as e:
                 self._abort(e)
                 if attempt > self.max_retries:
+                    # Give the batch back: rewind to the committed offsets so it is delivered again later.
+                    self._rewind()
                     raise RetryableError(f"transaction failed {attempt} times: {e}") from e
+                # Retry the same batch in place; its offsets only move inside a committed transaction.
                 time.sleep(min(5.0, self.backoff_initial_s * 2 ** (attempt - 1)))
 
     def _handle(self, m, attempt: int) -> Sequence[Output]:
@@ -172,7 +175,8 @@ class TransactionalProcessor:
         except KafkaException as ae:
             if ae.args[0].fatal():
                 raise translate_kafka_error(ae.args[0], "abort transaction") from ae
-        # Rewind to the committed positions so the batch is handled again.
+
+    def _rewind(self) -> None:
         assignment = self._consumer.assignment()
         if assignment:
             for tp in self._consumer.committed(assignment, 30):
