@@ -35,6 +35,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pilothouse.bus.errors import ConfigurationError
+
 STATUSES = ("firing", "resolved")
 SEVERITIES = ("critical", "error", "warning", "info", "unknown")
 TIME_FORMATS = ("rfc3339", "epoch_s", "epoch_ms", "epoch_ns")
@@ -53,7 +55,7 @@ _REQUIRED = {"alert": ("fingerprint", "status", "summary"), "change": ("body",)}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
-class MappingConfigError(ValueError):
+class MappingConfigError(ConfigurationError):
     """A mapping rule set is invalid. ``where`` is the place in the rules (``fields.status.map``)."""
 
     def __init__(self, reason: str, where: str = "") -> None:

@@ -43,6 +43,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from pilothouse.bus.errors import ConfigurationError, PermanentError
 from pilothouse.sensing.mapping import (
     STATUSES,
     FieldRule,
@@ -68,7 +69,7 @@ TRUNCATED_NOTE = "pilothouse.truncated_alerts"
 
 # ---------------------------------------------------------------------------------------------------- errors
 
-class MalformedPayload(ValueError):
+class MalformedPayload(PermanentError):
     """A payload the gateway must refuse (HTTP 400). ``path`` is where in the payload (``$`` = the whole body)."""
 
     def __init__(self, reason: str, path: str = "$") -> None:
@@ -81,7 +82,7 @@ class MalformedPayload(ValueError):
         return {"error": "malformed_payload", "path": self.path, "reason": self.reason}
 
 
-class UnknownSource(ValueError):
+class UnknownSource(ConfigurationError):
     """The gateway was asked to normalise a source it has no normaliser for (a routing bug, not bad input)."""
 
 
@@ -118,6 +119,7 @@ class NormalizedAlert(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     source: Literal["alertmanager", "grafana", "pagerduty", "generic"]
+    mapping: str | None = Field(None, description="for source generic: the name of the mapping rules used")
     fingerprint: str = Field(min_length=1)
     status: Status
     severity: Severity
@@ -131,6 +133,11 @@ class NormalizedAlert(BaseModel):
     links: list[str] = Field(default_factory=list)
     raw_size: int = Field(ge=0, description="bytes of the request body this alert arrived in")
 
+    @property
+    def wire_source(self) -> str:
+        """The ``source`` field of the AlertReceived record: ``generic:<mapping>`` for mapped webhooks."""
+        return f"generic:{self.mapping}" if self.source == "generic" else self.source
+
 
 class TelemetryRecord(BaseModel):
     """A log record (OTLP) or a change event (deploy/config change)."""
@@ -138,6 +145,7 @@ class TelemetryRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["log", "change"]
+    source: str = Field(description="otlp_logs | pagerduty_change | generic:<mapping>")
     service: str = ""
     entity: str = ""
     timestamp_ms: int
@@ -302,8 +310,8 @@ def _string_map(value: Any, path: str, ctx: _Ctx, *, what: str, max_items: int, 
         if not key:
             raise MalformedPayload(f"empty {what} name", where)
         if len(key) > ctx.limits.max_key_len:
-            raise MalformedPayload(f"{what} name of {len(key)} characters exceeds the limit of "
-                                   f"{ctx.limits.max_key_len}", where)
+            raise MalformedPayload(f"name of {len(key)} characters exceeds the limit of {ctx.limits.max_key_len}",
+                                   where)
         if strict_strings and not isinstance(item, str):
             raise MalformedPayload(f"expected string, got {_jtype(item)}", where)
         if item is None:
@@ -751,7 +759,8 @@ def normalize_pagerduty_change(doc: Any, *, received_at_ms: int, raw_size: int,
     if removed:
         attributes[INVISIBLE_NOTE] = str(removed)
     return [TelemetryRecord(
-        kind="change", entity=source, severity="info", body=summary, attributes=attributes,
+        kind="change", source="pagerduty_change", entity=source, severity="info", body=summary,
+        attributes=attributes,
         timestamp_ms=parse_rfc3339_ms(timestamp, "payload.timestamp") if timestamp else received_at_ms,
     )]
 
@@ -803,8 +812,7 @@ def _any_value(value: Any, path: str, depth: int, ctx: _Ctx) -> Any:
         except (binascii.Error, ValueError) as e:
             raise MalformedPayload(f"not base64: {e}", where) from e
         return text  # kept as base64 text
-    values = _obj(item, where).get("values") or []
-    values = _arr(values, f"{where}.values")
+    values = _arr(_or_empty(_obj(item, where).get("values"), []), f"{where}.values")
     if len(values) > ctx.limits.max_attributes:
         raise MalformedPayload(f"{len(values)} values exceed the limit of {ctx.limits.max_attributes}",
                                f"{where}.values")
@@ -830,6 +838,11 @@ def _key_values(items: Any, path: str, depth: int, ctx: _Ctx) -> dict[str, Any]:
             raise MalformedPayload(f"duplicate attribute key {key!r}", f"{where}.key")
         out[key] = _any_value(kv.get("value", {}), f"{where}.value", depth, ctx)
     return out
+
+
+def _or_empty(value: Any, empty: Any) -> Any:
+    """Absent or null means empty (proto3 JSON omits empty fields); a wrong type is still reported."""
+    return empty if value is None else value
 
 
 def _nanos_ms(value: Any, path: str) -> int | None:
@@ -873,18 +886,18 @@ def normalize_otlp_logs(doc: Any, *, received_at_ms: int, raw_size: int,
     for r, rl in enumerate(resource_logs):
         rpath = f"resourceLogs[{r}]"
         rl = _obj(rl, rpath)
-        resource = _obj(rl.get("resource") or {}, f"{rpath}.resource")
+        resource = _obj(_or_empty(rl.get("resource"), {}), f"{rpath}.resource")
         res_attrs = _key_values(resource.get("attributes"), f"{rpath}.resource.attributes", 1, ctx)
         service = res_attrs.get("service.name")
         service = service if isinstance(service, str) else ""
         entity = next((res_attrs[k] for k in _OTEL_ENTITY_KEYS if isinstance(res_attrs.get(k), str)), "")
-        for s, sl in enumerate(_arr(rl.get("scopeLogs") or [], f"{rpath}.scopeLogs")):
+        for s, sl in enumerate(_arr(_or_empty(rl.get("scopeLogs"), []), f"{rpath}.scopeLogs")):
             spath = f"{rpath}.scopeLogs[{s}]"
             sl = _obj(sl, spath)
-            scope = _obj(sl.get("scope") or {}, f"{spath}.scope")
+            scope = _obj(_or_empty(sl.get("scope"), {}), f"{spath}.scope")
             scope_name = _opt_text(scope, "name", f"{spath}.scope", ctx, limits.max_label_value_len)
             scope_version = _opt_text(scope, "version", f"{spath}.scope", ctx, limits.max_label_value_len)
-            records = _arr(sl.get("logRecords") or [], f"{spath}.logRecords")
+            records = _arr(_or_empty(sl.get("logRecords"), []), f"{spath}.logRecords")
             if len(out) + len(records) > limits.max_log_records:
                 raise MalformedPayload(f"more than {limits.max_log_records} log records in one request",
                                        f"{spath}.logRecords")
@@ -931,7 +944,7 @@ def normalize_otlp_logs(doc: Any, *, received_at_ms: int, raw_size: int,
                 if removed:
                     attributes[INVISIBLE_NOTE] = str(removed)
                 out.append(TelemetryRecord(
-                    kind="log", service=service, entity=entity, timestamp_ms=timestamp_ms,
+                    kind="log", source="otlp_logs", service=service, entity=entity, timestamp_ms=timestamp_ms,
                     severity=_otel_severity(number, severity_text), body=body, attributes=attributes,
                     trace_id=_trace_ref(rec.get("traceId"), f"{path}.traceId", 32),
                     span_id=_trace_ref(rec.get("spanId"), f"{path}.spanId", 16),
@@ -1141,7 +1154,7 @@ def normalize_generic(doc: Any, rules: MappingRules | Mapping[str, Any] | str, *
             trace_id, span_id = scalar("trace_id", max_len=64), scalar("span_id", max_len=64)
             body = scalar("body", required=True, max_len=limits.max_log_body_len)
             record = dict(
-                kind="change", service=scalar("service") or "", entity=scalar("entity") or "",
+                kind="change", source=f"generic:{rules.name}", service=scalar("service") or "", entity=scalar("entity") or "",
                 timestamp_ms=times.get("timestamp") or received_at_ms, severity=severity, body=body,
                 trace_id=_trace_ref(trace_id, f"{prefix}.trace_id", 32),
                 span_id=_trace_ref(span_id, f"{prefix}.span_id", 16),
@@ -1165,7 +1178,7 @@ def normalize_generic(doc: Any, rules: MappingRules | Mapping[str, Any] | str, *
         fingerprint = _generic_fingerprint(rules, item, prefix, ctx, labels)
         _finish_notes(annotations, ctx)
         alerts.append(NormalizedAlert(
-            source="generic", fingerprint=fingerprint, status=status, severity=severity,
+            source="generic", mapping=rules.name, fingerprint=fingerprint, status=status, severity=severity,
             service=scalar("service") or "", entity=scalar("entity") or "", summary=summary,
             labels=labels, annotations=annotations,
             starts_at_ms=times.get("starts_at") or received_at_ms, ends_at_ms=times.get("ends_at"),
