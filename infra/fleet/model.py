@@ -908,7 +908,9 @@ class Fleet:
         if action is not None:
             with_action = self.fork()
             applied = with_action.apply(action, params or {})
-        window = min(10, horizon_s)
+        # judged on the second half of the horizon: past the action's own transient (a rolling restart), and long
+        # enough to average over periodic trouble (a leak that OOM-kills every half minute)
+        window = min(horizon_s, max(10, horizon_s // 2))
         outcome_without = _run_forward(without, horizon_s, window)
         outcome_with = _run_forward(with_action, horizon_s, window) if with_action is not None else None
 
