@@ -79,14 +79,14 @@ def load_or_create_info(settings: Settings, principals: tuple[str, ...]) -> tupl
         )
         info.save()
         return info, True
-    users = dict(current.kafka.users)
-    missing = [p for p in principals if p not in users]
-    for p in missing:
-        users[p] = new_password()
+    missing = [p for p in principals if p not in current.kafka.users]
     llm_info = _llm_info(settings)
     if not missing and llm_info == current.llm:
         return current, False
-    info = current.model_copy(update={"kafka": current.kafka.model_copy(update={"users": users}), "llm": llm_info})
+    data = current.to_plain()  # rebuild through validation (model_copy would skip it)
+    data["kafka"]["users"].update({p: new_password() for p in missing})
+    data["llm"] = llm_info.model_dump()
+    info = StackInfo.model_validate(data)
     info.save()
     return info, True
 

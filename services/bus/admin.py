@@ -28,6 +28,7 @@ from confluent_kafka.admin import (
     ResourceType,
     ScramCredentialInfo,
     ScramMechanism,
+    UserScramCredentialDeletion,
     UserScramCredentialUpsertion,
 )
 
@@ -54,6 +55,10 @@ class KafkaAdminError(PilothouseError):
 
 class BrokerNotReady(KafkaAdminError, RetryableError):
     """The broker did not answer an authenticated metadata request in time."""
+
+
+class AuthenticationFailed(KafkaAdminError):
+    """The broker refused the SASL login (unknown user or wrong password)."""
 
 
 class TopicSpecLike(Protocol):
@@ -107,16 +112,30 @@ def new_admin_client(config: Mapping[str, str]) -> AdminClient:
 
 
 def probe_metadata(config: Mapping[str, str], timeout_s: float = 5.0) -> dict[str, object]:
-    """One authenticated metadata request. Returns cluster id and broker count; raises KafkaAdminError on failure.
+    """One authenticated metadata request. Returns cluster id, broker and topic counts.
 
-    A failed authentication surfaces as an error here (not a hang), which is what status checks need.
+    Raises KafkaAdminError on failure; a refused login is reported as such (`AuthenticationFailed`), not as the
+    generic transport timeout librdkafka returns for it.
     """
-    # log_level 0: connection errors come back as the exception below instead of lines on stderr.
-    client = new_admin_client({**config, "socket.timeout.ms": str(int(timeout_s * 1000)), "log_level": "0"})
+    errors: list[KafkaError] = []
+    settings = {
+        **config,
+        "socket.timeout.ms": str(int(timeout_s * 1000)),
+        "log_level": "0",  # connection errors come back through error_cb and the exception, not stderr
+        "error_cb": errors.append,
+    }
+    client = None
     try:
+        client = AdminClient(settings)
         md = client.list_topics(timeout=timeout_s)
     except KafkaException as e:
-        raise KafkaAdminError(f"metadata request failed: {e.args[0]}") from e
+        if client is not None:
+            client.poll(0.2)  # serve error_cb: the reason (e.g. a failed SASL login) arrives there
+        auth = [err for err in errors if err.code() == KafkaError._AUTHENTICATION]
+        if auth:
+            raise AuthenticationFailed(f"broker refused the login: {auth[-1].str()}") from e
+        detail = f" (last client error: {errors[-1].str()})" if errors else ""
+        raise KafkaAdminError(f"metadata request failed: {e.args[0].str()}{detail}") from e
     return {"cluster_id": md.cluster_id, "brokers": len(md.brokers), "topics": len(md.topics)}
 
 
@@ -221,7 +240,7 @@ def apply_scram_users(
             cfg = {**verify_config, "sasl.username": user, "sasl.password": passwords[user]}
             try:
                 probe_metadata(cfg, timeout_s=5.0)
-            except KafkaAdminError:
+            except AuthenticationFailed:
                 stale.append(user)
     if not to_set and not stale:
         return
@@ -330,3 +349,45 @@ def apply_catalogue(
     apply_acls(client, grants, passwords.keys(), report, timeout_s=timeout_s)
     apply_topics(client, topics, report, replication_factor=replication_factor, timeout_s=timeout_s)
     return report
+
+
+def delete_principal(admin_config: Mapping[str, str], principal: str, *, timeout_s: float = 30.0) -> int:
+    """Remove every ACL of `principal` and its SCRAM-SHA-256 credential (for tests' temporary principals).
+
+    Returns the number of ACL bindings deleted. A principal without a credential is not an error.
+    """
+    client = new_admin_client(admin_config)
+    flt = AclBindingFilter(
+        ResourceType.ANY, None, ResourcePatternType.ANY, f"User:{principal}", None, AclOperation.ANY,
+        AclPermissionType.ANY,
+    )  # fmt: skip
+    deleted = 0
+    for _flt, fut in client.delete_acls([flt], request_timeout=timeout_s).items():
+        deleted += len(_result(fut, f"deleting ACLs of {principal}"))
+    futures = client.alter_user_scram_credentials(
+        [UserScramCredentialDeletion(principal, ScramMechanism.SCRAM_SHA_256)], request_timeout=timeout_s
+    )
+    for user, fut in futures.items():
+        try:
+            fut.result()
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError.RESOURCE_NOT_FOUND:
+                raise KafkaAdminError(f"deleting SCRAM credential of {user}: {e.args[0]}") from e
+    return deleted
+
+
+def delete_topics(admin_config: Mapping[str, str], names: Iterable[str], *, timeout_s: float = 30.0) -> list[str]:
+    """Delete topics (for tests' uuid-named topics); returns those deleted, ignoring ones that do not exist."""
+    names = list(names)
+    if not names:
+        return []
+    client = new_admin_client(admin_config)
+    deleted = []
+    for name, fut in client.delete_topics(names, request_timeout=timeout_s).items():
+        try:
+            fut.result()
+            deleted.append(name)
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise KafkaAdminError(f"deleting topic {name}: {e.args[0]}") from e
+    return deleted
