@@ -272,3 +272,28 @@ def test_rules_are_validated_before_any_payload_is_read():
 ])
 def test_path_language(text, doc, expected):
     assert compile_path(text).find(doc) == expected
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+def test_cli_normalizes_a_file_and_reports_refusals(capsys, tmp_path):
+    from pilothouse.sensing.normalize import main
+
+    assert main(["normalize", "--source", "generic", "--rules", str(GENERIC / "batch.rules.yaml"),
+                 "--received-at-ms", "5", str(GENERIC / "batch.payload.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [orjson.loads(line)["entity"] for line in lines] == ["lb-1", "lb-2", "db-1"]
+
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"events": []}')
+    assert main(["normalize", "--source", "generic", "--rules", str(GENERIC / "batch.rules.yaml"), str(bad)]) == 2
+    err = orjson.loads(capsys.readouterr().err)
+    assert err == {"error": "malformed_payload", "path": "events", "reason": "empty list: nothing to ingest"}
+
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text("name: x\nfields: {fingerprint: {path: id, default: a}}\n")
+    assert main(["check-rules", str(rules_file)]) == 3
+    assert "every alert would share one id" in capsys.readouterr().err
+    assert main(["check-rules", str(GENERIC / "deploy.rules.yaml")]) == 0
+    assert "mapping 'deploys' (kind change" in capsys.readouterr().out
+    assert main(["normalize", "--source", "grafana", str(tmp_path / "missing.json")]) == 1
