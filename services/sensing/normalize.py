@@ -27,6 +27,11 @@ What the normalisers change, they say: invisible characters (zero-width, bidi co
 variation selectors — the carriers of hidden prompt-injection text) are removed from every string and counted in
 the annotation/attribute ``pilothouse.invisible_chars_removed``; PagerDuty ``routing_key`` (an integration
 credential) is checked for presence and then dropped, never copied into a record.
+
+Not carried into records (the gateway keeps the raw body if it archives requests): the webhook envelopes'
+group fields (Alertmanager/Grafana groupKey, receiver, groupLabels, commonLabels/commonAnnotations — the latter
+two repeat what every alert carries — externalURL, notification_reason; Grafana orgId, title, state, message),
+PagerDuty image src/alt and link text, OTLP flags/observed time (when the event time is set)/dropped counts.
 """
 
 from __future__ import annotations
@@ -872,8 +877,8 @@ def normalize_otlp_logs(doc: Any, *, received_at_ms: int, raw_size: int,
     """OTLP/HTTP JSON ExportLogsServiceRequest: resourceLogs -> scopeLogs -> logRecords, one TelemetryRecord each.
     service: resource attribute service.name; entity: host.name / k8s.pod.name / service.instance.id / ...;
     time: timeUnixNano, else observedTimeUnixNano, else the receive time. Attributes: the record's own, then
-    ``resource.<key>``, ``scope.name``/``scope.version``, ``event.name`` and ``severity_text``; non-string values
-    as compact JSON."""
+    ``resource.<key>``, ``scope.name``/``scope.version``/``scope.attributes.<key>``, ``event.name`` and
+    ``severity_text``; non-string values as compact JSON."""
     ctx = _Ctx(limits)
     doc = _obj(doc, "$")
     if "resourceLogs" not in doc:
@@ -897,6 +902,7 @@ def normalize_otlp_logs(doc: Any, *, received_at_ms: int, raw_size: int,
             scope = _obj(_or_empty(sl.get("scope"), {}), f"{spath}.scope")
             scope_name = _opt_text(scope, "name", f"{spath}.scope", ctx, limits.max_label_value_len)
             scope_version = _opt_text(scope, "version", f"{spath}.scope", ctx, limits.max_label_value_len)
+            scope_attrs = _key_values(scope.get("attributes"), f"{spath}.scope.attributes", 1, ctx)
             records = _arr(_or_empty(sl.get("logRecords"), []), f"{spath}.logRecords")
             if len(out) + len(records) > limits.max_log_records:
                 raise MalformedPayload(f"more than {limits.max_log_records} log records in one request",
@@ -914,6 +920,9 @@ def normalize_otlp_logs(doc: Any, *, received_at_ms: int, raw_size: int,
                     attributes["scope.name"] = scope_name
                 if scope_version:
                     attributes["scope.version"] = scope_version
+                for key, value in scope_attrs.items():
+                    if value is not None:
+                        attributes[f"scope.attributes.{key}"] = _json_text(value)
                 event_name = _opt_text(rec, "eventName", path, ctx, limits.max_label_value_len)
                 if event_name:
                     attributes["event.name"] = event_name
@@ -1118,6 +1127,27 @@ def _generic_items(doc: Any, rules: MappingRules, ctx: _Ctx) -> list[tuple[str, 
     return named
 
 
+def _field_where(rules: MappingRules, field: str, prefix: str) -> str:
+    rule = rules.scalars.get(field)
+    return _rule_path(prefix, rule.path.text) if rule is not None and rule.path is not None else prefix or "$"
+
+
+def _generic_field(rules: MappingRules, field: str, item: Any, prefix: str, ctx: _Ctx,
+                   allowed: tuple[str, ...] | None, *, required: bool, max_len: int) -> str | None:
+    """One scalar output field of one item: None when absent and optional; refused when required."""
+    rule = rules.scalars.get(field)
+    value = _MISSING if rule is None else _generic_scalar(rule, field, item, prefix, ctx, rules, allowed)
+    where = _field_where(rules, field, prefix)
+    if value is _MISSING:
+        if required:
+            raise MalformedPayload(f"{field}: the field configured in mapping {rules.name!r} is missing "
+                                   "from this payload and the rule has no default", where)
+        return None
+    if len(value) > max_len:
+        raise MalformedPayload(f"{field} of {len(value)} characters exceeds the limit of {max_len}", where)
+    return value
+
+
 def normalize_generic(doc: Any, rules: MappingRules | Mapping[str, Any] | str, *, received_at_ms: int,
                       raw_size: int, limits: Limits = DEFAULT_LIMITS) -> list[NormalizedAlert] | list[TelemetryRecord]:
     """A JSON webhook from a source we do not know, mapped by declarative rules (see pilothouse.sensing.mapping).
@@ -1129,22 +1159,9 @@ def normalize_generic(doc: Any, rules: MappingRules | Mapping[str, Any] | str, *
     alerts: list[NormalizedAlert] = []
     changes: list[TelemetryRecord] = []
     for prefix, item in _generic_items(doc, rules, ctx):
-        s = rules.scalars
-
         def scalar(field: str, allowed: tuple[str, ...] | None = None, *, required: bool = False,
                    max_len: int = limits.max_label_value_len, _item: Any = item, _prefix: str = prefix) -> Any:
-            rule = s.get(field)
-            value = _MISSING if rule is None else _generic_scalar(rule, field, _item, _prefix, ctx, rules, allowed)
-            if value is _MISSING:
-                if required:
-                    where = _rule_path(_prefix, rule.path.text) if rule and rule.path else _prefix or "$"
-                    raise MalformedPayload(f"{field}: the field configured in mapping {rules.name!r} is missing "
-                                           "from this payload and the rule has no default", where)
-                return None
-            if len(value) > max_len:
-                raise MalformedPayload(f"{field} of {len(value)} characters exceeds the limit of {max_len}",
-                                       _prefix or "$")
-            return value
+            return _generic_field(rules, field, _item, _prefix, ctx, allowed, required=required, max_len=max_len)
 
         times = {f: _generic_time(r, item, prefix) for f, r in rules.times.items()}
         if rules.kind == "change":
@@ -1154,10 +1171,11 @@ def normalize_generic(doc: Any, rules: MappingRules | Mapping[str, Any] | str, *
             trace_id, span_id = scalar("trace_id", max_len=64), scalar("span_id", max_len=64)
             body = scalar("body", required=True, max_len=limits.max_log_body_len)
             record = dict(
-                kind="change", source=f"generic:{rules.name}", service=scalar("service") or "", entity=scalar("entity") or "",
-                timestamp_ms=times.get("timestamp") or received_at_ms, severity=severity, body=body,
-                trace_id=_trace_ref(trace_id, f"{prefix}.trace_id", 32),
-                span_id=_trace_ref(span_id, f"{prefix}.span_id", 16),
+                kind="change", source=f"generic:{rules.name}", service=scalar("service") or "",
+                entity=scalar("entity") or "",
+                timestamp_ms=_or_empty(times.get("timestamp"), received_at_ms), severity=severity, body=body,
+                trace_id=_trace_ref(trace_id, _field_where(rules, "trace_id", prefix), 32),
+                span_id=_trace_ref(span_id, _field_where(rules, "span_id", prefix), 16),
             )
             removed = ctx.take_invisible()
             if removed:
@@ -1181,7 +1199,7 @@ def normalize_generic(doc: Any, rules: MappingRules | Mapping[str, Any] | str, *
             source="generic", mapping=rules.name, fingerprint=fingerprint, status=status, severity=severity,
             service=scalar("service") or "", entity=scalar("entity") or "", summary=summary,
             labels=labels, annotations=annotations,
-            starts_at_ms=times.get("starts_at") or received_at_ms, ends_at_ms=times.get("ends_at"),
+            starts_at_ms=_or_empty(times.get("starts_at"), received_at_ms), ends_at_ms=times.get("ends_at"),
             links=links, raw_size=raw_size,
         ))
     return changes if rules.kind == "change" else alerts

@@ -232,6 +232,9 @@ def check_otlp_logs(doc: dict, out: list) -> None:
             assert attr["key"] in record.attributes
         if raw.get("eventName"):
             assert record.attributes["event.name"] == raw["eventName"]
+    scope = doc["resourceLogs"][0]["scopeLogs"][0]["scope"]
+    for attr in scope.get("attributes", []):
+        assert all(r.attributes[f"scope.attributes.{attr['key']}"] == attr["value"]["stringValue"] for r in out)
 
 
 def check(rel: str, root: Path) -> None:
