@@ -1,0 +1,15 @@
+# One image for the six pilothouse services (and the `pilothouse` CLI). Each compose service picks its command.
+FROM python:3.11-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY services ./services
+COPY infra ./infra
+COPY benchmarks ./benchmarks
+COPY schemas ./schemas
+COPY policies ./policies
+RUN pip install --no-compile . \
+ && useradd --system --uid 10001 --no-create-home pilothouse
+USER 10001
+# Services read settings from PILOTHOUSE_* environment variables and expose /metrics and /health.
+CMD ["pilothouse", "--help"]
