@@ -314,6 +314,8 @@ def _string_map(value: Any, path: str, ctx: _Ctx, *, what: str, max_items: int, 
         key = ctx.clean(key)
         if not key:
             raise MalformedPayload(f"empty {what} name", where)
+        if key in out:  # "env" and "env<U+200B>": keeping one would silently lose the other
+            raise MalformedPayload("duplicate name once invisible characters are removed", where)
         if len(key) > ctx.limits.max_key_len:
             raise MalformedPayload(f"name of {len(key)} characters exceeds the limit of {ctx.limits.max_key_len}",
                                    where)
@@ -383,13 +385,13 @@ def parse_rfc3339_ms(text: str, path: str = "$", *, zero_is_none: bool = False) 
             raise MalformedPayload(f"{text!r}: time-zone offset out of range", path)
         if m.group(9) == "-":
             offset = -offset
-    try:
-        dt = datetime(year, month, day, hour, minute, min(second, 59), tzinfo=timezone(offset))
-    except ValueError as e:
-        raise MalformedPayload(f"{text!r}: {e}", path) from e
     if year == 1 and zero_is_none:
         return None
-    return (dt - _EPOCH) // timedelta(milliseconds=1) + int(frac[:3])
+    try:
+        dt = datetime(year, month, day, hour, minute, min(second, 59), tzinfo=timezone(offset))
+        return (dt - _EPOCH) // timedelta(milliseconds=1) + int(frac[:3])
+    except (ValueError, OverflowError) as e:
+        raise MalformedPayload(f"{text!r}: {e}", path) from e
 
 
 # ---------------------------------------------------------------------------------------------------- fingerprints

@@ -578,6 +578,15 @@ def test_invisible_characters_are_removed_and_counted():
     assert INVISIBLE_NOTE not in second.annotations  # counted per alert, not smeared over the group
 
 
+def test_names_that_collide_once_cleaned_are_refused_not_merged():
+    doc = load(AM_BASE)
+    doc["alerts"][0]["labels"]["alertname\u200b"] = "other"
+    with pytest.raises(MalformedPayload) as info:
+        normalize("alertmanager", doc, received_at_ms=RECEIVED)
+    assert info.value.path == 'alerts[0].labels["alertname\u200b"]'
+    assert "duplicate name once invisible characters are removed" in info.value.reason
+
+
 def test_truncated_alerts_are_reported_on_each_alert():
     doc = load(AM_BASE)
     doc["truncatedAlerts"] = 7
@@ -674,6 +683,7 @@ def test_rfc3339_refusals(text):
 def test_go_zero_time():
     assert parse_rfc3339_ms("0001-01-01T00:00:00Z", zero_is_none=True) is None
     assert parse_rfc3339_ms("0001-01-01T00:00:00Z") < 0
+    assert parse_rfc3339_ms("0001-01-01T00:00:00+01:00") < parse_rfc3339_ms("0001-01-01T00:00:00Z")
 
 
 def test_unknown_source_and_bad_call():
