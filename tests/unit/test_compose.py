@@ -90,3 +90,10 @@ def test_kafka_init_gets_a_password_for_every_principal(compose):
     assert {k for k in env if k.startswith(PASSWORD_ENV)} == {PASSWORD_ENV + p.upper() for p in SERVICES}
     assert compose["services"]["kafka-init"]["command"] == ["pilothouse", "catalogue", "apply"]
     assert pilothouse.cli.COMMANDS["catalogue"][0] == "pilothouse.catalogue_cli:main"
+
+
+def test_readme_topic_table_matches_the_catalogue():
+    text = (ROOT / "README.md").read_text()
+    for t in load_catalogue().topics.values():
+        row = f"| `{t.name}` | {t.record.rsplit('.', 1)[1]} | {', '.join(t.producers)} | {', '.join(t.consumers)} |"
+        assert row in text, f"README topic table is stale for {t.name}"
