@@ -20,7 +20,8 @@ NAME = "opa"
 STOP_SIGNAL = signal.SIGTERM
 READY_TIMEOUT_S = 60.0
 MODULE = "github.com/open-policy-agent/opa"
-GO_FIX = "apt-get install -y golang-go (or install Go >= 1.24 from go.dev to /usr/local/go)"
+GO_FIX = "sudo infra/install-prereqs.sh (installs Go 1.26 from the Go module proxy; Debian 12's golang-go is too old)"
+MIN_GO_MINOR = 21  # toolchain switching (GOTOOLCHAIN=auto) exists since Go 1.21
 GO_CANDIDATES = ("/usr/local/go/bin/go", "/usr/lib/go/bin/go")
 
 
@@ -38,11 +39,27 @@ def binary_version(path: Path) -> str | None:
     return m.group(1) if m else None
 
 
+def go_minor(go: str) -> int | None:
+    """Minor version of a Go toolchain (26 for go1.26.8), or None if it does not run."""
+    try:
+        out = subprocess.run([go, "version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"go1\.(\d+)", out.stdout)
+    return int(m.group(1)) if m else None
+
+
 def find_go() -> str:
-    go = shutil.which("go") or next((g for g in GO_CANDIDATES if os.access(g, os.X_OK)), None)
-    if go is None:
-        raise MissingPrerequisite(f"go (needed once to build OPA {OPA_VERSION}; not on PATH nor in /usr/local/go)", GO_FIX)
-    return go
+    """A Go >= 1.21: it fetches the toolchain OPA's go.mod asks for (1.26) from the module proxy by itself."""
+    found = [g for g in (shutil.which("go"), *GO_CANDIDATES) if g and os.access(g, os.X_OK)]
+    for go in found:
+        minor = go_minor(go)
+        if minor is not None and minor >= MIN_GO_MINOR:
+            return go
+    what = f"go >= 1.{MIN_GO_MINOR} (needed once to build OPA {OPA_VERSION}; " + (
+        f"found only {', '.join(found)}, too old)" if found else "not on PATH nor in /usr/local/go)"
+    )
+    raise MissingPrerequisite(what, GO_FIX)
 
 
 def provision(settings: Settings) -> tuple[Path, bool]:
@@ -52,7 +69,13 @@ def provision(settings: Settings) -> tuple[Path, bool]:
         return opa, False
     go = find_go()
     opa.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GOBIN": str(opa.parent), "CGO_ENABLED": os.environ.get("CGO_ENABLED", "0")}
+    env = {
+        **os.environ,
+        "GOBIN": str(opa.parent),
+        "CGO_ENABLED": os.environ.get("CGO_ENABLED", "0"),
+        # Debian's go.env pins GOTOOLCHAIN=local; OPA's go.mod needs a newer toolchain than distributions ship.
+        "GOTOOLCHAIN": os.environ.get("GOTOOLCHAIN", "auto"),
+    }
     try:
         out = subprocess.run(
             [go, "install", f"{MODULE}@v{OPA_VERSION}"], env=env, capture_output=True, text=True, timeout=1800
