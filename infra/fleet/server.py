@@ -33,7 +33,7 @@ from pilothouse.fleet.errors import (
 )
 from pilothouse.fleet.journal import Journal
 from pilothouse.fleet.metrics import FleetCollector
-from pilothouse.fleet.model import ACTIONS, READ_ONLY_ACTIONS, Fleet, parse_action
+from pilothouse.fleet.model import ACTIONS, READ_ONLY_ACTIONS, Fleet, catalogue, parse_action
 from pilothouse.fleet.store import OPS_LOG, SERVICE_LOG, JsonLog, StateStore
 
 Clock = Literal["realtime", "manual"]
@@ -182,6 +182,9 @@ def create_app(rt: FleetRuntime) -> Starlette:
     async def state(request: Request) -> Response:
         return JSONResponse(rt.fleet.snapshot())
 
+    async def catalog(request: Request) -> Response:
+        return JSONResponse(catalogue())
+
     async def faults(request: Request) -> Response:
         return JSONResponse(rt.fleet.faults_view())
 
@@ -327,6 +330,7 @@ def create_app(rt: FleetRuntime) -> Starlette:
         Route("/health", wrap(health), methods=["GET"]),
         Route("/metrics", wrap(metrics), methods=["GET"]),
         Route("/state", wrap(state), methods=["GET"]),
+        Route("/catalog", wrap(catalog), methods=["GET"]),
         Route("/faults", wrap(faults), methods=["GET"]),
         Route("/faults", wrap(inject), methods=["POST"]),
         Route("/faults/clear", wrap(clear_all), methods=["POST"]),

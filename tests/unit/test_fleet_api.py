@@ -213,3 +213,14 @@ def test_advance_needs_the_manual_clock(tmp_path: Path) -> None:
     with TestClient(create_app(rt)) as c:
         r = c.post("/advance", json={"seconds": 5})
         assert r.status_code == 409
+
+
+def test_catalog_lists_every_action_fault_and_service(client: TestClient) -> None:
+    cat = client.get("/catalog").json()
+    assert set(cat["actions"]) == {"restart_service", "scale_replicas", "rollback_deploy", "set_feature_flag",
+                                   "shift_traffic", "collect_diagnostics"}
+    assert cat["actions"]["collect_diagnostics"]["read_only"] is True
+    assert cat["actions"]["scale_replicas"]["params_schema"]["required"] == ["service", "replicas"]
+    assert set(cat["faults"]) == {"cpu_saturation", "latency", "error_rate", "bad_deploy", "memory_leak",
+                                  "failing_dependency"}
+    assert cat["services"]["cart"]["dependencies"] == ["redis"] and "redis_fallback" in cat["services"]["cart"]["flags"]

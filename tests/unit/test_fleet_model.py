@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -78,7 +79,7 @@ def test_restart_fixes_memory_leak_and_without_it_the_leak_kills_the_instances()
     for _ in range(20):
         fleet.step()
         mem.append(fleet.state.services["cart"].instances[0].memory_mb)
-    assert all(b > a for a, b in zip(mem, mem[1:], strict=False))  # climbs every second
+    assert all(b > a for a, b in itertools.pairwise(mem))  # climbs every second
     fleet.apply("restart_service", {"service": "cart"})
     fleet.step(120)
     control.step(140)
@@ -281,7 +282,7 @@ def test_counters_and_histogram_are_consistent() -> None:
     for svc in fleet.state.services.values():
         for inst in svc.instances:
             b = inst.duration_buckets
-            assert all(x <= y + 1e-9 for x, y in zip(b, b[1:], strict=False))
+            assert all(x <= y + 1e-9 for x, y in itertools.pairwise(b))
             assert b[-1] <= inst.duration_count + 1e-6
             assert inst.duration_count == pytest.approx(inst.requests["200"] + inst.requests["500"])
     frontend = fleet.state.services["frontend"].instances[0]
