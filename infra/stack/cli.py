@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pydantic import ValidationError
@@ -125,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pilothouse stack {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the CLI promises one line, never a traceback
+        if os.environ.get("PILOTHOUSE_DEBUG"):
+            raise
+        print(
+            f"pilothouse stack {args.command}: unexpected {type(e).__name__}: {e} (PILOTHOUSE_DEBUG=1 shows the trace)",
+            file=sys.stderr,
+        )
+        return 1
     return 2  # unreachable: argparse requires a known command
 
 

@@ -7,6 +7,8 @@ cached after the first run) → start what is not running → wait until each is
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import shutil
 import time
 import uuid
@@ -112,11 +114,39 @@ class UpResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _exclusive(settings: Settings, what: str, wait_s: float = 600.0):
+    """One `up`/`down` at a time per data directory (two concurrent `up`s would race for the ports): wait for it."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.run_dir / "stack.lock", "w") as lock:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"another `pilothouse stack` command has held {settings.run_dir / 'stack.lock'} for "
+                        f"{wait_s:.0f}s; rerun `{what}` when it is done"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def up(settings: Settings | None = None, log: Callable[[str], None] = lambda _m: None) -> UpResult:
     """Provision (first run), start and check every component, then apply the catalogue. Idempotent."""
     settings = settings or Settings()
+    check_prerequisites(settings)  # before creating anything under the data directory
+    with _exclusive(settings, "pilothouse stack up"):
+        return _up(settings, log)
+
+
+def _up(settings: Settings, log: Callable[[str], None]) -> UpResult:
     t0 = time.monotonic()
-    check_prerequisites(settings)
     plan = broker_plan()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +267,8 @@ def down(settings: Settings | None = None) -> dict[str, str]:
         "opa": opa.STOP_SIGNAL,
         "llm": llm.STOP_SIGNAL,
     }
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    if not settings.run_dir.is_dir():
+        return {n: "not running" for n in signals}
+    with _exclusive(settings, "pilothouse stack down"), ThreadPoolExecutor(max_workers=4) as pool:
         futures = {n: pool.submit(procs.stop, settings.run_dir, n, sig=s, timeout_s=30.0) for n, s in signals.items()}
         return {n: f.result() for n, f in futures.items()}
