@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("pilothouse.stack.cli:main", "provision, start, inspect and stop the local stack (up|status|down|env)"),
     "bench": ("pilothouse.cli:bench", "run a benchmark and write JSON: bench NAME --out FILE (bus, ...)"),
     "eval": ("pilothouse.evaluation:main", "evaluate root-cause analysis on fault datasets: eval rca ..."),
+    "ingest": ("pilothouse.sensing.normalize:main", "normalise an alert/telemetry payload file offline; check mapping rules"),
     "fleet": ("pilothouse.fleet.cli:main", "run the sandbox fleet (the simulated microservices the demo acts on)"),
     "catalogue": ("pilothouse.catalogue_cli:main", "apply the topic catalogue to any broker (deployment init job)"),
     "schemas": ("pilothouse.cli:schemas", "check schemas: schemas check|codegen|compat [--against REF]"),

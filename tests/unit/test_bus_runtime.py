@@ -52,3 +52,35 @@ def test_sigterm_runs_the_shutdown_callback_once():
     finally:
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
+
+
+def test_service_runtime_stops_workers_and_closes_in_reverse_order():
+    import threading
+
+    from pilothouse.bus.service import ServiceRuntime
+
+    events = []
+    stop_a, stop_b = threading.Event(), threading.Event()
+    rt = ServiceRuntime("test", 0)
+    rt.add_worker("a", lambda: stop_a.wait(10), stop=stop_a.set, close=lambda: events.append("close a"))
+    rt.add_worker("b", lambda: stop_b.wait(10), stop=stop_b.set, close=lambda: events.append("close b"))
+    rt.add_closer(lambda: events.append("close pool"))
+    threading.Timer(0.3, rt.stop).start()
+    assert rt.run(install_signal_handlers=False) == 0
+    assert events == ["close b", "close a", "close pool"]
+
+
+def test_a_crashing_worker_stops_the_process_with_an_error_code():
+    import threading
+
+    from pilothouse.bus.service import ServiceRuntime
+
+    stop = threading.Event()
+    rt = ServiceRuntime("test", 0)
+    rt.add_worker("ok", lambda: stop.wait(10), stop=stop.set)
+
+    def boom():
+        raise RuntimeError("lost the database")
+
+    rt.add_worker("boom", boom, stop=lambda: None)
+    assert rt.run(install_signal_handlers=False) == 1
