@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -284,7 +284,7 @@ def create_app(rt: FleetRuntime) -> Starlette:
             parse_action(act, params)
         horizon = body.get("horizon_s", 120)
         fork = rt.fleet.fork()  # taken on the loop thread; simulated in a worker so ticks keep flowing
-        prediction = await anyio.to_thread.run_sync(fork.shadow, act, params, horizon)
+        prediction = await run_in_threadpool(fork.shadow, act, params, horizon)
         return JSONResponse(prediction)
 
     async def advance(request: Request) -> Response:
