@@ -299,8 +299,10 @@ FAULT_PARAMS: dict[str, dict[str, tuple[float, float, float]]] = {
 }
 INSTANCE_FAULTS = frozenset({"cpu_saturation", "latency", "error_rate", "memory_leak"})
 
-ACTIONS = ("restart_service", "scale_replicas", "rollback_deploy", "set_feature_flag", "shift_traffic",
-           "collect_diagnostics")
+ACTIONS = ("restart_service", "scale_replicas", "rollback_deploy", "set_feature_flag", "toggle_feature_flag",
+           "shift_traffic", "collect_diagnostics")
+# schemas/actions.yaml names the flag action toggle_feature_flag; both names do the same thing
+ACTION_ALIASES = {"toggle_feature_flag": "set_feature_flag"}
 READ_ONLY_ACTIONS = frozenset({"collect_diagnostics"})
 
 
@@ -340,6 +342,7 @@ ACTION_PARAMS: dict[str, type[_Params]] = {
     "scale_replicas": ScaleParams,
     "rollback_deploy": RollbackParams,
     "set_feature_flag": FlagParams,
+    "toggle_feature_flag": FlagParams,
     "shift_traffic": ShiftParams,
     "collect_diagnostics": DiagnosticsParams,
 }
@@ -422,7 +425,7 @@ class Fleet:
     def service(self, name: str) -> ServiceState:
         svc = self.state.services.get(name)
         if svc is None:
-            raise NotFound(f"unknown service {name!r}", known=sorted(self.state.services))
+            raise NotFound(f"unknown service {name!r}", known=sorted(self.state.services), check="service_exists")
         return svc
 
     @staticmethod
@@ -430,7 +433,8 @@ class Fleet:
         for inst in svc.instances:
             if inst.name == name:
                 return inst
-        raise NotFound(f"service {svc.name!r} has no instance {name!r}", known=[i.name for i in svc.instances])
+        raise NotFound(f"service {svc.name!r} has no instance {name!r}", known=[i.name for i in svc.instances],
+                       check="instance_exists")
 
     def active_faults(self) -> list[Fault]:
         return [f for f in self.state.faults if f.resolved_tick is None]
@@ -746,7 +750,7 @@ class Fleet:
     # ---- actions -----------------------------------------------------------------------------------------------------
 
     def apply(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Apply an action to this fleet; returns {"changes": [...], "result": {...}}.
+        """Apply an action to this fleet; returns {"changes": [...], "before": {...}, "result": {...}}.
 
         Preconditions raise PreconditionFailed before anything changes. For a dry run, call it on fork().
         """
@@ -759,11 +763,13 @@ class Fleet:
             changes.append({"target": target, "field": field, "before": before, "after": after})
 
         result: dict[str, Any] = {}
+        prior: dict[str, Any] = {}  # what an undo needs (schemas/actions.yaml `params_from: before.*`)
         if isinstance(p, RestartParams):
             targets = [self.instance(svc, p.instance)] if p.instance else list(svc.instances)
             busy = [i.name for i in targets if i.down_reason == "restart" and i.down_until > t + 1]
             if busy:
-                raise PreconditionFailed(f"a restart of {', '.join(busy)} is already in progress")
+                raise PreconditionFailed(f"a restart of {', '.join(busy)} is already in progress",
+                                         check="no_restart_in_progress")
             for k, inst in enumerate(targets):  # rolling: one instance out of rotation at a time
                 start = t + 1 + k * RESTART_S
                 change(inst.name, "restart", None, {"out_of_rotation_from_tick": start,
@@ -779,7 +785,7 @@ class Fleet:
         elif isinstance(p, ScaleParams):
             before = len(svc.instances)
             if p.replicas == before:
-                raise PreconditionFailed(f"{svc.name} already has {before} replicas")
+                raise PreconditionFailed(f"{svc.name} already has {before} replicas", check="replicas_differ")
             spec = SPEC[svc.name]
             if p.replicas > before:
                 for _ in range(p.replicas - before):
@@ -791,7 +797,8 @@ class Fleet:
                 removed = svc.instances[p.replicas:]
                 remaining_weight = sum(i.weight for i in svc.instances[: p.replicas])
                 if remaining_weight <= 0:
-                    raise PreconditionFailed("scaling down would leave only instances with traffic weight 0")
+                    raise PreconditionFailed("scaling down would leave only instances with traffic weight 0",
+                                             check="other_instances_keep_weight")
                 del svc.instances[p.replicas:]
                 for inst in removed:
                     change(inst.name, "instance", "running", None)
@@ -799,44 +806,53 @@ class Fleet:
                         if f.service == svc.name and f.instance == inst.name:
                             f.resolved_tick, f.resolved_by = t, action
             change(svc.name, "replicas", before, p.replicas)
+            prior = {"replicas": before}
             result = {"replicas": p.replicas, "instances": [i.name for i in svc.instances]}
             self._event(svc, t, None, "info", f"scaled from {before} to {p.replicas} replicas")
         elif isinstance(p, RollbackParams):
             versions = [d.version for d in svc.history]
             if p.to_version is not None:
                 if p.to_version == svc.version:
-                    raise PreconditionFailed(f"{svc.name} already runs version {p.to_version}")
+                    raise PreconditionFailed(f"{svc.name} already runs version {p.to_version}",
+                                             check="previous_version_exists")
                 if p.to_version not in versions:
                     raise PreconditionFailed(f"version {p.to_version} was never deployed to {svc.name}",
-                                             history=versions)
+                                             history=versions, check="previous_version_exists")
                 target = p.to_version
             else:
                 earlier = [v for v in reversed(versions) if v != svc.version]
                 if not earlier:
-                    raise PreconditionFailed(f"{svc.name} has no previous version to roll back to", history=versions)
+                    raise PreconditionFailed(f"{svc.name} has no previous version to roll back to", history=versions,
+                                             check="previous_version_exists")
                 target = earlier[0]
             change(svc.name, "version", svc.version, target)
+            prior = {"version": svc.version}
             svc.history.append(Deploy(version=target, tick=t, kind="rollback"))
             result = {"from_version": svc.version, "to_version": target}
             svc.version = target
             self._event(svc, t, None, "info", f"rolled back to version {target}", version=target)
         elif isinstance(p, FlagParams):
             if p.flag not in svc.flags:
-                raise NotFound(f"{svc.name} has no feature flag {p.flag!r}", known=sorted(svc.flags))
+                raise NotFound(f"{svc.name} has no feature flag {p.flag!r}", known=sorted(svc.flags),
+                               check="flag_exists")
             if svc.flags[p.flag] == p.enabled:
-                raise PreconditionFailed(f"{svc.name}.{p.flag} is already {str(p.enabled).lower()}")
+                raise PreconditionFailed(f"{svc.name}.{p.flag} is already {str(p.enabled).lower()}",
+                                         check="flag_differs")
             change(svc.name, f"flags.{p.flag}", svc.flags[p.flag], p.enabled)
+            prior = {"enabled": svc.flags[p.flag]}
             svc.flags[p.flag] = p.enabled
             result = {"flag": p.flag, "enabled": p.enabled}
             self._event(svc, t, None, "info", f"feature flag {p.flag} set to {str(p.enabled).lower()}")
         elif isinstance(p, ShiftParams):
             inst = self.instance(svc, p.instance)
             if abs(inst.weight - p.weight) < 1e-12:
-                raise PreconditionFailed(f"{inst.name} already has traffic weight {p.weight}")
+                raise PreconditionFailed(f"{inst.name} already has traffic weight {p.weight}", check="weight_differs")
             others = sum(i.weight for i in svc.instances if i is not inst)
             if others + p.weight <= 0:
-                raise PreconditionFailed("that would leave no instance of the service with traffic weight > 0")
+                raise PreconditionFailed("that would leave no instance of the service with traffic weight > 0",
+                                         check="other_instances_keep_weight")
             change(inst.name, "weight", inst.weight, p.weight)
+            prior = {"weight": inst.weight}
             inst.weight = p.weight
             total = others + p.weight
             result = {"instance": inst.name, "weight": p.weight,
@@ -844,7 +860,7 @@ class Fleet:
             self._event(svc, t, inst.name, "info", f"traffic weight set to {p.weight}")
         else:
             result = self.diagnostics(svc.name)
-        return {"changes": changes, "result": result}
+        return {"changes": changes, "before": prior, "result": result}
 
     def diagnostics(self, service: str) -> dict[str, Any]:
         """What an operator can observe about one service (no fault ground truth)."""
@@ -944,7 +960,8 @@ class Fleet:
 def catalogue() -> dict[str, Any]:
     """What can be done to the fleet: actions (JSON schema of their parameters), fault kinds, services and flags."""
     return {
-        "actions": {name: {"read_only": name in READ_ONLY_ACTIONS, "params_schema": model.model_json_schema()}
+        "actions": {name: {"read_only": name in READ_ONLY_ACTIONS, "alias_of": ACTION_ALIASES.get(name),
+                           "params_schema": model.model_json_schema()}
                     for name, model in ACTION_PARAMS.items()},
         "faults": {kind: {"params": {p: {"default": d, "min": lo, "max": hi} for p, (d, lo, hi) in params.items()}
                           | ({"version": {"default": "next minor version"}} if kind == "bad_deploy" else {}),

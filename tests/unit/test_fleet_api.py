@@ -218,9 +218,22 @@ def test_advance_needs_the_manual_clock(tmp_path: Path) -> None:
 def test_catalog_lists_every_action_fault_and_service(client: TestClient) -> None:
     cat = client.get("/catalog").json()
     assert set(cat["actions"]) == {"restart_service", "scale_replicas", "rollback_deploy", "set_feature_flag",
-                                   "shift_traffic", "collect_diagnostics"}
+                                   "toggle_feature_flag", "shift_traffic", "collect_diagnostics"}
+    assert cat["actions"]["toggle_feature_flag"]["alias_of"] == "set_feature_flag"
     assert cat["actions"]["collect_diagnostics"]["read_only"] is True
     assert cat["actions"]["scale_replicas"]["params_schema"]["required"] == ["service", "replicas"]
     assert set(cat["faults"]) == {"cpu_saturation", "latency", "error_rate", "bad_deploy", "memory_leak",
                                   "failing_dependency"}
     assert cat["services"]["cart"]["dependencies"] == ["redis"] and "redis_fallback" in cat["services"]["cart"]["flags"]
+
+
+def test_answers_carry_what_an_undo_needs_and_which_check_failed(client: TestClient) -> None:
+    r = act(client, "toggle_feature_flag", {"service": "cart", "flag": "redis_fallback", "enabled": True}, "t1")
+    assert r.status_code == 200 and r.json()["before"] == {"enabled": False}
+    undo = act(client, "set_feature_flag", {"service": "cart", "flag": "redis_fallback", "enabled": False}, "t2")
+    assert undo.status_code == 200 and undo.json()["before"] == {"enabled": True}
+    assert act(client, "scale_replicas", {"service": "cart", "replicas": 4}, "t3").json()["before"] == {"replicas": 2}
+    refused = act(client, "toggle_feature_flag", {"service": "cart", "flag": "redis_fallback", "enabled": False}, "t4")
+    assert refused.status_code == 409 and refused.json()["check"] == "flag_differs"
+    missing = act(client, "shift_traffic", {"service": "cart", "instance": "cart-9", "weight": 0.0}, "t5")
+    assert missing.status_code == 404 and missing.json()["check"] == "instance_exists"
