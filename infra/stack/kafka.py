@@ -127,6 +127,7 @@ def configure(settings: Settings, info: StackInfo, java: str, lib: Path) -> bool
     """Write server.properties (0600) and format storage once. Returns True if storage was formatted now."""
     p = _paths(settings)
     p["base"].mkdir(parents=True, exist_ok=True)
+    p["base"].chmod(0o700)  # config with the admin password, and the metadata log with the SCRAM credentials
     p["logs"].mkdir(parents=True, exist_ok=True)
     admin_password = info.password("admin")
     text = Template((TEMPLATES / "server.properties").read_text()).substitute(

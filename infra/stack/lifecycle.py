@@ -149,7 +149,9 @@ def _up(settings: Settings, log: Callable[[str], None]) -> UpResult:
     t0 = time.monotonic()
     plan = broker_plan()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o711)  # others may traverse (PostgreSQL's OS user must) but not list
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    settings.logs_dir.chmod(0o700)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     info, _ = load_or_create_info(settings, plan.principals)
     result = UpResult(info=info)
