@@ -148,6 +148,10 @@ def up(settings: Settings | None = None, log: Callable[[str], None] = lambda _m:
 def _up(settings: Settings, log: Callable[[str], None]) -> UpResult:
     t0 = time.monotonic()
     plan = broker_plan()
+    if settings.external_llm:  # check before stack.json is rewritten to point at it
+        h = llm.health(settings, settings.llm_base_url.rstrip("/"), settings.llm_model, True)
+        if not h["healthy"]:
+            raise StackError(f"external LLM server {settings.llm_base_url} is not usable: {h.get('error')}")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.data_dir.chmod(0o711)  # others may traverse (PostgreSQL's OS user must) but not list
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -208,11 +212,7 @@ def _up(settings: Settings, log: Callable[[str], None]) -> UpResult:
     log(f"postgres ready on {settings.host}:{settings.postgres_port} ({result.components['postgres']})")
     opa.wait_ready(settings, procs_started["opa"])
     log(f"opa      ready on {opa.url(settings)} ({result.components['opa']})")
-    if settings.external_llm:
-        h = llm.health(settings, info.llm_base_url, info.llm_model, True)
-        if not h["healthy"]:
-            raise StackError(f"external LLM server {info.llm_base_url} is not usable: {h.get('error')}")
-    else:
+    if not settings.external_llm:
         llm.wait_ready(settings, procs_started["llm"])
     log(f"llm      ready at {info.llm_base_url} model {info.llm_model} ({result.components['llm']})")
     kafka.wait_ready(settings, info, procs_started["kafka"])
