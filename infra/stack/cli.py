@@ -57,8 +57,8 @@ def _up(out) -> int:
     result = lifecycle.up(log=lambda m: print(m, file=out, flush=True))
     _print_report(result.report, out)
     print(
-        f"stack up in {result.timings['total_s']:.1f}s; connection details in {StackInfo.path_for(result.info.data_dir)}"
-        " (`pilothouse stack env PRINCIPAL`)",
+        f"stack up in {result.timings['total_s']:.1f}s; connection details in "
+        f"{StackInfo.path_for(result.info.data_dir)} (`pilothouse stack env PRINCIPAL`)",
         file=out,
     )
     return 0

@@ -57,7 +57,10 @@ class LlmInfo(_Model):
 
 
 class StackInfo(_Model):
-    """Connection details of a provisioned stack. Secrets are SecretStr; accessors reveal them where a client needs them."""
+    """Connection details of a provisioned stack.
+
+    Secrets are SecretStr (hidden in reprs and logs); the accessors reveal them where a client needs them.
+    """
 
     version: int = FORMAT_VERSION
     data_dir: Path

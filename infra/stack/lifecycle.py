@@ -194,7 +194,8 @@ def _up(settings: Settings, log: Callable[[str], None]) -> UpResult:
     if kafka.configure(settings, info, java, lib):
         result.provisioned.append("kafka storage")
     result.timings["provision_s"] = round(time.monotonic() - t0, 2)
-    log(f"provisioned in {result.timings['provision_s']:.1f}s" + (f": {', '.join(result.provisioned)}" if result.provisioned else " (all cached)"))
+    what = f": {', '.join(result.provisioned)}" if result.provisioned else " (all cached)"
+    log(f"provisioned in {result.timings['provision_s']:.1f}s{what}")
 
     procs_started = {
         "kafka": kafka.start(settings, java, lib),

@@ -88,7 +88,7 @@ def provision(settings: Settings) -> tuple[Path, bool]:
         last = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()][-3:]
         raise MissingPrerequisite(
             f"OPA {OPA_VERSION} via go install (failed: {' | '.join(last)[:400]})",
-            "check access to the Go module proxy (proxy.golang.org) and the Go version, then rerun `pilothouse stack up`",
+            "check access to the Go module proxy (proxy.golang.org), then rerun `pilothouse stack up`",
         )
     got = binary_version(opa)
     if got != OPA_VERSION:

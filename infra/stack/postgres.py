@@ -93,7 +93,8 @@ def _check_traversable(path: Path, user: str | None) -> None:
         if not os.stat(parent).st_mode & 0o001:
             raise StackError(
                 f"PostgreSQL runs as OS user {user!r}, which cannot enter {parent} (mode "
-                f"{oct(os.stat(parent).st_mode & 0o777)}); choose a PILOTHOUSE_DATA_DIR it can reach or `chmod o+x {parent}`"
+                f"{oct(os.stat(parent).st_mode & 0o777)}); choose a PILOTHOUSE_DATA_DIR it can reach, "
+                f"or `chmod o+x {parent}`"
             )
 
 
@@ -104,7 +105,9 @@ def provision(settings: Settings, info: StackInfo, bindir: Path) -> bool:
     if (p["data"] / "PG_VERSION").is_file():
         have = (p["data"] / "PG_VERSION").read_text().strip()
         if have != bindir.parent.name:
-            raise StackError(f"cluster in {p['data']} is PostgreSQL {have}, binaries are {bindir}; upgrade or remove it")
+            raise StackError(
+                f"cluster in {p['data']} is PostgreSQL {have}, binaries are {bindir}; upgrade or remove it"
+            )
         return False
     p["base"].mkdir(parents=True, exist_ok=True)
     p["socket"].mkdir(parents=True, exist_ok=True)
@@ -172,7 +175,9 @@ def wait_ready(settings: Settings, info: StackInfo, proc) -> None:
     last = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise ComponentFailed(f"postgres exited (code {proc.returncode}); see {p['log']}:\n{procs.log_tail(p['log'])}")
+            raise ComponentFailed(
+                f"postgres exited (code {proc.returncode}); see {p['log']}:\n{procs.log_tail(p['log'])}"
+            )
         try:
             with _connect(info, "postgres") as conn:
                 exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
