@@ -180,8 +180,8 @@ def presidio_records(root: Path) -> list[dict[str, Any]]:
 
 
 _SEED_IPV4 = re.compile(r"(?<![\d.])((?:\d{1,3}\.){3}\d{1,3})(?![\d.]*\d)")
-_SEED_DASHED = re.compile(r"(?:^|(?<=[\s\[(/])|(?<=[a-z]-))(\d{1,3}-\d{1,3}-\d{1,3}-\d{1,3})(?=[.\s\]:)]|$)")
-_SEED_IPV6 = re.compile(r"(?i)(?<![0-9a-f:])((?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}|(?:[0-9a-f]{1,4}:){1,6}:(?:[0-9a-f]{1,4})?)(?![0-9a-f]|:[0-9a-f]{1,4}:)")
+_SEED_DASHED = re.compile(r"(?:^|(?<=[\s\[(/=])|(?<=[a-z]-))(\d{1,3}-\d{1,3}-\d{1,3}-\d{1,3})(?=[.\s\]:)]|$)")
+_SEED_IPV6 = re.compile(r"(?i)(?<![\w:])((?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}|(?:[0-9a-f]{1,4}:){1,6}:(?:[0-9a-f]{1,4})?)(?![\w]|:[0-9a-f]{1,4}:)")
 _SEED_EMAIL = re.compile(r"[\w.+%-]+@[\w-]+(?:\.[\w-]+)*\.[a-zA-Z]{2,}")
 _SEED_USERS = [
     re.compile(r"\buser=([A-Za-z_][\w.-]*)"),
@@ -189,6 +189,7 @@ _SEED_USERS = [
     re.compile(r"\b(?:Accepted|Failed) (?:password|publickey|none) for (?!invalid user )(\S+) from "),
     re.compile(r"\bsession (?:opened|closed) for user (\S+?)(?: by|$)"),
     re.compile(r"/Users/(\w[\w.-]*)"),
+    re.compile(r"\\Users\\(\w[\w.-]*)"),
     re.compile(r"/home/(\w[\w.-]*)"),
 ]
 _NOT_A_USER = {"unknown"}

@@ -285,6 +285,14 @@ def _rule_keywords(rules_dir: Path) -> list[list[str]]:
 # --------------------------------------------------------------------------------------------------------------------
 # Span bookkeeping
 
+_GENERIC_KINDS = {"GENERIC_SECRET": 0, "HIGH_ENTROPY_SECRET": 0, "SECRET": 0, "PASSWORD": 1, "SESSION_TOKEN": 1}
+
+
+def _specificity(kind: str) -> int:
+    """When two recognisers cover the same characters, the placeholder names the most specific one."""
+    return _GENERIC_KINDS.get(kind, 2)
+
+
 _SECRET, _PII, _PSEUDO = 3, 2, 1  # merge priority: a span covering a secret is named as the secret
 
 
@@ -315,14 +323,14 @@ class _Scope:
 _EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
                     r"[A-Za-z]{2,24}(?![\w-])")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|[01]\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.])({_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})(?!\.\d|\w)")
+_IPV4 = re.compile(rf"(?<![\d.~])({_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})(?!\.\d|\w)")
 _IPV4_DASHED = re.compile(rf"(?:(?<=[A-Za-z]-)|(?<![\w.-]))({_OCTET})-({_OCTET})-({_OCTET})-({_OCTET})(?![\w-]?\d|-[0-9A-Fa-f])")
 _DASHED_QUAD = re.compile(rf"{_OCTET}-{_OCTET}-{_OCTET}-{_OCTET}")
 _VERSION_BEFORE = re.compile(r"(?i)(?:\bv(?:ersion)?|\bver|\brelease|\bbuild)[\s:=]*$")
 _IPV6_CAND = re.compile(r"(?<![\w:.])((?:[0-9A-Fa-f]{1,4}:|::?)(?:[0-9A-Fa-f]{0,4}:){1,7}(?:[0-9A-Fa-f]{1,4}|"
                         rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})?)(?![\w.]|:[0-9A-Fa-f]{{1,4}}\b(?!:))")
 _IPV6_RUN = re.compile(r"(?<![\w:.])([0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,}(?:\.\d{1,3}){0,3})(?![\w:])")
-_NUM_CAND = re.compile(r"(?<![\w.+/:#@$%=-])(\+ ?)?(\(?\d[\d().\- ]*\d\)?)((?: ?(?:x|ext\.?) ?)\d{1,5})?"
+_NUM_CAND = re.compile(r"(?<![\w.+/:#@$%-])(\+ ?)?(\(?\d[\d().\- ]*\d\)?)((?: ?(?:x|ext\.?) ?)\d{1,5})?"
                        r"(?![\w@/]|[.:,-]\d|[:-][0-9A-Fa-f]{2}(?![A-Za-z]))")
 _IBAN_CAND = re.compile(r"(?i)(?<![\w-])([a-z]{2}\d{2}(?: ?[a-z0-9]){11,30})(?![\w-])")
 _NINO = re.compile(r"(?<![\w-])((?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D])(?![\w-])")
@@ -361,7 +369,7 @@ _KEYWORD_BLOCK = re.compile(
 _BLOCK_LINE = re.compile(r"(?m)^[ \t]+(?:[\w.-]+[ \t]*[=:][ \t]*)?(?:!!?\w+[ \t]+)?[\"']?([^\r\n\"']+?)[\"']?[ \t]*$")
 _PLACEHOLDER_VALUE = re.compile(
     r"(?i)^(?:null|none|nil|true|false|undefined|empty|n/a|\*+|x{3,}|\.+|-+|<[^>]*>|\[[^\]]*\]|\(\w*\)|\$\{?[\w.:-]+\}?|"
-    r"%\(?\w+\)?s?%?|\{\{.*\}\}|\{[\w.]*\}|redacted|\[redacted\]|masked|hidden|changeme|required|optional|"
+    r"%\w+%|%\(\w+\)[sd]|%[sd]|\{\{.*\}\}|\{[\w.]*\}|redacted|\[redacted\]|masked|hidden|changeme|required|optional|"
     r"(?:os\.)?getenv\(.*|process\.env\..*|env\(.*|self\.\w+|this\.\w+|[\w.]*\(\).*)$"
 )
 
@@ -369,6 +377,7 @@ _PLACEHOLDER_VALUE = re.compile(
 _QUOTED_TOKEN = re.compile(r"([\"'])([A-Za-z0-9+/=_.~-]{10,512})\1")
 _CONFIG_LINE = re.compile(r"(?m)^[ \t]*[\w.-]+[ \t]*[:=][ \t]*([\"']?)([A-Za-z0-9+/=_~-]{10,512})\1[ \t]*(?:#[^\r\n]*)?\r?$")
 _ASSIGNED_TOKEN = re.compile(r"(?<![\w.-])[A-Za-z_][\w.-]{0,40}\s*[=:]\s*([A-Za-z0-9+/_-]{20,512}={0,2})(?![\w+/=.-])")
+_NON_DIGITS = re.compile(r"\D+")
 _HEX_ONLY = re.compile(r"^[0-9a-fA-F]+$")
 _TOKEN_RUNS = re.compile(r"[-_.~]")
 _B64_ENTROPY = Base64HighEntropyString(limit=4.5)
@@ -437,7 +446,7 @@ def _is_date_like(cand: str) -> bool:
 
 def _classify_number(text: str, start: int, end: int, plus: bool, ext: bool) -> str | None:
     cand = text[start:end]
-    digits = "".join(ch for ch in cand if ch.isdigit())
+    digits = _NON_DIGITS.sub("", cand)
     n = len(digits)
     if n < 7 or n > 19:
         return None
@@ -446,8 +455,8 @@ def _classify_number(text: str, start: int, end: int, plus: bool, ext: bool) -> 
     groups = [g for g in re.split(r"[ .-]+", core) if g]
     if "  " in cand or ".." in cand or "--" in cand:
         return None
-    if not plus and re.fullmatch(r"\d{3}([- ])\d{2}\1\d{4}", cand) and _ssn_ok(digits):
-        return "US_SSN"
+    if not plus and re.fullmatch(r"\d{3}([- ])\d{2}\1\d{4}", cand):
+        return "US_SSN" if _ssn_ok(digits) else None  # the SSN shape; an unissued number is not a phone either
     if not plus and not ext and 12 <= n <= 19 and _card_prefix_ok(digits) and _card_shape_ok(groups, seps) \
             and _luhn_ok(digits):
         return "CREDIT_CARD"
@@ -521,7 +530,7 @@ _FAMILY_GATES: dict[str, str] = {
     "ipv4": r"\d\.\d{1,3}\.\d{1,3}\.\d",
     "ipv4_dashed": r"\d{1,3}-\d{1,3}-\d{1,3}-\d{1,3}",
     "ipv6": r"(?i)(?:[0-9a-f]{0,4}:){3,}[0-9a-f]{1,4}|[0-9a-f]::|::[0-9a-f]",
-    "number": r"\d[\d ().-]{5,}\d",
+    "number": r"\d(?:[ ().-]{0,2}\d){6}",
     "iban": r"(?i)[a-z]{2}\d{2} ?[a-z0-9]{4}",
     "nino": r"[A-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D]",
     "user": r"(?i)user|login|logname|acct|account|uname|accepted |failed |postponed |/home/|\\users\\|sudo:",
@@ -728,11 +737,13 @@ class Redactor:
             self._ipv6(text, spans)
         if "number" in families:
             for m in _NUM_CAND.finditer(text):
+                if m.end(2) - m.start(2) < 7:
+                    continue  # fewer than 7 digits: no phone, card or id
                 start = m.start(1) if m.group(1) else m.start(2)
                 end = m.end(3) if m.group(3) else m.end(2)
                 kind = _classify_number(text, m.start(2), m.end(2), bool(m.group(1)), bool(m.group(3)))
                 if kind:
-                    value = "".join(ch for ch in text[start:end] if ch.isdigit())
+                    value = _NON_DIGITS.sub("", text[start:end])
                     spans.append(_Span(start, end, kind, _PII, value))
         if "iban" in families:
             for m in _IBAN_CAND.finditer(text):
@@ -743,9 +754,11 @@ class Redactor:
             for m in _NINO.finditer(text):
                 spans.append(_Span(m.start(1), m.end(1), "UK_NINO", _PII, m.group(1).replace(" ", "")))
         if "user" in families:
-            for pattern in _USER_PATTERNS:
+            for index, pattern in enumerate(_USER_PATTERNS):
                 for m in pattern.finditer(text):
                     value = m.group(1).rstrip(".,;:)]'\"")
+                    if index == 0 and value.isdigit():
+                        continue  # user=0: a numeric uid in key=value logs, not a name (sshd's "invalid user 0" is)
                     if value and value.lower() not in _NOT_USERS and value.count(".") < 2:
                         spans.append(_Span(m.start(1), m.start(1) + len(value), "USER", _PSEUDO, value))
         if "names" in families:
@@ -862,7 +875,8 @@ class Redactor:
         for span in spans:
             if merged and span.start < merged[-1].end:
                 last = merged[-1]
-                if span.tier > last.tier:
+                if span.tier > last.tier or (span.tier == last.tier
+                                             and _specificity(span.kind) > _specificity(last.kind)):
                     # the stronger class names the union; it becomes a placeholder for the whole span
                     merged[-1] = _Span(last.start, max(last.end, span.end), span.kind, span.tier,
                                        text[last.start:max(last.end, span.end)])
