@@ -8,7 +8,8 @@ COPY infra ./infra
 COPY benchmarks ./benchmarks
 COPY schemas ./schemas
 COPY policies ./policies
-RUN pip install --no-compile . \
+# Editable: schemas/, policies/ and the catalogue are read from the source tree.
+RUN pip install --no-compile -e . \
  && useradd --system --uid 10001 --no-create-home pilothouse
 USER 10001
 # Services read settings from PILOTHOUSE_* environment variables and expose /metrics and /health.

@@ -11,7 +11,7 @@ import sys
 
 # subcommand -> (module:function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "stack": ("pilothouse.stack.cli:main", "provision, start, inspect and stop the local stack (up|status|down|env)"),
+    "stack": ("pilothouse.stack.cli:main", "provision, start, inspect and stop the local stack (up|status|down|env|apply)"),
     "bench": ("pilothouse.cli:bench", "run a benchmark and write JSON: bench NAME --out FILE (bus, ...)"),
     "eval": ("pilothouse.evaluation:main", "evaluate root-cause analysis on fault datasets: eval rca ..."),
     "ingest": ("pilothouse.sensing.normalize:main", "normalise an alert/telemetry payload file offline; check mapping rules"),
