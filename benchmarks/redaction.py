@@ -201,7 +201,8 @@ def loghub_labels(line: str) -> list[tuple[str, str]]:
     for m in _SEED_IPV4.finditer(line):
         octets = m.group(1).split(".")
         before = line[max(0, m.start() - 9):m.start()].lower()
-        if all(int(o) <= 255 for o in octets) and "version" not in before and not before.endswith("v"):
+        # hand-check: "version 0.0.0.6", "v1.2.3.4" and Windows package identities "...~amd64~~6.1.1.0" are versions
+        if all(int(o) <= 255 for o in octets) and "version" not in before and not before.endswith(("v", "~")):
             found.append(("loghub:ip", m.group(1)))
     for m in _SEED_DASHED.finditer(line):
         if all(int(o) <= 255 for o in m.group(1).split("-")):
