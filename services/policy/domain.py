@@ -358,7 +358,12 @@ class PolicyInput(_Model):
 
     def digest(self) -> str:
         """SHA-256 of the canonical input document: recorded with the decision so it can be replayed."""
-        return sha256_hex(canonical_json(self.to_opa()))
+        return input_digest(self.to_opa())
+
+
+def input_digest(document: dict[str, Any]) -> str:
+    """SHA-256 of a canonical input document (the output of :meth:`PolicyInput.to_opa`)."""
+    return sha256_hex(canonical_json(document))
 
 
 def parse_policy_input(data: Any) -> PolicyInput:
@@ -437,8 +442,9 @@ class DecisionRecord(_Model):
     decision: Decision
 
 
-def record_decision(policy_input: PolicyInput, decision: Decision) -> DecisionRecord:
-    digest = policy_input.digest()
+def record_decision(policy_input: PolicyInput, decision: Decision, *, digest: str | None = None) -> DecisionRecord:
+    """Bind a decision to its input. ``digest`` may be passed when the caller already hashed ``to_opa()``."""
+    digest = digest or policy_input.digest()
     if decision.action_hash != policy_input.action.action_hash:
         raise PolicyEvaluationFailed("decision is about another action than the input (action_hash differs)")
     return DecisionRecord(

@@ -44,8 +44,8 @@ def test_check_strict(opa: str) -> None:
 
 def test_rego_tests_pass_with_coverage(opa: str) -> None:
     result = run(opa, "test", str(POLICIES), "--coverage", "--format=json")
+    assert result.returncode == 0, run(opa, "test", str(POLICIES)).stdout[-4000:]
     report = json.loads(result.stdout)
-    assert result.returncode == 0, result.stderr
     assert report["coverage"] >= MIN_COVERAGE, report["coverage"]
 
 

@@ -10,15 +10,14 @@ import data.pilothouse.risk
 
 recorded := object.get(input, "approvals", [])
 
-approver_id(a) := identity.normalise(a.approver.id)
+# Normalised approver ids by approval index, computed once per query (normalising is the costliest step).
+ids[i] := identity.normalise(a.approver.id) if some i, a in recorded
 
-display_id(a) := approver_id(a) if is_string(a.approver.id)
-
-else := ""
+display_id(i) := object.get(ids, i, "")
 
 # Helpers take the whole approval so that a missing field stays inside the negated call: OPA hoists a field
 # reference used as a call argument out of a `not`, which would make the refusal rule silently not fire.
-approver_is_human(a) if identity.is_human(a.approver)
+approver_is_human(i) if identity.is_human_with_id(recorded[i].approver, ids[i])
 
 has_hash(a) if is_string(a.action_hash)
 
@@ -49,22 +48,22 @@ own_refusals[i] contains {"code": "approval_malformed", "message": msg} if {
 # Reasons one approval cannot count, judged on the approval alone: own_refusals[index] is a set of reasons.
 own_refusals[i] contains {"code": "non_human_principal", "message": msg} if {
 	some i, a in recorded
-	not approver_is_human(a)
+	not approver_is_human(i)
 	msg := sprintf("%v is a service or model principal (or has no stable id): only humans approve", [
-		display_id(a),
+		display_id(i),
 	])
 }
 
 own_refusals[i] contains {"code": "self_approval", "message": msg} if {
 	some i, a in recorded
-	approver_id(a) == risk.proposer_id
-	msg := sprintf("%v proposed this action and cannot approve it", [approver_id(a)])
+	ids[i] == risk.proposer_id
+	msg := sprintf("%v proposed this action and cannot approve it", [ids[i]])
 }
 
 own_refusals[i] contains {"code": "approver_is_validator", "message": msg} if {
 	some i, a in recorded
-	risk.validator_ids[approver_id(a)]
-	msg := sprintf("%v validated the hypothesis and cannot also approve the action", [approver_id(a)])
+	risk.validator_ids[ids[i]]
+	msg := sprintf("%v validated the hypothesis and cannot also approve the action", [ids[i]])
 }
 
 own_refusals[i] contains {"code": "hash_mismatch", "message": msg} if {
@@ -102,7 +101,7 @@ own_refusals[i] contains {"code": "missing_role", "message": msg} if {
 	not risk.frozen
 	not has_required_role(a)
 	msg := sprintf("%v risk needs role %v; %v has %v", [
-		risk.tier, concat("|", risk.approver_roles), display_id(a), role_list(a),
+		risk.tier, concat("|", risk.approver_roles), display_id(i), role_list(a),
 	])
 }
 
@@ -111,7 +110,7 @@ own_refusals[i] contains {"code": "frozen_window", "message": msg} if {
 	risk.frozen
 	not has_required_role(a)
 	msg := sprintf("change freeze %v is active: only %v may approve, %v may not", [
-		concat(",", sort(risk.active_freezes)), concat("|", risk.approver_roles), display_id(a),
+		concat(",", sort(risk.active_freezes)), concat("|", risk.approver_roles), display_id(i),
 	])
 }
 
@@ -120,20 +119,16 @@ block_refusals := {{"code": b.code, "message": sprintf("cannot count while %v", 
 
 own(i) := object.get(own_refusals, i, set())
 
-acceptable(i) if {
-	recorded[i]
-	count(own(i)) == 0
-}
+acceptable := {i | some i, _ in recorded; count(own(i)) == 0}
 
 # The same human twice counts once: an approval is a duplicate if an earlier acceptable approval has the same
 # normalised stable id (oncall-7, ONCALL-7 and on<ZWSP>call-7 are one account).
 first_approval_of_same_human[i] := min(earlier) if {
-	some i, a in recorded
+	some i, id in ids
 	earlier := {j |
-		some j, other in recorded
+		some j in acceptable
 		j < i
-		acceptable(j)
-		approver_id(other) == approver_id(a)
+		ids[j] == id
 	}
 	count(earlier) > 0
 }
@@ -141,24 +136,24 @@ first_approval_of_same_human[i] := min(earlier) if {
 duplicate_refusal(i) := {{"code": "duplicate_approver", "message": msg} |
 	j := first_approval_of_same_human[i]
 	msg := sprintf("%v already approved (approval %v): the same human counts once", [
-		approver_id(recorded[i]), object.get(recorded[j], "approval_id", j),
+		ids[i], object.get(recorded[j], "approval_id", j),
 	])
 }
 
-refusals(i) := (own(i) | block_refusals) | duplicate_refusal(i)
+refusals[i] := (own(i) | block_refusals) | duplicate_refusal(i) if some i, _ in recorded
 
 accepted := [a.approval_id |
 	some i, a in recorded
-	count(refusals(i)) == 0
+	count(refusals[i]) == 0
 ]
 
 refused := [r |
 	some i, a in recorded
-	reasons := refusals(i)
+	reasons := refusals[i]
 	count(reasons) > 0
 	r := {
 		"approval_id": object.get(a, "approval_id", sprintf("#%d", [i])),
-		"approver_id": display_id(a),
+		"approver_id": display_id(i),
 		"codes": sort(risk.codes(reasons)),
 		"reasons": risk.format_reasons(reasons),
 	}

@@ -75,15 +75,16 @@ valid_budget if {
 # ---------------------------------------------------------------------------------------------------------------
 
 # Everyone who validated, valid or not: none of them may approve (separation of duties is judged on the claim).
-validator_ids contains identity.normalise(v.validator.id) if {
-	some v in input.proposal.hypothesis.validations
-}
+validator_norm_ids[k] := identity.normalise(v.validator.id) if some k, v in input.proposal.hypothesis.validations
 
-valid_validations contains v if {
-	some v in input.proposal.hypothesis.validations
-	identity.is_human(v.validator)
+validator_ids := {id | some id in validator_norm_ids}
+
+valid_validations contains k if {
+	some k, v in input.proposal.hypothesis.validations
+	id := validator_norm_ids[k]
+	identity.is_human_with_id(v.validator, id)
 	identity.has_any_role(v.validator, cfg.validator_roles)
-	identity.normalise(v.validator.id) != proposer_id
+	id != proposer_id
 	time.parse_rfc3339_ns(v.validated_at) <= now_ns
 }
 

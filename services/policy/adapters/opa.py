@@ -36,6 +36,7 @@ from pilothouse.policy.domain import (
     PolicyInput,
     PolicyInputInvalid,
     document_schemas,
+    input_digest,
     parse_policy_input,
     record_decision,
     render_readme,
@@ -70,6 +71,11 @@ class OpaPolicyEngine:
             ssl=ssl,
             token=token.get_secret_value() if token is not None else None,
         )
+        # Policy decisions must never be routed through an HTTP proxy picked up from the environment (HTTP_PROXY,
+        # .netrc): a proxy could see or alter authorization traffic. Not consulting the environment also removes
+        # per-request proxy/netrc lookups from the hot path. opa-python-client has no option for it, so set it on
+        # the requests.Session it owns.
+        self._client._session.trust_env = False
         self.endpoint = f"{'https' if ssl else 'http'}://{host}:{port}"
 
     @classmethod
@@ -123,14 +129,15 @@ class OpaPolicyEngine:
         """Evaluate one entrypoint and return the validated decision with its replay data (id, input hash)."""
         if entrypoint not in ENTRYPOINTS:
             raise PolicyInputInvalid(f"unknown entrypoint {entrypoint!r}; use one of {sorted(ENTRYPOINTS)}")
-        result = self.evaluate(ENTRYPOINTS[entrypoint], policy_input.to_opa())
+        document = policy_input.to_opa()
+        result = self.evaluate(ENTRYPOINTS[entrypoint], document)
         try:
             decision = Decision.model_validate(result)
         except ValidationError as e:
             raise PolicyEvaluationFailed(f"OPA returned an invalid {entrypoint} decision: {e}") from e
         if decision.entrypoint != entrypoint:
             raise PolicyEvaluationFailed(f"asked {entrypoint}, OPA answered for {decision.entrypoint}")
-        return record_decision(policy_input, decision)
+        return record_decision(policy_input, decision, digest=input_digest(document))
 
     def decide_proposal(self, policy_input: PolicyInput) -> DecisionRecord:
         return self.decide("proposal", policy_input)

@@ -1,0 +1,233 @@
+"""Benchmark: OPA decision round trip through the policy adapter at a fixed offered rate (open loop).
+
+Starts its own ``opa run --server`` on policies/, then, on one reused connection:
+
+* **decision**: ``OpaPolicyEngine.decide()`` for a rotating mix of proposal/approvals inputs — input serialisation,
+  HTTP round trip, Rego evaluation, decision validation and the replay record (input hash, decision id);
+* **baseline** (same run, same rate, same input documents): a POST of the same input to a trivial OPA path
+  (``pilothouse/config/bundle_revision``), i.e. transport + JSON parsing without policy evaluation;
+* **no_reuse** (short, informative): the decision with a new client (new TCP connection) per request.
+
+Open loop: request *i* is due at ``t0 + i / rate``; latency is measured from the due time, so a stall shows up as
+latency of the requests that queued behind it (no coordinated omission). Writes JSON (and a PNG of the latency CDFs).
+
+Usage: ``python -m benchmarks.policy [--rate 500] [--seconds 5] [--out bench-out/policy.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pilothouse.policy.adapters.opa import OpaPolicyEngine, find_opa_binary, local_opa_server
+from pilothouse.policy.domain import PolicyInput, action_hash, parse_policy_input
+
+REPO = Path(__file__).resolve().parents[1]
+POLICIES = REPO / "policies"
+
+
+def sample_inputs() -> list[tuple[str, PolicyInput]]:
+    """A small mix: medium proposal, high-risk approvals (two approvers), read-only diagnostics, a refused duplicate."""
+    fixtures = json.loads((POLICIES / "pilothouse/fixtures/data.json").read_text(encoding="utf-8"))
+    base = fixtures["base_input"]
+    del base["action"]["action_hash"]
+
+    def variant(patch: Callable[[dict], None]) -> dict:
+        doc = copy.deepcopy(base)
+        patch(doc)
+        return doc
+
+    def approvals(doc: dict, *ids: str) -> None:
+        a = doc["action"]
+        digest = action_hash(a["action_type"], a["target"], a["params"])
+        doc["approvals"] = [
+            {"approval_id": f"ap-{n}", "approver": {"id": i, "kind": "human", "roles": ["approver"]},
+             "action_hash": digest, "granted_at": "2026-11-25T11:58:00Z", "expires_at": "2026-11-25T12:10:00Z"}
+            for n, i in enumerate(ids)
+        ]
+
+    def high(doc: dict) -> None:
+        doc["action"].update(action_type="shift_traffic", params={"to": "canary", "percent": 50})
+        doc["action"]["facts"]["blast_radius"] = "high"
+        approvals(doc, "alice", "bob")
+
+    def duplicate(doc: dict) -> None:
+        high(doc)
+        approvals(doc, "alice", "ALICE")
+
+    def read_only(doc: dict) -> None:
+        doc["action"].update(action_type="collect_diagnostics", params={"kind": "thread_dump"})
+        doc["action"]["facts"] = {"reversible": True, "blast_radius": "low", "read_only": True}
+
+    return [
+        ("proposal", parse_policy_input(variant(lambda d: None))),
+        ("approvals", parse_policy_input(variant(high))),
+        ("proposal", parse_policy_input(variant(read_only))),
+        ("approvals", parse_policy_input(variant(duplicate))),
+    ]
+
+
+def open_loop(operation: Callable[[int], Any], rate: float, count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Call ``operation(offset + i)`` at ``rate`` per second, ``count`` times, from this thread.
+
+    Returns (latencies from each call's due time, service times, elapsed), in seconds.
+    """
+    latencies = np.empty(count)
+    service = np.empty(count)
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    for i in range(count):
+        due = start + i * interval
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(due - now)
+        began = time.perf_counter()
+        operation(offset + i)
+        done = time.perf_counter()
+        latencies[i] = done - due
+        service[i] = done - began
+    return latencies, service, time.perf_counter() - start
+
+
+def summarise(chunks: list[tuple[np.ndarray, np.ndarray, float]]) -> dict[str, Any]:
+    latencies = np.concatenate([c[0] for c in chunks]) * 1e3
+    service = np.concatenate([c[1] for c in chunks]) * 1e3
+    elapsed = sum(c[2] for c in chunks)
+    return {
+        "count": int(latencies.size),
+        "achieved_per_s": latencies.size / elapsed,
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p90_ms": float(np.percentile(latencies, 90)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "max_ms": float(latencies.max()),
+        "service_p50_ms": float(np.percentile(service, 50)),
+        "service_p99_ms": float(np.percentile(service, 99)),
+        "_latencies_ms": latencies,
+    }
+
+
+def run(rate: float, seconds: float, warmup: int, no_reuse_count: int) -> dict[str, Any]:
+    inputs = sample_inputs()
+    documents = [policy_input.to_opa() for _, policy_input in inputs]
+    per_round = max(1, int(rate))  # one second per round
+    rounds = max(1, round(seconds))
+    outcomes: dict[str, int] = {}
+    with local_opa_server(POLICIES) as engine:
+
+        def decide(i: int) -> None:
+            entrypoint, policy_input = inputs[i % len(inputs)]
+            record = engine.decide(entrypoint, policy_input)  # type: ignore[arg-type]
+            outcomes[record.decision.outcome] = outcomes.get(record.decision.outcome, 0) + 1
+
+        def trivial(i: int) -> None:
+            engine.evaluate("pilothouse/config/bundle_revision", documents[i % len(documents)])
+
+        for i in range(warmup):  # warms OPA's caches, the kept-alive connection and the allocator
+            decide(i)
+            trivial(i)
+        outcomes.clear()
+        # Alternate one-second rounds of baseline and decision so that a noisy neighbour on the shared machine
+        # weighs on both series alike; the ratio is the figure to compare across runs.
+        baseline_chunks, decision_chunks = [], []
+        for r in range(rounds):
+            baseline_chunks.append(open_loop(trivial, rate, per_round, r * per_round))
+            decision_chunks.append(open_loop(decide, rate, per_round, r * per_round))
+        baseline, decision = summarise(baseline_chunks), summarise(decision_chunks)
+
+        port = int(engine.endpoint.rsplit(":", 1)[1])
+
+        def decide_new_connection(i: int) -> None:
+            entrypoint, policy_input = inputs[i % len(inputs)]
+            with OpaPolicyEngine("127.0.0.1", port) as fresh:
+                fresh.decide(entrypoint, policy_input)  # type: ignore[arg-type]
+
+        no_reuse = summarise([open_loop(decide_new_connection, min(rate, 100.0), no_reuse_count)])
+        revision = engine.bundle_revision()
+
+    return {
+        "benchmark": "policy",
+        "offered_per_s": rate,
+        "decisions_per_s": decision["achieved_per_s"],
+        "p50_ms": decision["p50_ms"],
+        "p99_ms": decision["p99_ms"],
+        "target": {"p99_ms_max": 5.0, "met": decision["p99_ms"] <= 5.0},
+        "decision": decision,
+        "baseline_trivial_opa_query": baseline,
+        "no_connection_reuse": no_reuse,
+        "ratio_p50_decision_to_baseline": decision["p50_ms"] / baseline["p50_ms"],
+        "ratio_p99_decision_to_baseline": decision["p99_ms"] / baseline["p99_ms"],
+        "ratio_service_p50_decision_to_baseline": decision["service_p50_ms"] / baseline["service_p50_ms"],
+        "ratio_service_p50_no_reuse_to_reuse": no_reuse["service_p50_ms"] / decision["service_p50_ms"],
+        "outcomes": outcomes,
+        "bundle_revision": revision,
+        "opa_binary": str(find_opa_binary()),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
+        "seconds": rounds,
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (
+        ("decision", "decide() via adapter"),
+        ("baseline_trivial_opa_query", "trivial OPA query (baseline)"),
+        ("no_connection_reuse", f"decide(), new connection each, at {min(result['offered_per_s'], 100.0):.0f}/s"),
+    ):
+        values = np.sort(result[key]["_latencies_ms"])
+        ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=label)
+    ax.axvline(5.0, color="grey", linestyle=":", label="p99 target 5 ms")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency from due time (ms, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"OPA decision latency at {result['offered_per_s']:.0f}/s offered (open loop)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pilothouse bench policy", description=__doc__.split("\n")[0])
+    parser.add_argument("--rate", type=float, default=500.0, help="offered decisions per second (default 500)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measured phase (default 5)")
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--no-reuse-count", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "policy.json")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    if args.rate <= 0 or args.seconds <= 0 or args.seconds > 120:
+        parser.error("--rate must be > 0 and --seconds in (0, 120]")
+
+    result = run(args.rate, args.seconds, args.warmup, args.no_reuse_count)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.no_plot:
+        png = args.out.with_suffix(".png")
+        plot(result, png)
+        result["plot"] = str(png)
+    for key in ("decision", "baseline_trivial_opa_query", "no_connection_reuse"):
+        result[key].pop("_latencies_ms", None)
+    args.out.write_text(json.dumps(result, indent=2, sort_keys=True), encoding="utf-8")
+    print(json.dumps({k: result[k] for k in ("offered_per_s", "decisions_per_s", "p50_ms", "p99_ms",
+                                              "ratio_p50_decision_to_baseline", "ratio_service_p50_decision_to_baseline")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
