@@ -297,3 +297,34 @@ def test_cli_decide_and_bad_input(engine: OpaPolicyEngine, tmp_path: Path, capsy
     bad.write_text('{"now": "soon"}', encoding="utf-8")
     assert main(["decide", "proposal", "--input", str(bad), "--opa-url", engine.endpoint]) == 2
     assert "input refused" in capsys.readouterr().err
+
+
+def test_opa_evaluation_error_is_permanent(tmp_path: Path) -> None:
+    """A policy bug (conflicting values) is a 500 from OPA, but retrying cannot fix it: PermanentError."""
+    from pilothouse.bus.errors import PermanentError
+
+    (tmp_path / "broken.rego").write_text("package broken\n\nx := 1 if input.a\n\nx := 2 if input.b\n", encoding="utf-8")
+    with local_opa_server(tmp_path) as broken:
+        assert broken.evaluate("broken/x", {"a": True}) == 1
+        with pytest.raises(PolicyEvaluationFailed, match="conflicting") as info:
+            broken.evaluate("broken/x", {"a": True, "b": True})
+    assert isinstance(info.value, PermanentError)
+
+
+def test_server_without_the_bundle_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "other.rego").write_text("package other\n\ny := 1\n", encoding="utf-8")
+    with local_opa_server(tmp_path) as empty:
+        with pytest.raises(PolicyEvaluationFailed, match="bundle loaded"):
+            empty.decide("proposal", build(CASES[0]))
+
+
+def test_proxy_environment_is_not_used_for_decisions(engine: OpaPolicyEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HTTP_PROXY in the environment must not route authorization traffic (here: to a closed port)."""
+    from pilothouse.policy.adapters.opa import _free_port
+
+    dead_proxy = f"http://127.0.0.1:{_free_port()}"
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert engine.decide("proposal", build(CASES[-1])).decision.outcome == "deny"

@@ -115,10 +115,14 @@ class OpaPolicyEngine:
             raise PolicyEngineUnavailable(f"OPA at {self.endpoint} unreachable: {e}") from e
         except requests.HTTPError as e:
             status = e.response.status_code if e.response is not None else 0
-            detail = _opa_message(e.response)
+            code, detail = _opa_error(e.response)
+            # OPA's own evaluation errors (conflicting rule values, builtin errors) come back as 500 internal_error:
+            # the same input under the same bundle fails the same way, so retrying cannot help.
+            if code == "internal_error":
+                raise PolicyEvaluationFailed(f"OPA could not evaluate {path}: {detail}") from e
             if status >= 500 or status == 429:
                 raise PolicyEngineUnavailable(f"OPA answered {status} for {path}: {detail}") from e
-            raise PolicyEvaluationFailed(f"OPA refused {path} ({status}): {detail}") from e
+            raise PolicyEvaluationFailed(f"OPA refused {path} ({status} {code}): {detail}") from e
         except (requests.RequestException, ValueError) as e:  # ValueError: a body that is not JSON
             raise PolicyEvaluationFailed(f"OPA answer for {path} unreadable: {e}") from e
         if not isinstance(body, dict) or "result" not in body:
@@ -207,16 +211,21 @@ def local_opa_server(policies: Path, *, binary: Path | None = None, ready_timeou
                 proc.wait(timeout=10)
 
 
-def _opa_message(response: requests.Response | None) -> str:
+def _opa_error(response: requests.Response | None) -> tuple[str, str]:
+    """(OPA error code, message with the first detailed error) from an error response."""
     if response is None:
-        return "no response"
+        return "", "no response"
     try:
         body = response.json()
     except ValueError:
-        return response.text[:200]
-    if isinstance(body, dict):
-        return f"{body.get('code', '')}: {body.get('message', '')}".strip(": ")
-    return str(body)[:200]
+        return "", response.text[:200]
+    if not isinstance(body, dict):
+        return "", str(body)[:200]
+    message = str(body.get("message", ""))
+    details = [d.get("message", "") for d in body.get("errors", []) if isinstance(d, dict)]
+    if details:
+        message = f"{message}: {details[0]}"
+    return str(body.get("code", "")), message[:1000]
 
 
 # ----------------------------------------------------------------------------------------------------------------
