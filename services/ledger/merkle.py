@@ -98,10 +98,13 @@ class CompactRange:
 class MerkleTree:
     """Append-only Merkle tree that caches every complete level, for fast tree heads and proofs at any size."""
 
-    __slots__ = ("_levels",)
+    __slots__ = ("_levels", "_edge")
 
     def __init__(self, leaves: Iterable[bytes] = ()) -> None:
         self._levels: list[bytearray] = [bytearray()]
+        # MTH(lo, size) for the right-edge (incomplete) subtrees of one tree size, computed once per size asked for:
+        # with it every subtree hash a proof needs is an O(1) lookup.
+        self._edge: tuple[int, dict[int, bytes]] = (-1, {})
         for leaf in leaves:
             self.append(leaf)
 
@@ -144,8 +147,34 @@ class MerkleTree:
             return EMPTY_ROOT
         if n & (n - 1) == 0 and lo % n == 0:
             return self._perfect(n.bit_length() - 1, lo // n)
+        size, edge = self._edge
+        if hi != size:
+            edge = self._right_edge(hi)
+        cached = edge.get(lo)
+        if cached is not None:
+            return cached
         k = _split(n)
         return node_hash(self._mth(lo, lo + k), self._mth(lo + k, hi))
+
+    def _right_edge(self, size: int) -> dict[int, bytes]:
+        """MTH(lo, size) for every lo where the RFC recursion over D[0:size] starts a right subtree (O(log n))."""
+        starts = []
+        lo = 0
+        while size - lo > 1 and (size - lo) & (size - lo - 1):  # stop at a perfect remainder
+            lo += _split(size - lo)
+            starts.append(lo)
+        edge: dict[int, bytes] = {}
+        h = b""
+        for i, lo in enumerate(reversed(starts)):
+            n = size - lo
+            if i == 0:  # the last remainder is perfect (a single leaf at worst)
+                h = self._perfect(n.bit_length() - 1, lo // n)
+            else:
+                k = _split(n)
+                h = node_hash(self._perfect(k.bit_length() - 1, lo // k), h)
+            edge[lo] = h
+        self._edge = (size, edge)
+        return edge
 
     def root(self, size: int | None = None) -> bytes:
         """Tree head at ``size`` (default: the current size); any earlier size is available."""
@@ -182,7 +211,7 @@ class MerkleTree:
             raise MerkleError(f"no tree of size {second}: the tree has {self.size} leaves")
         if not 0 <= first <= second:
             raise MerkleError(f"a consistency proof needs 0 <= first <= second, got {first} and {second}")
-        if first == 0 or first == second:
+        if first in (0, second):
             return []
         proof: list[bytes] = []
         lo, hi, m, whole = 0, second, first, True

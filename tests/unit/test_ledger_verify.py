@@ -228,7 +228,7 @@ def test_checkpoint_without_head_hash_is_checked_by_root() -> None:
 
 def test_several_chains_are_verified_independently() -> None:
     other, other_cps = _ledger(15, "audit", checkpoint_every=5)
-    interleaved = [x for pair in zip(ENTRIES, other) for x in pair] + ENTRIES[15:]
+    interleaved = [x for pair in zip(ENTRIES, other, strict=False) for x in pair] + ENTRIES[15:]
     assert verify(interleaved, None, CPS + other_cps, KEYS).ok
     broken = list(interleaved)
     broken[7] = broken[7]._replace(recorded_offset=999)  # audit seq 3
@@ -250,3 +250,16 @@ def test_wrong_types_in_a_row_are_reported() -> None:
     rows[6] = tuple(ENTRIES[6]._replace(sequence="6"))
     p = _first(verify(None, rows, CPS, KEYS))
     assert p.sequence == 6 and p.kind is ProblemKind.MALFORMED
+
+
+def test_checkpoints_at_every_size_verify_and_catch_a_late_change() -> None:
+    chain = LedgerChain("main")
+    cps = []
+    for e in ENTRIES[:37]:
+        chain.append(e)
+        cps.append(chain.checkpoint(SIGNER, e.sequence))
+    result = verify(ENTRIES[:37], None, cps, KEYS)
+    assert result.ok and result.checkpoints_verified == 37
+    rows = [tuple(e) for e in _rehash(ENTRIES[:37], 36, lambda e: e._replace(producer="x"))]
+    p = _first(verify(None, rows, cps, KEYS))
+    assert (p.kind, p.sequence) == (ProblemKind.CHECKPOINT_ROOT_MISMATCH, 36)  # pinpointed: checkpoint 36 held

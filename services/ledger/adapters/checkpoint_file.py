@@ -21,7 +21,7 @@ FILE_NAME = "checkpoints.jsonl"
 
 
 class CheckpointFileError(RetryableError):
-    """The checkpoint file could not be written or read (disk full, permissions); nothing was half-written on purpose."""
+    """The checkpoint file could not be written or read (disk full, permissions)."""
 
 
 class CheckpointLoad(NamedTuple):

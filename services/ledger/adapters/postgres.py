@@ -1,7 +1,7 @@
 """Postgres mirror of the ledger topic (psycopg 3): append-only tables, batched idempotent writes, replay tracking.
 
-* ``ledger_entries`` — one row per entry, columns in :class:`LedgerEntry` order plus where it was read from. Append-only:
-  ``migrate(writer_role=...)`` revokes UPDATE/DELETE/TRUNCATE from the writer role and PUBLIC, and BEFORE
+* ``ledger_entries`` — one row per entry, columns in :class:`LedgerEntry` order plus where it was read from.
+  Append-only: ``migrate(writer_role=...)`` revokes UPDATE/DELETE/TRUNCATE from the writer role and PUBLIC, and BEFORE
   UPDATE/DELETE/TRUNCATE statement triggers raise; they are ``ENABLE ALWAYS`` so they also fire with
   ``session_replication_role = replica``. Only someone who can ``ALTER TABLE ... DISABLE TRIGGER`` (the owner or a
   superuser) can change rows — and :func:`pilothouse.ledger.domain.verify` with the signed checkpoints catches that.
@@ -321,7 +321,7 @@ class PostgresLedgerMirror:
             replayed.append(r)
         return fresh[i:], values[i:], replayed
 
-    # ---- checkpoints --------------------------------------------------------------------------------------------------
+    # ---- checkpoints ------------------------------------------------------------------------------------------------
     def append_checkpoints(self, checkpoints: Iterable[Checkpoint]) -> int:
         """Store signed checkpoints (idempotent). A different checkpoint for the same (chain, size, key) is refused."""
         cps = list(checkpoints)
@@ -362,9 +362,9 @@ class PostgresLedgerMirror:
             raise self._translate(e, "reading checkpoints failed") from e
         return [Checkpoint(*r) for r in rows]
 
-    # ---- reading -----------------------------------------------------------------------------------------------------
+    # ---- reading ----------------------------------------------------------------------------------------------------
     def read_entries(self, chain: str | None = None) -> list[tuple[Any, ...]]:
-        """Rows in insertion order, columns in :class:`LedgerEntry` order: what :func:`verify` takes as Postgres rows."""
+        """Rows in insertion order, columns in :class:`LedgerEntry` order: the Postgres rows :func:`verify` takes."""
         conn = self._connection()
         where, params = (sql.SQL("WHERE chain = %s"), (chain,)) if chain is not None else (sql.SQL(""), ())
         try:

@@ -1,0 +1,284 @@
+"""Benchmark: the ledger's verifier, Merkle proofs and Postgres mirror, each against a baseline from the same run.
+
+* **verify** (pure CPU): :func:`pilothouse.ledger.domain.verify` over N entries as read from Kafka, with the same rows
+  as read from Postgres and signed checkpoints every 10,000 entries, in several modes. Baseline: a bare SHA-256 hash
+  chain over the very same canonical entry bytes (``prev = sha256(prev + bytes)``) — the least any chain verifier
+  must do. Rates are per CPU-second of this process (``time.process_time``; the machine is shared) and wall-clock.
+* **merkle**: building the RFC 9162 tree (per leaf), inclusion-proof generation and verification (per entry, over a
+  random sample), consistency proofs.
+* **mirror** (wall-clock, real Postgres, durable: the server's fsync/synchronous_commit are reported):
+  :meth:`PostgresLedgerMirror.write_batch` in batches with one commit each (continuity check, COPY, tracking offset in
+  the same transaction). Baseline: plain COPY of the same rows into an unconstrained table, same batches, one commit
+  each. Skipped with the reason when no Postgres is reachable (env PILOTHOUSE_POSTGRES_DSN or the stack's).
+
+Payloads are real Alertmanager webhook bodies (tests/fixtures/ledger, MIT) wrapped as recorded events.
+
+Usage: ``python -m benchmarks.ledger [--entries 200000] [--mirror-entries 50000] [--out bench-out/ledger.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+from pilothouse.ledger import merkle
+from pilothouse.ledger.domain import (
+    CheckpointSigner,
+    LedgerChain,
+    LedgerEntry,
+    canonical_entry_bytes,
+    verify,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "ledger"
+TOPIC = "pilothouse.ledger.entries.v1"
+
+
+def _events(kind: str) -> list[dict[str, Any]]:
+    """Recorded events: 'alert' = one alert of a 12-alert webhook (~0.4 KB), 'webhook' = a 2-alert webhook (~1 KB),
+    'webhook12' = the 12-alert webhook (~4 KB)."""
+    w12 = json.loads((FIXTURES / "alertmanager_webhook_12_alerts.json").read_text())
+    w2 = json.loads((FIXTURES / "alertmanager_webhook_2_alerts.json").read_text())
+    if kind == "alert":
+        return [{"alert": a, "receiver": w12["receiver"], "status": w12["status"]} for a in w12["alerts"]]
+    return [w2] if kind == "webhook" else [w12]
+
+
+def build_ledger(n: int, kind: str, checkpoint_every: int, signer: CheckpointSigner) -> tuple[list[LedgerEntry], list]:
+    chain = LedgerChain("main")
+    bodies = _events(kind)
+    entries, cps = [], []
+    for i in range(n):
+        event = {"event_id": str(uuid.UUID(int=(1 << 100) + i)), "incident_id": f"inc-{i // 500}",
+                 "correlation_id": f"inc-{i // 500}", "occurred_at": 1_764_000_000_000 + i,
+                 "body": bodies[i % len(bodies)]}
+        entries.append(chain.record(event, event_id=str(uuid.UUID(int=i + 1)), occurred_at=1_764_000_000_000 + i,
+                                    producer="ledger", recorded_topic="pilothouse.sensing.alerts.v1",
+                                    recorded_type="pilothouse.sensing.AlertReceived", recorded_partition=i % 3,
+                                    recorded_offset=i // 3))
+        if (i + 1) % checkpoint_every == 0:
+            cps.append(chain.checkpoint(signer, 1_764_000_900_000 + i))
+    return entries, cps
+
+
+def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, float, list[float]]:
+    """(best CPU seconds, wall seconds of that run, all CPU times)."""
+    runs = []
+    for _ in range(repeat):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        runs.append((time.process_time() - c0, time.perf_counter() - w0))
+    best = min(runs)
+    return best[0], best[1], [r[0] for r in runs]
+
+
+def bench_verify(n: int, kind: str, repeat: int, signer: CheckpointSigner) -> dict[str, Any]:
+    entries, cps = build_ledger(n, kind, 10_000, signer)
+    rows = [tuple(e) for e in entries]
+    keys = {signer.key_id: signer.public_key}
+    pre = [canonical_entry_bytes(e) for e in entries]
+
+    def baseline() -> None:
+        prev = b""
+        for b in pre:
+            prev = sha256(prev + b).digest()
+
+    out: dict[str, Any] = {
+        "entries": n, "checkpoints": len(cps),
+        "payload_bytes_mean": round(statistics.fmean(len(e.payload_json) for e in entries[:1000])),
+        "canonical_entry_bytes_mean": round(statistics.fmean(len(b) for b in pre[:1000])),
+    }
+    cpu, wall, _ = _best(baseline, repeat)
+    out["baseline_sha256_chain_per_s"] = round(n / cpu)
+    modes = {
+        "kafka_and_postgres_with_checkpoints": lambda: verify(entries, rows, cps, keys),
+        "kafka_and_postgres_head_hash_only": lambda: verify(entries, rows, cps, keys, recompute_roots=False),
+        "kafka_only_with_checkpoints": lambda: verify(entries, None, cps, keys),
+        "postgres_only_with_checkpoints": lambda: verify(None, rows, cps, keys),
+        "kafka_only_no_checkpoints": lambda: verify(entries, None, [], keys),
+    }
+    for name, fn in modes.items():
+        assert fn().ok, name  # a benchmark of a verifier that fails proves nothing
+        cpu, wall, runs = _best(fn, repeat)
+        out[name] = {"entries_per_s_cpu": round(n / cpu), "entries_per_s_wall": round(n / wall),
+                     "ratio_to_baseline": round((n / cpu) / out["baseline_sha256_chain_per_s"], 3),
+                     "cpu_s_runs": [round(r, 4) for r in runs]}
+    return out
+
+
+def bench_merkle(n: int, samples: int, seed: int = 7) -> dict[str, Any]:
+    leaves = [sha256(i.to_bytes(8, "big")).digest() for i in range(n)]
+    c0 = time.process_time()
+    tree = merkle.MerkleTree(leaves)
+    build = time.process_time() - c0
+    root = tree.root()
+    rng = random.Random(seed)
+    idx = [rng.randrange(n) for _ in range(samples)]
+    c0 = time.process_time()
+    proofs = [tree.inclusion_proof(i) for i in idx]
+    gen = time.process_time() - c0
+    c0 = time.process_time()
+    ok = all(merkle.verify_inclusion(leaves[i], i, n, p, root) for i, p in zip(idx, proofs, strict=True))
+    ver = time.process_time() - c0
+    firsts = [rng.randrange(1, n) for _ in range(min(samples, 500))]
+    c0 = time.process_time()
+    cproofs = [tree.consistency_proof(m) for m in firsts]
+    cgen = time.process_time() - c0
+    c0 = time.process_time()
+    cok = all(merkle.verify_consistency(m, n, tree.root(m), root, p) for m, p in zip(firsts, cproofs, strict=True))
+    cver = time.process_time() - c0  # includes computing root(m) for each m
+    assert ok and cok
+    return {
+        "leaves": n, "build_us_per_leaf": round(build / n * 1e6, 3),
+        "inclusion_proof_gen_us_per_entry": round(gen / samples * 1e6, 2),
+        "inclusion_proof_verify_us": round(ver / samples * 1e6, 2),
+        "inclusion_proof_len": len(proofs[0]),
+        "all_inclusion_proofs_s_estimate": round(gen / samples * n, 2),
+        "consistency_proof_gen_us": round(cgen / len(firsts) * 1e6, 2),
+        "consistency_root_and_verify_us": round(cver / len(firsts) * 1e6, 2),
+    }
+
+
+def _dsn() -> tuple[str | None, str]:
+    dsn = os.environ.get("PILOTHOUSE_POSTGRES_DSN")
+    if dsn:
+        return dsn, "env PILOTHOUSE_POSTGRES_DSN"
+    try:
+        from pilothouse.stack.info import StackInfo  # noqa: PLC0415 - the stack is optional here
+
+        return StackInfo.load().postgres_dsn, "pilothouse stack"
+    except Exception as e:  # noqa: BLE001 - reported as the reason for skipping
+        return None, f"no Postgres ({type(e).__name__}: {e})"
+
+
+def bench_mirror(n: int, batch: int, kind: str, signer: CheckpointSigner) -> dict[str, Any]:
+    dsn, origin = _dsn()
+    if dsn is None:
+        return {"skipped": origin}
+    import psycopg  # noqa: PLC0415 - only this part needs a database
+    from psycopg import sql  # noqa: PLC0415
+
+    from pilothouse.ledger.adapters.postgres import MirrorRecord, PostgresLedgerMirror  # noqa: PLC0415
+
+    entries, _ = build_ledger(n, kind, 10**9, signer)
+    recs = [MirrorRecord(0, i, e) for i, e in enumerate(entries)]
+    schema = "ledger_bench_" + uuid.uuid4().hex[:10]
+    out: dict[str, Any] = {"dsn_from": origin, "entries": n, "batch": batch}
+    try:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            out["server"] = {k: c.execute(sql.SQL("SHOW {}").format(sql.Identifier(k))).fetchone()[0]
+                             for k in ("server_version", "fsync", "synchronous_commit", "wal_sync_method")}
+            # baseline: COPY of the same rows into a plain table, same batches, one commit each
+            c.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            plain = sql.SQL("{}.plain").format(sql.Identifier(schema))
+            c.execute(sql.SQL("CREATE TABLE {} ({})").format(
+                plain, sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(f)) for f in LedgerEntry._fields)))
+            w0 = time.perf_counter()
+            for i in range(0, n, batch):
+                with c.transaction(), c.cursor() as cur, cur.copy(sql.SQL("COPY {} FROM STDIN").format(plain)) as cp:
+                    for e in entries[i : i + batch]:
+                        cp.write_row(e)
+            base = time.perf_counter() - w0
+            out["baseline_plain_copy_rows_per_s"] = round(n / base)
+            w0 = time.perf_counter()
+            k = 200
+            for e in entries[:k]:  # what a naive mirror does: one INSERT, one commit per entry
+                c.execute(sql.SQL("INSERT INTO {} VALUES ({})").format(
+                    plain, sql.SQL(", ").join(sql.Placeholder() * len(e))), tuple(map(str, e)))
+            out["one_insert_per_commit_rows_per_s"] = round(k / (time.perf_counter() - w0))
+        with PostgresLedgerMirror(dsn, schema=schema) as m:
+            m.migrate()
+            w0, c0 = time.perf_counter(), time.process_time()
+            for i in range(0, n, batch):
+                m.write_batch(TOPIC, recs[i : i + batch])
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            out["mirror_entries_per_s"] = round(n / wall)
+            out["mirror_client_cpu_s"] = round(cpu, 3)
+            out["ratio_to_plain_copy"] = round((n / wall) / out["baseline_plain_copy_rows_per_s"], 3)
+            w0 = time.perf_counter()
+            rows = m.read_entries()
+            out["read_back_rows_per_s"] = round(n / (time.perf_counter() - w0))
+            assert verify(entries, rows, [], {}).ok and len(rows) == n
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    return out
+
+
+def _png(result: dict[str, Any], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    v = result["verify"]["webhook"]
+    names = ["baseline_sha256_chain_per_s"] + [k for k in v if isinstance(v[k], dict)]
+    vals = [v[names[0]]] + [v[k]["entries_per_s_cpu"] for k in names[1:]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.barh([n.replace("_", " ") for n in names], [x / 1000 for x in vals],
+            color=["grey"] + ["tab:blue"] * (len(names) - 1))
+    ax.axvline(500, color="tab:red", linestyle="--", label="target 500k/s")
+    ax.set_xlabel("thousand entries per CPU-second (~1 KB Alertmanager webhook payloads)")
+    ax.set_title("ledger verify vs bare SHA-256 chain over the same bytes (same run)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: ``pilothouse bench ledger [--entries N] [--mirror-entries N] [--out FILE] [--png FILE]``."""
+    ap = argparse.ArgumentParser(prog="pilothouse bench ledger", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--entries", type=int, default=200_000, help="entries for verify (per payload size)")
+    ap.add_argument("--mirror-entries", type=int, default=50_000)
+    ap.add_argument("--batch", type=int, default=500, help="entries per mirror transaction")
+    ap.add_argument("--merkle-leaves", type=int, default=1_000_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--sizes", default="alert,webhook,webhook12", help="payload kinds for verify")
+    ap.add_argument("--no-mirror", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "bench-out" / "ledger.json")
+    ap.add_argument("--png", type=Path, default=None, help="bar chart (default: next to --out)")
+    args = ap.parse_args(argv)
+    signer = CheckpointSigner.from_seed("bench", b"\x42" * 32)
+    result: dict[str, Any] = {
+        "benchmark": "ledger", "python": platform.python_version(), "machine": platform.machine(),
+        "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
+        "verify": {}, "notes": "verify rates are per CPU-second of this process (shared machine); mirror is wall-clock",
+    }
+    for kind in args.sizes.split(","):
+        result["verify"][kind] = bench_verify(args.entries, kind, args.repeat, signer)
+    result["merkle"] = bench_merkle(args.merkle_leaves, 2000)
+    result["mirror"] = {"skipped": "--no-mirror"} if args.no_mirror else bench_mirror(
+        args.mirror_entries, args.batch, "webhook", signer)
+    result["loadavg_end"] = os.getloadavg()
+    main_mode = result["verify"].get("webhook", next(iter(result["verify"].values())))
+    result["summary"] = {
+        "verify_entries_per_s": main_mode["kafka_and_postgres_with_checkpoints"]["entries_per_s_cpu"],
+        "verify_entries_per_s_head_hash_only": main_mode["kafka_and_postgres_head_hash_only"]["entries_per_s_cpu"],
+        "verify_ratio_to_sha256_chain": main_mode["kafka_and_postgres_with_checkpoints"]["ratio_to_baseline"],
+        "baseline_sha256_chain_per_s": main_mode["baseline_sha256_chain_per_s"],
+        "mirror_entries_per_s": result["mirror"].get("mirror_entries_per_s"),
+        "merkle_inclusion_proof_gen_us_per_entry": result["merkle"]["inclusion_proof_gen_us_per_entry"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    png = args.png or args.out.with_suffix(".png")
+    if "webhook" in result["verify"]:
+        _png(result, png)
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
