@@ -1,0 +1,107 @@
+"""Settings of the sensing service (environment prefix ``PILOTHOUSE_SENSING_``), read once in ``__main__``.
+
+Kafka connection settings come from :class:`pilothouse.bus.config.BusSettings` (``PILOTHOUSE_KAFKA_*``) and the
+redactor's from :class:`pilothouse.sensing.redaction.RedactionSettings` (``PILOTHOUSE_REDACTION_*``).
+
+Nested values (tokens, mapping-rule files, Prometheus queries) are given as JSON in the environment, e.g.
+``PILOTHOUSE_SENSING_TOKENS='{"alertmanager": "sha256:9f86d0...", "generic:datadog": "s3cret-token"}'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Topic defaults are the catalogue's; tests point them at ``test.<uuid>`` topics.
+ALERTS_TOPIC = "pilothouse.sensing.alerts.v1"
+TELEMETRY_TOPIC = "pilothouse.sensing.telemetry.v1"
+INCIDENTS_TOPIC = "pilothouse.sensing.incidents.v1"
+
+#: The Online Boutique graph the sandbox fleet simulates (infra/fleet/README.md, "Graph"): caller -> callees.
+DEFAULT_DEPENDENCY_MAP = Path(__file__).with_name("dependencies.yaml")
+
+
+def token_digest(token: str) -> str:
+    """What a presented bearer token is compared against: ``sha256:<hex>`` of its UTF-8 bytes."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class SensingSettings(BaseSettings):
+    """Everything the sensing service needs besides Kafka and redaction settings."""
+
+    model_config = SettingsConfigDict(env_prefix="PILOTHOUSE_SENSING_", frozen=True, extra="ignore")
+
+    # ---- gateway ----------------------------------------------------------------------------------------------
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8470, ge=0, le=65535)
+    observability_port: int = Field(9470, ge=0, le=65535)
+    tokens: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="source -> bearer token, or its digest 'sha256:<hex>'. Sources: alertmanager, grafana, "
+        "pagerduty, pagerduty_change, otlp_logs, generic:<mapping name>. A source without a token is refused.",
+    )
+    mapping_rules: dict[str, Path] = Field(
+        default_factory=dict, description="generic mapping name -> rules YAML file (served at /v1/webhooks/<name>)"
+    )
+    max_body_bytes: int = Field(5 * 1024 * 1024, gt=0)
+    max_in_flight: int = Field(64, gt=0, description="requests being handled at once; beyond it: 429")
+    ack_timeout_s: float = Field(5.0, gt=0, description="how long a request waits for the broker's ack; then 503")
+    retry_after_s: int = Field(5, gt=0, description="Retry-After for 429/503 answers")
+
+    # ---- topics -----------------------------------------------------------------------------------------------
+    alerts_topic: str = ALERTS_TOPIC
+    telemetry_topic: str = TELEMETRY_TOPIC
+    incidents_topic: str = INCIDENTS_TOPIC
+
+    # ---- correlation ------------------------------------------------------------------------------------------
+    app_id: str = Field("pilothouse-sensing-correlator", description="Faust app id; must start pilothouse-sensing-")
+    data_dir: Path = Path("/tmp/pilothouse-sensing")
+    dependency_map: Path = DEFAULT_DEPENDENCY_MAP
+    group_window_s: int = Field(900, gt=0, description="an alert joins an open incident seen within this window")
+    reopen_window_s: int = Field(1800, ge=0, description="a resolved incident whose alert fires again reopens")
+    topology_hops: int = Field(1, ge=0, le=3, description="services this many dependency hops apart are grouped")
+    max_alerts_per_incident: int = Field(500, gt=0)
+
+    # ---- evidence ---------------------------------------------------------------------------------------------
+    prometheus_url: str | None = Field(None, description="Prometheus base URL; unset: no metric evidence")
+    prometheus_queries: dict[str, str] = Field(
+        default_factory=lambda: {
+            "error_ratio": 'max by (service) (fleet_service_error_ratio{service=~"$services"})',
+            "p99_latency_s": "histogram_quantile(0.99, sum by (service, le) "
+            '(rate(fleet_request_duration_seconds_bucket{service=~"$services"}[1m])))',
+            "cpu_usage_ratio": 'max by (service) (fleet_cpu_usage_ratio{service=~"$services"})',
+        },
+        description="signal -> PromQL; $services is replaced by a regex alternation of the incident's services",
+    )
+    prometheus_timeout_s: float = Field(2.0, gt=0)
+    prometheus_step_s: int = Field(15, gt=0)
+    pre_incident_window_s: int = Field(1800, gt=0)
+    evidence_refresh_s: int = Field(30, ge=0, description="metric evidence is re-queried at most this often")
+    telemetry_buffer_per_service: int = Field(2000, gt=0)
+
+    @field_validator("app_id")
+    @classmethod
+    def _app_id_prefix(cls, value: str) -> str:
+        # The sensing principal may only create topics/groups under this prefix (changelog topics included).
+        if not value.startswith("pilothouse-sensing-"):
+            raise ValueError("app_id must start with 'pilothouse-sensing-' (the sensing principal's ACL prefix)")
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_nonempty(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for source, token in value.items():
+            if len(token.get_secret_value()) < 16:
+                raise ValueError(f"token for {source!r} is shorter than 16 characters")
+        return value
+
+    def token_digests(self) -> dict[str, str]:
+        """source -> ``sha256:<hex>`` (plain tokens are hashed here, so only digests stay in memory)."""
+        out = {}
+        for source, token in self.tokens.items():
+            raw = token.get_secret_value()
+            out[source] = raw.lower() if raw.startswith("sha256:") and len(raw) == 71 else token_digest(raw)
+        return out

@@ -1,0 +1,412 @@
+"""Correlation of alerts into incidents: deduplication, grouping, lifecycle. Pure: no I/O, no clock.
+
+Time comes from the alert (its ``received_at``, stamped by the gateway), so replaying the same alerts gives the same
+incidents, the same ids and the same versions — which is what makes a restart of the correlation worker safe.
+
+Rules, in order, for one alert (deduplication key: ``(source, fingerprint)``):
+
+1. **Replay.** The alert's ``event_id`` is already recorded on its incident: it was applied before a crash. Nothing
+   changes; the incident's current state is emitted again (same version: consumers keep the highest version, so a
+   repeated version is harmless) and the indexes are repaired.
+2. **Known fingerprint, open incident.** firing→firing and resolved→resolved are duplicates (``unchanged``: Alertmanager
+   re-sends firing alerts every ``repeat_interval``). firing→resolved marks the alert resolved; when every alert of
+   the incident is resolved the incident is ``resolved``, otherwise ``updated``. resolved→firing is ``updated``.
+3. **Known fingerprint, resolved incident.** Firing again within ``reopen_window_ms`` of the resolution:
+   ``reopened``. Later: treated as a new alert (rule 4). A resolved alert for a resolved incident is ``unchanged``.
+4. **New alert.** Firing: it joins the open incident, seen within ``group_window_ms``, of its own service or of a
+   service at most ``topology_hops`` dependency hops away (same ``scope_label`` value, if one is configured); the most
+   recently active candidate wins, ties by incident id. None: a new incident is ``opened``, with an id derived from
+   the alert's event id (deterministic). A resolved alert nobody saw firing is ``ignored`` (and counted).
+
+Incident state is bounded: at most ``max_alerts_per_incident`` alerts; beyond it a new incident is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Protocol
+
+import yaml
+
+from pilothouse.bus.errors import ConfigurationError
+
+Change = Literal["opened", "updated", "resolved", "reopened"]
+OutcomeKind = Literal["opened", "updated", "resolved", "reopened", "replayed", "unchanged", "ignored"]
+SEVERITY_RANK = {"critical": 4, "error": 3, "warning": 2, "info": 1, "unknown": 0}
+
+
+class DependencyMapError(ConfigurationError):
+    """The dependency map file is not a valid ``{version: 1, edges: {caller: [callee, ...]}}`` document."""
+
+
+# ---------------------------------------------------------------------------------------------------- topology
+
+@dataclass(frozen=True)
+class DependencyMap:
+    """Who calls whom. Grouping uses it undirected (a failing callee alerts its callers too); the primary service of
+    an incident is the one that depends on no other service of the incident (the most downstream)."""
+
+    edges: frozenset[tuple[str, str]] = frozenset()
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str = "dependency map") -> DependencyMap:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise DependencyMapError(f"{where}: not YAML: {e}") from e
+        if not isinstance(doc, Mapping) or doc.get("version") != 1 or not isinstance(doc.get("edges"), Mapping):
+            raise DependencyMapError(f"{where}: expected {{version: 1, edges: {{caller: [callee, ...]}}}}")
+        edges = set()
+        for caller, callees in doc["edges"].items():
+            if not isinstance(caller, str) or not caller:
+                raise DependencyMapError(f"{where}: edges: caller {caller!r} is not a service name")
+            if not isinstance(callees, list) or not all(isinstance(c, str) and c for c in callees):
+                raise DependencyMapError(f"{where}: edges.{caller}: expected a list of service names")
+            edges.update((caller, c) for c in callees if c != caller)
+        return cls(frozenset(edges))
+
+    def to_yaml(self) -> str:
+        out: dict[str, list[str]] = {}
+        for caller, callee in sorted(self.edges):
+            out.setdefault(caller, []).append(callee)
+        return yaml.safe_dump({"version": 1, "edges": out}, sort_keys=True)
+
+    def neighbours(self, service: str, hops: int) -> list[str]:
+        """``service`` and every service within ``hops`` edges (either direction), sorted, service first."""
+        adj = self._adjacency()
+        seen = {service}
+        frontier = deque([(service, 0)])
+        while frontier:
+            node, dist = frontier.popleft()
+            if dist == hops:
+                continue
+            for nxt in adj.get(node, ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    frontier.append((nxt, dist + 1))
+        return [service, *sorted(seen - {service})]
+
+    def depends_on(self, caller: str, callee: str) -> bool:
+        """True if ``caller`` (transitively) calls ``callee``."""
+        out = self._out()
+        stack, seen = [caller], {caller}
+        while stack:
+            for nxt in out.get(stack.pop(), ()):
+                if nxt == callee:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return False
+
+    def edges_among(self, services: Iterable[str]) -> list[tuple[str, str]]:
+        """Direct edges whose both ends are in ``services`` (sorted)."""
+        s = set(services)
+        return sorted(e for e in self.edges if e[0] in s and e[1] in s)
+
+    def _adjacency(self) -> dict[str, set[str]]:
+        cached = self.__dict__.get("_adj")
+        if cached is None:
+            cached = {}
+            for a, b in self.edges:
+                cached.setdefault(a, set()).add(b)
+                cached.setdefault(b, set()).add(a)
+            object.__setattr__(self, "_adj", cached)
+        return cached
+
+    def _out(self) -> dict[str, set[str]]:
+        cached = self.__dict__.get("_outm")
+        if cached is None:
+            cached = {}
+            for a, b in self.edges:
+                cached.setdefault(a, set()).add(b)
+            object.__setattr__(self, "_outm", cached)
+        return cached
+
+
+@dataclass(frozen=True)
+class CorrelationRules:
+    group_window_ms: int = 15 * 60_000
+    reopen_window_ms: int = 30 * 60_000
+    topology_hops: int = 1
+    max_alerts_per_incident: int = 500
+    scope_label: str | None = None  # e.g. "cluster": alerts of different clusters never share an incident
+
+
+# ---------------------------------------------------------------------------------------------------- state
+
+@dataclass(frozen=True)
+class AlertInput:
+    """The fields of an AlertReceived that correlation reads."""
+
+    event_id: str
+    source: str
+    fingerprint: str
+    status: Literal["firing", "resolved"]
+    severity: str
+    service: str
+    summary: str
+    received_at_ms: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    #: position of the alert in its source partition (the Kafka offset): every alert key lives in one partition,
+    #: so a replayed record has a sequence at or below the last one applied for its key. -1: unknown.
+    sequence: int = -1
+
+    @property
+    def key(self) -> str:
+        return dedup_key(self.source, self.fingerprint)
+
+
+def dedup_key(source: str, fingerprint: str) -> str:
+    """The deduplication key of an alert: its source and its fingerprint within that source."""
+    return f"{source}\x1f{fingerprint}"
+
+
+@dataclass
+class AlertRef:
+    """One alert as the incident remembers it."""
+
+    source: str
+    fingerprint: str
+    service: str
+    status: str
+    severity: str
+    summary: str
+    first_seen: int
+    last_seen: int
+    last_event_id: str
+    last_sequence: int = -1
+
+    def already_applied(self, alert: AlertInput) -> bool:
+        """This alert record (or a later one of the same key) is already in the state: a replay."""
+        if alert.event_id == self.last_event_id:
+            return True
+        return alert.sequence >= 0 and alert.sequence <= self.last_sequence
+
+
+@dataclass
+class Incident:
+    incident_id: str
+    version: int
+    state: Literal["open", "resolved"]
+    change: Change
+    scope: str
+    first_seen: int
+    last_seen: int
+    resolved_at: int | None
+    alerts: dict[str, AlertRef]  # dedup key -> alert
+    causation_id: str  # event id of the alert that caused the latest version
+
+    # -- derived views (what IncidentUpdated carries) -------------------------------------------------------------
+    @property
+    def services(self) -> list[str]:
+        return sorted({a.service for a in self.alerts.values() if a.service})
+
+    @property
+    def severity(self) -> str:
+        firing = [a.severity for a in self.alerts.values() if a.status == "firing"]
+        pool = firing or [a.severity for a in self.alerts.values()]
+        return max(pool, key=lambda s: SEVERITY_RANK.get(s, 0), default="unknown")
+
+    @property
+    def fingerprints(self) -> list[str]:
+        return sorted({a.fingerprint for a in self.alerts.values()})
+
+    def primary_service(self, deps: DependencyMap) -> str:
+        services = self.services
+        if not services:
+            return "unknown"
+        first = {s: min(a.first_seen for a in self.alerts.values() if a.service == s) for s in services}
+        # the most downstream service: it depends on no other service of the incident
+        roots = [s for s in services if not any(deps.depends_on(s, o) for o in services if o != s)]
+        return min(roots or services, key=lambda s: (first[s], s))
+
+    def title(self, deps: DependencyMap) -> str:
+        primary = self.primary_service(deps)
+        lead = min((a for a in self.alerts.values() if a.service == primary),
+                   key=lambda a: (a.first_seen, a.fingerprint), default=None)
+        text = lead.summary if lead is not None and lead.summary else "alert"
+        more = len(self.alerts) - 1
+        return f"{primary}: {text[:200]}" + (f" (+{more} related alert{'s' if more > 1 else ''})" if more else "")
+
+    # -- (de)serialisation for state stores -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Incident:
+        return cls(**{**d, "alerts": {k: AlertRef(**v) for k, v in d["alerts"].items()}})
+
+
+class CorrelationStore(Protocol):
+    """Where correlation state lives: dicts in memory, Faust tables (changelog-backed) in the service."""
+
+    def get_incident(self, incident_id: str) -> Incident | None: ...
+    def put_incident(self, incident: Incident) -> None: ...
+    def get_alert_index(self, key: str) -> str | None: ...
+    def put_alert_index(self, key: str, incident_id: str) -> None: ...
+    def get_service_index(self, scoped_service: str) -> str | None: ...
+    def put_service_index(self, scoped_service: str, incident_id: str) -> None: ...
+
+
+class MemoryStore:
+    """A CorrelationStore in plain dicts (tests, benchmark)."""
+
+    def __init__(self) -> None:
+        self.incidents: dict[str, dict[str, Any]] = {}
+        self.alert_index: dict[str, str] = {}
+        self.service_index: dict[str, str] = {}
+
+    def get_incident(self, incident_id: str) -> Incident | None:
+        d = self.incidents.get(incident_id)
+        return Incident.from_dict(d) if d is not None else None
+
+    def put_incident(self, incident: Incident) -> None:
+        self.incidents[incident.incident_id] = incident.to_dict()
+
+    def get_alert_index(self, key: str) -> str | None:
+        return self.alert_index.get(key)
+
+    def put_alert_index(self, key: str, incident_id: str) -> None:
+        self.alert_index[key] = incident_id
+
+    def get_service_index(self, scoped_service: str) -> str | None:
+        return self.service_index.get(scoped_service)
+
+    def put_service_index(self, scoped_service: str, incident_id: str) -> None:
+        self.service_index[scoped_service] = incident_id
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: OutcomeKind
+    incident: Incident | None
+    reason: str = ""
+
+    @property
+    def emits(self) -> bool:
+        """Whether an IncidentUpdated is written for this outcome (replays re-emit the same version)."""
+        return self.kind not in ("unchanged", "ignored")
+
+
+def incident_id_for(event_id: str) -> str:
+    """Deterministic: the incident opened by an alert event always gets the same id (replays find it again)."""
+    return "inc-" + hashlib.sha256(event_id.encode("utf-8")).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------------------------- correlator
+
+class Correlator:
+    """Applies alerts to a CorrelationStore, one at a time, in partition order."""
+
+    def __init__(self, deps: DependencyMap, rules: CorrelationRules = CorrelationRules()) -> None:
+        self.deps = deps
+        self.rules = rules
+
+    def _scope(self, alert: AlertInput) -> str:
+        return alert.labels.get(self.rules.scope_label, "") if self.rules.scope_label else ""
+
+    def apply(self, alert: AlertInput, store: CorrelationStore) -> Outcome:
+        now = alert.received_at_ms
+        known_id = store.get_alert_index(alert.key)
+        inc = store.get_incident(known_id) if known_id else None
+        if inc is not None and alert.key in inc.alerts:
+            ref = inc.alerts[alert.key]
+            if ref.already_applied(alert):
+                return self._replayed(inc, store)
+            return self._known(alert, ref, inc, store, now)
+        return self._new(alert, store, now)
+
+    # -- rule 1 ---------------------------------------------------------------------------------------------------
+    def _replayed(self, inc: Incident, store: CorrelationStore) -> Outcome:
+        self._index(inc, store)  # a crash may have persisted the incident but not its index entries
+        return Outcome("replayed", inc, "event already applied; current state re-emitted")
+
+    # -- rules 2 and 3 --------------------------------------------------------------------------------------------
+    def _known(self, alert: AlertInput, ref: AlertRef, inc: Incident, store: CorrelationStore, now: int) -> Outcome:
+        if inc.state == "resolved":
+            if alert.status == "resolved":
+                return Outcome("unchanged", inc, "resolved alert of a resolved incident")
+            if inc.resolved_at is not None and now - inc.resolved_at <= self.rules.reopen_window_ms:
+                self._touch(inc, ref, alert, now)
+                inc.state, inc.resolved_at = "open", None
+                return self._commit(inc, "reopened", alert, store)
+            return self._new(alert, store, now, reason="fired again after the reopen window")
+        if alert.status == ref.status:
+            return Outcome("unchanged", inc, f"duplicate {alert.status} alert")
+        self._touch(inc, ref, alert, now)
+        if alert.status == "resolved" and all(a.status == "resolved" for a in inc.alerts.values()):
+            inc.state, inc.resolved_at = "resolved", now
+            return self._commit(inc, "resolved", alert, store)
+        return self._commit(inc, "updated", alert, store)
+
+    # -- rule 4 ---------------------------------------------------------------------------------------------------
+    def _new(self, alert: AlertInput, store: CorrelationStore, now: int, reason: str = "") -> Outcome:
+        if alert.status == "resolved":
+            return Outcome("ignored", None, "resolved alert that was never seen firing")
+        new_id = incident_id_for(alert.event_id)
+        existing = store.get_incident(new_id)
+        if existing is not None and alert.key in existing.alerts:
+            return self._replayed(existing, store)  # opened before a crash; its indexes may be missing
+        ref = AlertRef(alert.source, alert.fingerprint, alert.service, "firing", alert.severity, alert.summary,
+                       now, now, alert.event_id, alert.sequence)
+        target = self._candidate(alert, store, now)
+        if target is not None:
+            if alert.key in target.alerts and target.alerts[alert.key].already_applied(alert):
+                return self._replayed(target, store)
+            target.alerts[alert.key] = ref
+            target.last_seen = max(target.last_seen, now)
+            return self._commit(target, "updated", alert, store)
+        inc = Incident(new_id, 0, "open", "opened", self._scope(alert), now, now, None, {alert.key: ref},
+                       alert.event_id)
+        return self._commit(inc, "opened", alert, store, reason)
+
+    def _candidate(self, alert: AlertInput, store: CorrelationStore, now: int) -> Incident | None:
+        scope = self._scope(alert)
+        services = (self.deps.neighbours(alert.service, self.rules.topology_hops) if alert.service else [""])
+        best: Incident | None = None
+        seen: set[str] = set()
+        for service in services:
+            iid = store.get_service_index(f"{scope}\x1f{service}")
+            if iid is None or iid in seen:
+                continue
+            seen.add(iid)
+            inc = store.get_incident(iid)
+            if (inc is None or inc.state != "open" or inc.scope != scope
+                    or now - inc.last_seen > self.rules.group_window_ms
+                    or len(inc.alerts) >= self.rules.max_alerts_per_incident):
+                continue
+            if best is None or (inc.last_seen, best.incident_id) > (best.last_seen, inc.incident_id):
+                best = inc
+        return best
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _touch(inc: Incident, ref: AlertRef, alert: AlertInput, now: int) -> None:
+        inc.alerts[alert.key] = replace(ref, status=alert.status, severity=alert.severity,
+                                        summary=alert.summary or ref.summary, last_seen=now,
+                                        last_event_id=alert.event_id, last_sequence=alert.sequence)
+        inc.last_seen = max(inc.last_seen, now)
+
+    def _commit(self, inc: Incident, change: Change, alert: AlertInput, store: CorrelationStore,
+                reason: str = "") -> Outcome:
+        inc.version += 1
+        inc.change = change
+        inc.causation_id = alert.event_id
+        store.put_incident(inc)
+        self._index(inc, store)
+        return Outcome(change, inc, reason)
+
+    def _index(self, inc: Incident, store: CorrelationStore) -> None:
+        for key in inc.alerts:
+            if store.get_alert_index(key) != inc.incident_id:
+                store.put_alert_index(key, inc.incident_id)
+        if inc.state == "open":
+            for service in inc.services:
+                scoped = f"{inc.scope}\x1f{service}"
+                if store.get_service_index(scoped) != inc.incident_id:
+                    store.put_service_index(scoped, inc.incident_id)
