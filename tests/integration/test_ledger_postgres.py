@@ -335,3 +335,27 @@ def test_tamper_evidence_stops_the_mirror_without_losing_anything(bad: str, mirr
     with pytest.raises(LedgerIntegrityError):  # a restart meets the same record again: nothing skipped
         mirror.write_batch(TOPIC, recs[40:])
     assert len(mirror.read_entries()) == 40
+
+
+def test_audit_command(mirror: PostgresLedgerMirror, schema: str, admin_dsn: str, tmp_path, capsys) -> None:
+    import base64  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: PLC0415
+
+    from pilothouse.ledger.adapters.audit import main  # noqa: PLC0415
+    from pilothouse.ledger.adapters.checkpoint_file import CheckpointFile  # noqa: PLC0415
+
+    _fill(mirror)
+    CheckpointFile(tmp_path).append(CPS)
+    raw = base64.b64encode(SIGNER.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+    argv = ["--dsn", DSN, "--schema", schema, "--checkpoint-dir", str(tmp_path),
+            "--public-key", f"pilothouse-ledger-test={raw}"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["entries"] == {"main": N} and report["checkpoints_verified"] == len(CPS)
+    _tamper(admin_dsn, schema, ("DELETE FROM {t} WHERE sequence >= 280", ()))
+    assert main(argv) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["first"]["kind"] == "truncated" and report["first"]["sequence"] == 280
+    assert main(["--dsn", DSN, "--schema", schema, "--public-key", "nokey"]) == 2
