@@ -19,6 +19,14 @@ from pilothouse.stack.info import StackInfo
 from pilothouse.stack.lifecycle import load_or_create_info
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_stack_settings(monkeypatch):
+    """These tests define their own settings: ports or URLs exported in the shell must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("PILOTHOUSE_"):
+            monkeypatch.delenv(name)
+
+
 def settings_for(tmp_path: Path, **kw) -> Settings:
     return Settings(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", **kw)
 
