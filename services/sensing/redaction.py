@@ -52,11 +52,7 @@ from detect_secrets.plugins.keyword import DENYLIST as DS_KEYWORD_DENYLIST
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-try:  # the bus package owns the error hierarchy; fall back until it lands so sensing stays importable
-    from pilothouse.bus.errors import PermanentError as _RefusalBase
-except ImportError:  # pragma: no cover - depends on the bus package's progress
-    class _RefusalBase(Exception):  # type: ignore[no-redef]
-        """Stand-in for pilothouse.bus.errors.PermanentError."""
+from pilothouse.bus.errors import PermanentError
 
 __all__ = [
     "REDACTOR_CODE_VERSION",
@@ -66,6 +62,7 @@ __all__ = [
     "RedactionRefused",
     "RedactionSettings",
     "Redactor",
+    "main",
     "normalise",
 ]
 
@@ -75,7 +72,7 @@ RULES_DIR = Path(__file__).with_name("rules")
 RULE_FILES = ("gitleaks.toml", "pilothouse-secrets.toml")
 
 
-class RedactionRefused(_RefusalBase):
+class RedactionRefused(PermanentError):
     """The text or record could not be scanned; it must not be forwarded. `reason` never contains input values."""
 
     def __init__(self, reason: str) -> None:
@@ -327,8 +324,6 @@ _IPV4 = re.compile(rf"(?<![\d.~])({_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})(?!\.\d
 _IPV4_DASHED = re.compile(rf"(?:(?<=[A-Za-z]-)|(?<![\w.-]))({_OCTET})-({_OCTET})-({_OCTET})-({_OCTET})(?![\w-]?\d|-[0-9A-Fa-f])")
 _DASHED_QUAD = re.compile(rf"{_OCTET}-{_OCTET}-{_OCTET}-{_OCTET}")
 _VERSION_BEFORE = re.compile(r"(?i)(?:\bv(?:ersion)?|\bver|\brelease|\bbuild)[\s:=]*$")
-_IPV6_CAND = re.compile(r"(?<![\w:.])((?:[0-9A-Fa-f]{1,4}:|::?)(?:[0-9A-Fa-f]{0,4}:){1,7}(?:[0-9A-Fa-f]{1,4}|"
-                        rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})?)(?![\w.]|:[0-9A-Fa-f]{{1,4}}\b(?!:))")
 _IPV6_RUN = re.compile(r"(?<![\w:.])([0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,}(?:\.\d{1,3}){0,3})(?![\w:])")
 _NUM_CAND = re.compile(r"(?<![\w.+/:#@$%-])(\+ ?)?(\(?\d[\d().\- ]*\d\)?)((?: ?(?:x|ext\.?) ?)\d{1,5})?"
                        r"(?![\w@/]|[.:,-]\d|[:-][0-9A-Fa-f]{2}(?![A-Za-z]))")
@@ -358,7 +353,7 @@ _TITLE_NAME = re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\.? ([A-Z][^\W\d_]+(?:
 
 # detect-secrets' keyword deny-list (password, secret, api_key, ...) as key=value / key: value / key "value".
 _KEYWORD_ASSIGN = re.compile(
-    r"(?i)(?<![\w])([\w.-]*(?:" + "|".join(DS_KEYWORD_DENYLIST) + r")[\w.-]*)[\"'\]]{0,2}[ \t]*(?::=|=>|==?|:|[ \t](?=[\"']))"
+    r"(?i)(?<![\w])([\w.-]{0,64}(?:" + "|".join(DS_KEYWORD_DENYLIST) + r")[\w.-]{0,64})[\"'\]]{0,2}[ \t]*(?::=|=>|==?|:|[ \t](?=[\"']))"
     r"[ \t]*(?:\"([^\"\r\n]{1,512})\"|'([^'\r\n]{1,512})'|`([^`\r\n]{1,512})`|"
     r"((?:!!?\w+[ \t]+)?[^\s\"'`,;&)}\]]{1,512}))"  # an optional YAML tag (!!binary) goes with the value
 )
@@ -814,7 +809,8 @@ class Redactor:
     def _high_entropy(self, text: str, spans: list[_Span]) -> None:
         for m in _QUOTED_TOKEN.finditer(text):
             token = m.group(2)
-            if self._entropy_secret(token, text, quoted=True):
+            # the id heuristic looks at what precedes the token on its line; a bounded window keeps it linear
+            if self._entropy_secret(token, text[max(0, m.start() - 64):m.end()], quoted=True):
                 spans.append(_Span(m.start(2), m.end(2), "HIGH_ENTROPY_SECRET", _SECRET, token))
         for m in _CONFIG_LINE.finditer(text):
             token = m.group(2)
@@ -822,7 +818,7 @@ class Redactor:
                 spans.append(_Span(m.start(2), m.end(2), "HIGH_ENTROPY_SECRET", _SECRET, token))
         for m in _ASSIGNED_TOKEN.finditer(text):
             token = m.group(1)
-            if self._entropy_secret(token, text, quoted=False):
+            if self._entropy_secret(token, text[max(0, m.start() - 64):m.end()], quoted=False):
                 spans.append(_Span(m.start(1), m.end(1), "HIGH_ENTROPY_SECRET", _SECRET, token))
 
     @staticmethod
@@ -922,7 +918,65 @@ class Redactor:
         return digest.hexdigest()[: self._hex]
 
 
-def _line_around(text: str, start: int, end: int) -> str:
-    line_start = text.rfind("\n", 0, start) + 1
-    line_end = text.find("\n", end)
-    return text[line_start: len(text) if line_end < 0 else line_end]
+def _line_around(text: str, start: int, end: int, reach: int = 1024) -> str:
+    """The line holding [start, end), at most `reach` characters either side (keeps huge one-line texts linear)."""
+    lo = max(0, start - reach)
+    hi = min(len(text), end + reach)
+    line_start = text.rfind("\n", lo, start) + 1 or lo
+    line_end = text.find("\n", end, hi)
+    return text[line_start: hi if line_end < 0 else line_end]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`pilothouse redact [FILE] [--json]`: redact log lines (or one JSON record per line with --json) to stdout.
+
+    The pseudonym key comes from PILOTHOUSE_REDACTION_PSEUDONYM_KEY. A line that cannot be scanned is dropped and
+    the reason goes to stderr with its line number; the manifest totals go to stderr at the end.
+    """
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="pilothouse redact", description="Redact secrets and personal data.")
+    parser.add_argument("file", nargs="?", help="input file (default: stdin)")
+    parser.add_argument("--json", action="store_true", help="each line is a JSON record; redact every string in it")
+    args = parser.parse_args(argv)
+    try:
+        redactor = Redactor.from_settings(RedactionSettings())
+    except Exception as exc:  # missing/short key: say so, never echo the key
+        print(f"pilothouse redact: cannot build the redactor ({type(exc).__name__}); set "
+              "PILOTHOUSE_REDACTION_PSEUDONYM_KEY to at least 16 bytes", file=sys.stderr)
+        return 2
+    stream = open(args.file, "rb") if args.file else sys.stdin.buffer  # noqa: SIM115 - closed below
+    totals: Counter = Counter()
+    dropped = 0
+    try:
+        for number, raw in enumerate(stream, 1):
+            try:
+                line = raw.rstrip(b"\r\n").decode("utf-8")
+            except UnicodeDecodeError:
+                dropped += 1
+                print(f"line {number}: dropped: bytes are not valid UTF-8", file=sys.stderr)
+                continue
+            try:
+                if args.json:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        raise RedactionRefused("not a JSON record") from None
+                    out, manifest = redactor.redact_record(record)
+                    text = json.dumps(out, ensure_ascii=False)
+                else:
+                    text, manifest = redactor.redact_text(line)
+            except RedactionRefused as refused:
+                dropped += 1
+                print(f"line {number}: dropped: {refused.reason}", file=sys.stderr)
+                continue
+            for finding in manifest.findings:
+                totals[finding.kind] += finding.count
+            sys.stdout.write(text + "\n")
+    finally:
+        if args.file:
+            stream.close()
+    summary = {"ruleset_version": redactor.ruleset_version, "dropped_lines": dropped, "findings": dict(totals)}
+    print(json.dumps(summary, sort_keys=True), file=sys.stderr)
+    return 0

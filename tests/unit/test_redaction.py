@@ -389,3 +389,35 @@ def test_presidio_sample_pii_recall(redactor: Redactor):
                 hit += span["entity_value"] not in out
     assert total >= 60
     assert hit / total >= 0.95
+
+
+# ---- wire twin and command line -------------------------------------------------------------------------------------
+
+
+def test_manifest_validates_against_the_bus_record(redactor: Redactor):
+    from pilothouse.bus.records import RedactionManifest as WireManifest
+
+    _, manifest = redactor.redact_record({"msg": "Failed password for root from 10.9.8.7", "n": 1})
+    wire = WireManifest.model_validate(manifest.to_dict())
+    assert wire.ruleset_version == redactor.ruleset_version and wire.scanned is True
+    assert {(f.kind, f.count) for f in wire.findings} == {("IP", 1), ("USER", 1)}
+    assert wire.redacted_fields == ["$.msg"]
+
+
+def test_command_line_redacts_lines_and_reports_dropped_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]):
+    from pilothouse.sensing.redaction import main
+
+    source = tmp_path / "in.log"
+    source.write_bytes(b"Invalid user admin from 192.0.2.44\nbroken \xff bytes\nplain line\n")
+    monkeypatch.setenv("PILOTHOUSE_REDACTION_PSEUDONYM_KEY", "cli-test-key-0123456789")
+    assert main([str(source)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 2 and lines[1] == "plain line"
+    assert "192.0.2.44" not in captured.out and "admin" not in captured.out
+    assert "line 2: dropped: bytes are not valid UTF-8" in captured.err
+    summary = json.loads(captured.err.strip().splitlines()[-1])
+    assert summary["dropped_lines"] == 1 and summary["findings"] == {"IP": 1, "USER": 1}
+    monkeypatch.delenv("PILOTHOUSE_REDACTION_PSEUDONYM_KEY")
+    assert main([str(source)]) == 2
