@@ -13,7 +13,7 @@
 
 Payloads are real Alertmanager webhook bodies (tests/fixtures/ledger, MIT) wrapped as recorded events.
 
-Usage: ``python -m benchmarks.ledger [--entries 200000] [--mirror-entries 50000] [--out bench-out/ledger.json]``
+Usage: ``python -m benchmarks.ledger [--entries 100000] [--mirror-entries 30000] [--out bench-out/ledger.json]``
 """
 
 from __future__ import annotations
@@ -240,10 +240,10 @@ def _png(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``pilothouse bench ledger [--entries N] [--mirror-entries N] [--out FILE] [--png FILE]``."""
     ap = argparse.ArgumentParser(prog="pilothouse bench ledger", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--entries", type=int, default=200_000, help="entries for verify (per payload size)")
-    ap.add_argument("--mirror-entries", type=int, default=50_000)
+    ap.add_argument("--entries", type=int, default=100_000, help="entries for verify (per payload size)")
+    ap.add_argument("--mirror-entries", type=int, default=30_000)
     ap.add_argument("--batch", type=int, default=500, help="entries per mirror transaction")
-    ap.add_argument("--merkle-leaves", type=int, default=1_000_000)
+    ap.add_argument("--merkle-leaves", type=int, default=250_000)  # not a power of two: right-edge subtrees
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sizes", default="alert,webhook,webhook12", help="payload kinds for verify")
     ap.add_argument("--no-mirror", action="store_true")

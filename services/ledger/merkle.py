@@ -190,18 +190,21 @@ class MerkleTree:
             raise MerkleError(f"no tree of size {size}: the tree has {self.size} leaves")
         if not 0 <= index < size:
             raise MerkleError(f"leaf {index} is outside a tree of size {size}")
+        # Bottom-up: at level k the sibling of the leaf's ancestor is either a complete subtree (an O(1) lookup), a
+        # partial one on the right edge (cached per size), or absent (the ancestor is promoted a level unchanged).
         path: list[bytes] = []
-        lo, hi, m = 0, size, index
-        # Walk down from the root; collect siblings, then reverse (the RFC lists them bottom-up).
-        while hi - lo > 1:
-            k = _split(hi - lo)
-            if m < k:
-                path.append(self._mth(lo + k, hi))
-                hi = lo + k
+        levels = self._levels
+        edge = self._edge[1] if self._edge[0] == size else self._right_edge(size)
+        for k in range((size - 1).bit_length()):
+            sib = (index >> k) ^ 1
+            start = sib << k
+            if start >= size:
+                continue
+            if start + (1 << k) <= size:
+                path.append(bytes(levels[k][sib * HASH_SIZE : (sib + 1) * HASH_SIZE]))
             else:
-                path.append(self._mth(lo, lo + k))
-                lo, m = lo + k, m - k
-        path.reverse()
+                h = edge.get(start)
+                path.append(h if h is not None else self._mth(start, size))
         return path
 
     def consistency_proof(self, first: int, second: int | None = None) -> list[bytes]:
