@@ -646,7 +646,9 @@ def _group(items: Sequence[Any] | None) -> dict[str, list[Any]]:
     try:
         chains = {e[_CHAIN] for e in items}
         if len(chains) == 1:
-            return {chains.pop(): list(items)}
+            chain = chains.pop()
+            if isinstance(chain, str) and ":" not in chain:  # not a tombstone's key (chain names have no ':')
+                return {chain: list(items)}
     except (TypeError, IndexError, KeyError):
         pass
     groups: dict[str, list[Any]] = {}

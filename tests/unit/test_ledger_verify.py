@@ -263,3 +263,9 @@ def test_checkpoints_at_every_size_verify_and_catch_a_late_change() -> None:
     rows = [tuple(e) for e in _rehash(ENTRIES[:37], 36, lambda e: e._replace(producer="x"))]
     p = _first(verify(None, rows, cps, KEYS))
     assert (p.kind, p.sequence) == (ProblemKind.CHECKPOINT_ROOT_MISMATCH, 36)  # pinpointed: checkpoint 36 held
+
+
+def test_a_topic_of_only_tombstones() -> None:
+    kafka = [KafkaTombstone(e.entry_key, i) for i, e in enumerate(ENTRIES[:3])]
+    p = _first(verify(kafka, None, CPS, KEYS))
+    assert (p.kind, p.chain, p.sequence) == (ProblemKind.TOMBSTONE, "main", 0)
