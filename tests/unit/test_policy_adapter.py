@@ -35,7 +35,7 @@ def test_schema_command_prints_both_schemas(capsys: pytest.CaptureFixture[str]) 
 
 def test_schema_check_detects_a_stale_readme(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stale = tmp_path / "README.md"
-    stale.write_text(README.read_text(encoding="utf-8").replace('"approvals"', '"approvalz"', 1), encoding="utf-8")
+    stale.write_text(README.read_text(encoding="utf-8").replace('"$defs"', '"$defz"', 1), encoding="utf-8")
     assert main(["schema", "--readme", str(stale), "--check"]) == 1
     assert "out of date" in capsys.readouterr().err
     assert main(["schema", "--readme", str(stale)]) == 0
