@@ -226,8 +226,8 @@ class Incident:
 
     def title(self, deps: DependencyMap) -> str:
         primary = self.primary_service(deps)
-        lead = min((a for a in self.alerts.values() if a.service == primary),
-                   key=lambda a: (a.first_seen, a.fingerprint), default=None)
+        pool = [a for a in self.alerts.values() if a.service == primary] or list(self.alerts.values())
+        lead = min(pool, key=lambda a: (a.first_seen, a.fingerprint), default=None)
         text = lead.summary if lead is not None and lead.summary else "alert"
         more = len(self.alerts) - 1
         return f"{primary}: {text[:200]}" + (f" (+{more} related alert{'s' if more > 1 else ''})" if more else "")

@@ -1,0 +1,282 @@
+"""Handlers of the sensing service: model in, model(s) out. No I/O here; the gateway and the Faust app do the I/O.
+
+* :class:`IngestHandler` — one request body of one source: normalise → redact (fail closed) → Avro records
+  (``AlertReceived`` / ``TelemetryReceived``) with the redaction manifest. Nothing is produced unless every record of
+  the body was normalised and scanned.
+* :class:`IncidentHandler` — one ``AlertReceived``: correlate (``correlation.Correlator``) → ``IncidentUpdated`` with
+  evidence, ``evidence_sha256`` and dependency edges. One ``TelemetryReceived``: remembered as evidence input.
+
+Fingerprints. Source fingerprints are hex digests, which the redactor's entropy check rightly cannot tell from a hex
+API key. Rather than forward them or break deduplication with numbered placeholders, a fingerprint the redactor would
+change is replaced by a keyed pseudonym (``psd:`` + 24 hex of HMAC-SHA256 under the deployment's pseudonym key):
+stable, so deduplication holds, and never the original value. The manifest lists ``$.fingerprint`` and the kind
+``FINGERPRINT_PSEUDONYM``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+import orjson
+
+from pilothouse.bus import records as avro
+from pilothouse.sensing import evidence as ev
+from pilothouse.sensing.correlation import AlertInput, Correlator, CorrelationStore, Incident, Outcome
+from pilothouse.sensing.mapping import MappingRules
+from pilothouse.sensing.normalize import DEFAULT_LIMITS, Limits, NormalizedAlert, TelemetryRecord, normalize
+from pilothouse.sensing.redaction import RedactionManifest, RedactionRefused, Redactor
+
+PRODUCER = "sensing"
+FINGERPRINT_PSEUDONYM = "FINGERPRINT_PSEUDONYM"
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def to_avro_manifest(manifests: Iterable[RedactionManifest], extra: Mapping[str, int] | None = None,
+                     extra_fields: Iterable[str] = ()) -> avro.RedactionManifest:
+    """Merge the redactor's manifests of one record into the Avro ``RedactionManifest`` (kinds and counts only)."""
+    counts: Counter[str] = Counter(dict(extra or {}))
+    fields: list[str] = list(extra_fields)
+    version = ""
+    scanned = True
+    for m in manifests:
+        version = version or m.ruleset_version
+        scanned = scanned and m.scanned
+        for f in m.findings:
+            counts[f.kind] += f.count
+        fields.extend(m.redacted_fields)
+    return avro.RedactionManifest(
+        ruleset_version=version, scanned=scanned,
+        findings=[avro.RedactionFinding(kind=k, count=n) for k, n in sorted(counts.items())],
+        redacted_fields=sorted(set(fields)),
+    )
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A record to produce: where and under which key."""
+
+    record: avro.AlertReceived | avro.TelemetryReceived | avro.IncidentUpdated
+    topic: str
+    key: str
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    kind: str  # alert | telemetry
+    outbound: list[Outbound]
+    findings: dict[str, int]
+
+    @property
+    def event_ids(self) -> list[str]:
+        return [o.record.event_id for o in self.outbound]
+
+
+class IngestHandler:
+    """Normalise, redact and build the records of one request body."""
+
+    def __init__(self, redactor: Redactor, *, alerts_topic: str, telemetry_topic: str,
+                 mapping_rules: Mapping[str, MappingRules] | None = None, limits: Limits = DEFAULT_LIMITS,
+                 new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
+        self.redactor = redactor
+        self.alerts_topic = alerts_topic
+        self.telemetry_topic = telemetry_topic
+        self.mapping_rules = dict(mapping_rules or {})
+        self.limits = limits
+        self._new_id = new_id
+
+    def handle(self, source: str, body: bytes, *, received_at_ms: int, mapping: str | None = None) -> IngestResult:
+        """Raises MalformedPayload (400), RedactionRefused (422) — in both cases nothing is to be produced."""
+        rules = self.mapping_rules[mapping] if mapping is not None else None
+        items = normalize(source, body, rules, received_at_ms=received_at_ms, limits=self.limits)
+        out: list[Outbound] = []
+        findings: Counter[str] = Counter()
+        for i, item in enumerate(items):
+            try:
+                record = (self._alert(item, received_at_ms) if isinstance(item, NormalizedAlert)
+                          else self._telemetry(item, received_at_ms))
+            except RedactionRefused as e:
+                raise RedactionRefused(f"record {i} of {len(items)}: {e.reason}") from None
+            for f in record.redaction.findings:
+                findings[f.kind] += f.count
+            if isinstance(record, avro.AlertReceived):
+                out.append(Outbound(record, self.alerts_topic, record.fingerprint))
+            else:
+                out.append(Outbound(record, self.telemetry_topic, record.service))
+        kind = "alert" if items and isinstance(items[0], NormalizedAlert) else "telemetry"
+        return IngestResult(kind, out, dict(findings))
+
+    def pseudonymous_fingerprint(self, fingerprint: str) -> str:
+        """The keyed pseudonym that replaces a fingerprint the redactor would change (96 bits, stable per key)."""
+        return ("psd:" + self.redactor.pseudonym(FINGERPRINT_PSEUDONYM, fingerprint)
+                + self.redactor.pseudonym(FINGERPRINT_PSEUDONYM + "/2", fingerprint))[:28]
+
+    def _alert(self, a: NormalizedAlert, received_at_ms: int) -> avro.AlertReceived:
+        doc = {"service": a.service, "entity": a.entity, "summary": a.summary, "labels": a.labels,
+               "annotations": a.annotations, "links": a.links}
+        red, manifest = self.redactor.redact_record(doc)
+        fp_red, _ = self.redactor.redact_text(a.fingerprint)  # its findings count as one FINGERPRINT_PSEUDONYM
+        extra: dict[str, int] = {}
+        extra_fields: list[str] = []
+        fingerprint = a.fingerprint
+        if fp_red != a.fingerprint:
+            fingerprint = self.pseudonymous_fingerprint(a.fingerprint)
+            extra[FINGERPRINT_PSEUDONYM] = 1
+            extra_fields.append("$.fingerprint")
+        event_id = self._new_id()
+        return avro.AlertReceived(
+            event_id=event_id, correlation_id=event_id, occurred_at=_ts(received_at_ms), producer=PRODUCER,
+            source=a.wire_source, fingerprint=fingerprint, status=a.status, severity=a.severity,
+            service=red["service"], entity=red["entity"], summary=red["summary"], labels=red["labels"],
+            annotations=red["annotations"], starts_at=_ts(a.starts_at_ms),
+            ends_at=_ts(a.ends_at_ms) if a.ends_at_ms is not None else None, links=red["links"],
+            received_at=_ts(received_at_ms), redaction=to_avro_manifest([manifest], extra, extra_fields),
+        )
+
+    def _telemetry(self, t: TelemetryRecord, received_at_ms: int) -> avro.TelemetryReceived:
+        doc = {"service": t.service, "entity": t.entity, "body": t.body, "attributes": t.attributes,
+               "source": t.source}
+        red, manifest = self.redactor.redact_record(doc)
+        event_id = self._new_id()
+        return avro.TelemetryReceived(
+            event_id=event_id, correlation_id=event_id, occurred_at=_ts(t.timestamp_ms), producer=PRODUCER,
+            kind=t.kind, source=red["source"], service=red["service"], entity=red["entity"],
+            timestamp=_ts(t.timestamp_ms), severity=t.severity, body=red["body"], attributes=red["attributes"],
+            trace_id=t.trace_id or "", span_id=t.span_id or "", redaction=to_avro_manifest([manifest]),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- incidents
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def alert_input(record: avro.AlertReceived, sequence: int = -1) -> AlertInput:
+    """The fields of an AlertReceived that correlation reads; ``sequence`` is the record's Kafka offset."""
+    return AlertInput(event_id=record.event_id, source=record.source, fingerprint=record.fingerprint,
+                      status=record.status, severity=record.severity, service=record.service,
+                      summary=record.summary, received_at_ms=_ms(record.received_at), labels=record.labels,
+                      sequence=sequence)
+
+
+def evidence_sha256(items: Iterable[avro.Evidence]) -> str:
+    """SHA-256 over the canonical evidence set: items sorted by id, each as sorted-key JSON (orjson)."""
+    canon = sorted((i.model_dump() for i in items), key=lambda d: d["evidence_id"])
+    return hashlib.sha256(orjson.dumps(canon, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass
+class TelemetryBuffer:
+    """Recent telemetry per service (bounded), the input of log-burst and change evidence. In memory only: after a
+    restart, evidence starts again from the telemetry that arrives (the records stay on their topic)."""
+
+    per_service: int = 2000
+    logs: dict[str, deque] = field(default_factory=dict)
+    changes: dict[str, deque] = field(default_factory=dict)
+
+    def add(self, record: avro.TelemetryReceived) -> None:
+        store = self.logs if record.kind == "log" else self.changes
+        buf = store.get(record.service)
+        if buf is None:
+            buf = store[record.service] = deque(maxlen=self.per_service)
+        buf.append(record)
+
+    def log_records(self, services: Iterable[str]) -> list[ev.LogRecord]:
+        return [ev.LogRecord(_ms(r.timestamp), r.service, r.body, source_link=f"telemetry:{r.event_id}")
+                for s in services for r in self.logs.get(s, ())]
+
+    def change_records(self, services: Iterable[str]) -> list[ev.ChangeRecord]:
+        out = []
+        for s in services:
+            for r in self.changes.get(s, ()):
+                change_type = r.attributes.get("change_type") or r.attributes.get("type") or "change"
+                out.append(ev.ChangeRecord(_ms(r.timestamp), r.service, change_type, r.body,
+                                           source_link=f"telemetry:{r.event_id}"))
+        return out
+
+
+MetricSource = Callable[[list[str], ev.Window], tuple[list[ev.EvidenceItem], str]]
+"""(services, window) -> (metric evidence, status note); the Prometheus adapter, or None when not configured."""
+
+
+class IncidentHandler:
+    """Correlate one alert and build the IncidentUpdated to write (or None)."""
+
+    def __init__(self, correlator: Correlator, redactor: Redactor, *, metrics: MetricSource | None = None,
+                 telemetry: TelemetryBuffer | None = None, pre_incident_ms: int = 1_800_000,
+                 new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
+        self.correlator = correlator
+        self.redactor = redactor
+        self.metrics = metrics
+        self.telemetry = telemetry or TelemetryBuffer()
+        self.pre_incident_ms = pre_incident_ms
+        self._new_id = new_id
+
+    def handle_alert(self, record: avro.AlertReceived, store: CorrelationStore, *, sequence: int = -1,
+                     now_ms: int | None = None) -> tuple[Outcome, avro.IncidentUpdated | None]:
+        outcome = self.correlator.apply(alert_input(record, sequence), store)
+        if not outcome.emits or outcome.incident is None:
+            return outcome, None
+        return outcome, self.incident_record(outcome.incident, now_ms=now_ms)
+
+    def handle_telemetry(self, record: avro.TelemetryReceived) -> None:
+        self.telemetry.add(record)
+
+    def incident_record(self, inc: Incident, *, now_ms: int | None = None) -> avro.IncidentUpdated:
+        deps = self.correlator.deps
+        services = inc.services
+        window = ev.Window(inc.first_seen - 60_000, max(inc.last_seen, now_ms or inc.last_seen))
+        items = self._evidence(inc, services, window)
+        # Every string leaving sensing passes redaction: evidence built from Prometheus labels or log templates
+        # is scanned again here (alert-derived text was redacted at the gateway; a second pass changes nothing).
+        raw = {"title": inc.title(deps), "evidence": [i.to_dict() for i in items]}
+        red, manifest = self.redactor.redact_record(raw)
+        evidence = [avro.Evidence.model_validate(d) for d in red["evidence"]]
+        edges = [avro.DependencyEdge(caller=a, callee=b) for a, b in deps.edges_among(services)]
+        return avro.IncidentUpdated(
+            event_id=self._new_id(), incident_id=inc.incident_id, correlation_id=inc.incident_id,
+            causation_id=inc.causation_id, occurred_at=_ts(inc.last_seen), producer=PRODUCER,
+            version=inc.version, change=inc.change, state=inc.state, title=red["title"], severity=inc.severity,
+            primary_service=inc.primary_service(deps), services=services, alert_fingerprints=inc.fingerprints,
+            alert_count=len(inc.alerts), first_seen=_ts(inc.first_seen), last_seen=_ts(inc.last_seen),
+            resolved_at=_ts(inc.resolved_at) if inc.resolved_at is not None else None, evidence=evidence,
+            dependency_edges=edges, evidence_sha256=evidence_sha256(evidence),
+            redaction=to_avro_manifest([manifest]),
+        )
+
+    def _evidence(self, inc: Incident, services: list[str], window: ev.Window) -> list[ev.EvidenceItem]:
+        items: list[ev.EvidenceItem] = []
+        for ref in sorted(inc.alerts.values(), key=lambda a: (a.first_seen, a.fingerprint)):
+            items.append(ev.EvidenceItem(
+                evidence_id=ev.evidence_id("alert", ref.service, f"{ref.source}/{ref.fingerprint}",
+                                           ev.Window(inc.first_seen, inc.first_seen)),
+                kind="alert", service=ref.service, signal=f"{ref.source}/{ref.fingerprint}",
+                summary=f"{ref.severity} alert {ref.status}: {ref.summary[:300]}", direction="none",
+                score=float({"critical": 4, "error": 3, "warning": 2, "info": 1}.get(ref.severity, 0)),
+                onset_ms=ref.first_seen, baseline=None, observed=None, source_link=f"alert:{ref.last_event_id}",
+                attributes={"status": ref.status, "source": ref.source},
+            ))
+        logs = self.telemetry.log_records(services)
+        items += ev.log_bursts(logs, window) if logs else []
+        changes = self.telemetry.change_records(services)
+        items += ev.change_evidence(changes, window) if changes else []
+        if self.metrics is None:
+            status = "not configured"
+        else:
+            metric_items, status = self.metrics(services, window)
+            items += metric_items
+        # Say where metric evidence came from (or why there is none) on every alert item, so a reader of the
+        # incident sees that the absence of metric evidence is not a clean bill of health.
+        return [
+            ev.EvidenceItem(**{**i.to_dict(), "attributes": {**i.attributes, "metrics_source": status}})
+            if i.kind == "alert" else i
+            for i in items
+        ]
+
