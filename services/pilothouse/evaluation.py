@@ -42,6 +42,7 @@ from pilothouse.sensing.evidence import (
     Span,
     TraceProfile,
     Window,
+    edges_from_correlation,
     metric_anomalies,
     network_time_series,
     trace_hotspots,
@@ -380,8 +381,12 @@ def iter_rcaeval_cases(root: Path, *, window_s: int = 600) -> Iterator[Case]:
             end = int(series[0].timestamps_ms.max())
             reference = {(s.service, s.signal): s for s in normal}
         services = {s.service for s in series}
+        window = Window(start, end)
+        # RCAEval metric cases ship no call graph: guess one from latency co-movement (see edges_from_correlation)
+        edges = edges_from_correlation(series, window)
         yield Case(case_id=rel, root_cause=m.group("svc"), fault_type=m.group("fault").lower(),
-                   window=Window(start, end), series=series, reference=reference, edges=set(), services=services)
+                   window=window, series=series, reference=reference, edges=edges, services=services,
+                   notes=["rcaeval: no call graph in the data; edges guessed from latency correlation"])
     if not found:
         raise DatasetError(f"{root}: no case directory with data.csv+inject_time.txt or normal.csv+anomalous.csv")
 

@@ -79,6 +79,7 @@ class Candidate:
     onset_ms: int | None
     features: Mapping[str, float]
     contributions: tuple[Contribution, ...]
+    supporting: tuple[str, ...] = ()   # every evidence id about this service above the bar, strongest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,20 @@ class Ranking:
 
     def top(self, k: int) -> list[str]:
         return [c.service for c in self.candidates[:k]]
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (for prompts, the console and the ledger)."""
+        return {
+            "abstain": self.abstain, "reason": self.reason, "needed_data": list(self.needed_data),
+            "evidence_used": self.evidence_used, "evidence_ignored": self.evidence_ignored,
+            "candidates": [
+                {"service": c.service, "rank": c.rank, "score": c.score, "onset_ms": c.onset_ms,
+                 "features": dict(c.features), "supporting": list(c.supporting),
+                 "contributions": [{"evidence_id": x.evidence_id, "feature": x.feature, "points": x.points}
+                                   for x in c.contributions]}
+                for c in self.candidates
+            ],
+        }
 
 
 # feature name -> (weight attribute, explainable by a callee?)
@@ -175,12 +190,16 @@ def rank_root_causes(
     best: dict[tuple[str, str], tuple[float, EvidenceLike]] = {}
     net_items: list[tuple[float, EvidenceLike]] = []
     used = ignored = 0
+    support: dict[str, list[tuple[float, str]]] = defaultdict(list)
     for e in evidence:
         s = strength(float(e.score), cfg.z_bar)
         if s <= 0.0:
             ignored += 1
             continue
         used += 1
+        support[e.service].append((-s, e.evidence_id))
+        if "caller" in e.attributes and e.attributes["caller"] != e.service:
+            support[e.attributes["caller"]].append((-s, e.evidence_id))
         feat = _feature_of(e)
         if feat in _EDGE_FEATURES:
             net_items.append((s, e))
@@ -279,7 +298,8 @@ def rank_root_causes(
     # higher score first; earlier onset breaks ties; then name for determinism
     candidates.sort(key=lambda c: (-c[0], c[2] if c[2] is not None else 2**62, c[1]))
     ranked = tuple(
-        Candidate(service=svc, rank=i + 1, score=round(total, 4), onset_ms=on, features=parts, contributions=cs)
+        Candidate(service=svc, rank=i + 1, score=round(total, 4), onset_ms=on, features=parts, contributions=cs,
+                  supporting=tuple(eid for _, eid in sorted(support.get(svc, ()))))
         for i, (total, svc, on, parts, cs) in enumerate(candidates[: cfg.max_candidates])
     )
     if not ranked or ranked[0].score < cfg.abstain_below:

@@ -364,6 +364,48 @@ def _metric_item(s: Series, window: Window, obs: np.ndarray, obs_ts: np.ndarray,
     )
 
 
+def edges_from_correlation(
+    series: Iterable[Series], window: Window, *, min_r: float = 0.6, context_ms: int | None = None,
+) -> set[tuple[str, str]]:
+    """A dependency graph guessed from latency co-movement, for data that comes without call-graph or traces.
+
+    Two services whose latency series correlate (Pearson r >= ``min_r`` over the window plus an equal stretch
+    before it) are linked; the edge points from the slower to the faster one, because a caller's response time
+    contains its callee's. Only service-level latency series take part (``classify_signal == 'latency'``, not
+    client-side or host-level ones); the first such series of a service (in name order) stands for it.
+    This is a weak guess: the engine only uses it to discount a caller's latency that its callee explains.
+    """
+    span = window.end_ms - window.start_ms
+    lo = window.start_ms - (span if context_ms is None else context_ms)
+    pick: dict[str, Series] = {}
+    for s in sorted(series, key=lambda x: (x.service, x.signal)):
+        if classify_signal(s.signal) == "latency" and signal_side(s.signal) in ("pod", "server") \
+                and "caller" not in s.attributes and s.service not in pick:
+            pick[s.service] = s
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for svc, s in pick.items():
+        keep = (s.timestamps_ms >= lo) & (s.timestamps_ms <= window.end_ms)
+        rows[svc] = (s.timestamps_ms[keep], s.values[keep])
+    edges: set[tuple[str, str]] = set()
+    names = sorted(rows)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ta, va = rows[a]
+            tb, vb = rows[b]
+            common, ia, ib = np.intersect1d(ta, tb, return_indices=True)
+            if common.size < 5:
+                continue
+            x, y = va[ia], vb[ib]
+            ok = np.isfinite(x) & np.isfinite(y)
+            x, y = x[ok], y[ok]
+            if x.size < 5 or np.std(x) == 0 or np.std(y) == 0:
+                continue
+            r = float(np.corrcoef(x, y)[0, 1])
+            if r >= min_r:
+                edges.add((a, b) if np.median(x) >= np.median(y) else (b, a))
+    return edges
+
+
 def network_time_series(client_side: Series, server_side: Series, *, caller: str, callee: str,
                         tolerance_ms: int = 30_000) -> Series:
     """Network share of a call edge's latency: client-observed minus server-observed, aligned on timestamps.

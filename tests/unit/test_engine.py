@@ -103,6 +103,13 @@ def test_contributions_cite_evidence_ids_and_sum_to_the_score() -> None:
     assert evidence_id("metric_anomaly", "payment", "cpu", W) not in ids
     assert sum(c.points for c in top.contributions) == pytest.approx(top.score, abs=1e-3)
     assert r.evidence_used == 4 and r.evidence_ignored == 0
+    # every item about the service stays citable, strongest first; the edge is cited for both endpoints
+    assert top.supporting[:2] == (items[3].evidence_id, evidence_id("metric_anomaly", "payment", "cpu_rate", W))
+    assert set(top.supporting) == {i.evidence_id for i in items}
+    checkout = next(c for c in r.candidates if c.service == "checkout")
+    assert checkout.supporting == (items[3].evidence_id,)
+    d = r.to_dict()
+    assert d["candidates"][0]["service"] == "payment" and d["candidates"][0]["contributions"][0]["evidence_id"]
 
 
 def test_abstains_when_nothing_clears_the_bar_and_says_what_would_decide() -> None:

@@ -19,23 +19,32 @@ SERVICES = ("frontend", "cart", "redis", "currency")
 
 
 def _frame(rng: np.random.Generator, n: int, t0: int, fault: tuple[str, str] | None, fault_from: int) -> list[list]:
-    """Rows of time + <service>_<metric>; ``fault`` = (service, metric kind) starting at row ``fault_from``."""
+    """Rows of time + <service>_<metric>; ``fault`` = (service, kind) from row ``fault_from``.
+
+    Latencies compose like calls do: a caller's response time contains its callees'.
+    """
     rows = []
     for i in range(n):
-        row: list = [t0 + i]
         on = fault is not None and i >= fault_from
-        for svc in SERVICES:
-            cpu = rng.normal(0.3, 0.02)
-            mem = rng.normal(200, 3)
-            lat = rng.normal(0.05, 0.004)
-            if on and fault == (svc, "cpu"):
-                cpu, lat = cpu + 0.6, lat + 0.08
-            if on and fault == (svc, "mem"):
-                mem += 150
-            if on and svc == "frontend" and fault is not None and fault[0] in ("cart", "redis") \
-                    and fault[1] == "cpu":
-                lat += 0.06  # propagated, weaker than at the source
-            row += [round(cpu, 5), round(mem, 3), round(lat, 5), round(rng.normal(100, 5), 3)]
+        cpu = {s: rng.normal(0.3, 0.02) for s in SERVICES}
+        mem = {s: rng.normal(200, 3) for s in SERVICES}
+        extra = {s: 0.0 for s in SERVICES}
+        if on and fault is not None:
+            svc, kind = fault
+            if kind == "cpu":
+                cpu[svc] += 0.6
+                extra[svc] += 0.08
+            elif kind == "mem":
+                mem[svc] += 150
+            elif kind == "delay":
+                extra[svc] += 0.1
+        lat = {"redis": rng.normal(0.01, 0.001) + extra["redis"]}
+        lat["cart"] = 0.02 + lat["redis"] + rng.normal(0, 0.003) + extra["cart"]
+        lat["currency"] = rng.normal(0.02, 0.003) + extra["currency"]
+        lat["frontend"] = 0.03 + lat["cart"] + lat["currency"] + rng.normal(0, 0.004) + extra["frontend"]
+        row: list = [t0 + i]
+        for s in SERVICES:
+            row += [round(cpu[s], 5), round(mem[s], 3), round(lat[s], 5), round(rng.normal(100, 5), 3)]
         rows.append(row)
     return rows
 
@@ -59,6 +68,9 @@ def rcaeval_dir(tmp_path: Path) -> Path:
         d = root / "cart_cpu" / rep
         _write(d / "data.csv", _frame(rng, 900, t0, ("cart", "cpu"), 600))
         (d / "inject_time.txt").write_text(str(t0 + 600))
+    d = root / "cart_delay"
+    _write(d / "data.csv", _frame(rng, 900, t0, ("cart", "delay"), 600))
+    (d / "inject_time.txt").write_text(str(t0 + 600))
     # layout 2: <service>-<fault>/normal.csv + anomalous.csv
     d = root / "currency-mem"
     _write(d / "normal.csv", _frame(rng, 600, t0, None, 0))
@@ -69,11 +81,15 @@ def rcaeval_dir(tmp_path: Path) -> Path:
 def test_rcaeval_reader_understands_both_layouts(rcaeval_dir: Path) -> None:
     cases = list(iter_rcaeval_cases(rcaeval_dir))
     assert sorted((c.case_id, c.root_cause, c.fault_type) for c in cases) == [
-        ("cart_cpu/1", "cart", "cpu"), ("cart_cpu/2", "cart", "cpu"), ("currency-mem", "currency", "mem")]
+        ("cart_cpu/1", "cart", "cpu"), ("cart_cpu/2", "cart", "cpu"), ("cart_delay", "cart", "delay"),
+        ("currency-mem", "currency", "mem")]
     single = next(c for c in cases if c.case_id == "cart_cpu/1")
     assert single.window.start_ms == (1_700_000_000 + 600) * 1000 and single.reference is None
     assert {s.service for s in single.series} == set(SERVICES)
     assert {s.signal for s in single.series if s.service == "cart"} == {"cpu", "mem", "latency-50", "workload"}
+    # no call graph in this layout: the latency co-movement of the delay case gives caller -> callee
+    delay = next(c for c in cases if c.case_id == "cart_delay")
+    assert ("frontend", "cart") in delay.edges and ("cart", "frontend") not in delay.edges
     pair = next(c for c in cases if c.case_id == "currency-mem")
     assert pair.reference is not None and ("currency", "mem") in pair.reference
 
@@ -84,9 +100,9 @@ def test_eval_rca_on_rcaeval_layout_writes_the_report(rcaeval_dir: Path, tmp_pat
     assert main(["--dataset", str(rcaeval_dir), "--format", "rcaeval", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert KEYS <= set(report)
-    assert report["cases"] == 3
+    assert report["cases"] == 4
     assert report["ac_at_1"] == 1.0 and report["avg_at_5"] == 1.0
-    assert set(report["per_fault_type"]) == {"cpu", "mem"} and report["per_fault_type"]["cpu"]["cases"] == 2
+    assert set(report["per_fault_type"]) == {"cpu", "delay", "mem"} and report["per_fault_type"]["cpu"]["cases"] == 2
     assert {d["root_cause"] for d in report["details"]} == {"cart", "currency"}
     assert all(d["top_evidence"][0].startswith("ev-") for d in report["details"])
     assert report["time_per_case_ms"]["p99"] >= report["time_per_case_ms"]["p50"] > 0

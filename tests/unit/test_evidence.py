@@ -17,6 +17,7 @@ from pilothouse.sensing.evidence import (
     Window,
     change_evidence,
     classify_signal,
+    edges_from_correlation,
     evidence_id,
     log_bursts,
     log_template,
@@ -200,6 +201,20 @@ def test_network_time_aligns_offset_scrapes_and_blames_nothing_without_a_match()
     with pytest.raises(EvidenceInputError, match="no samples"):
         network_time_series(client, Series("b", "p50", np.array([], dtype=np.int64), np.array([])),
                             caller="a", callee="b")
+
+
+def test_edges_from_correlation_orient_caller_to_callee() -> None:
+    rng = np.random.default_rng(9)
+    n = 120
+    db = 0.01 + rng.normal(0, 0.001, n)
+    db[100:] += 0.05  # the incident moves the callee and, through it, the caller
+    api = 0.03 + db + rng.normal(0, 0.002, n)
+    other = 0.02 + rng.normal(0, 0.002, n)
+    series = [_series("api", "latency_p50", api), _series("db", "latency_p50", db),
+              _series("other", "latency_p50", other), _series("api", "cpu", rng.normal(1, 0.1, n)),
+              _series("db", "client_latency_p50", db * 3)]  # client-side series do not stand for a service
+    edges = edges_from_correlation(series, Window(100 * MIN, 119 * MIN))
+    assert edges == {("api", "db")}
 
 
 # ---------------------------------------------------------------------------------------------------- traces
