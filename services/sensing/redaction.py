@@ -337,7 +337,7 @@ _NANP = re.compile(r"^(?:1[ .-]?)?(?:\(\d{3}\) ?\d{3}[ .-]\d{4}|\d{3}([ .-])\d{3
 
 _USER_VALUE = r"([A-Za-z0-9_][A-Za-z0-9._$@\\-]{0,63})"
 _USER_PATTERNS = [
-    re.compile(r"(?i)(?<![\w-])(?:user(?:name)?|login|logname|acct|account|uname)(?:=|: ?)\"?" + _USER_VALUE),
+    re.compile(r"(?i)(?<![\w-])(?:user(?:name)?|login|logname|acct|account|uname)[\"']?(?:=|: ?)[\"']?" + _USER_VALUE),
     re.compile(r"(?i)\b(?:invalid|illegal|unknown) user \"?" + _USER_VALUE),
     re.compile(r"(?i)\b(?:accepted|failed|postponed) \S+ for (?:invalid user |illegal user )?" + _USER_VALUE + r" from\b"),
     re.compile(r"(?i)\b(?:for|by|from|to|authenticating|as) user \"?" + _USER_VALUE),
@@ -800,6 +800,8 @@ class Redactor:
             if gi == 5 and len(stripped) < 4 and not any(c.isdigit() for c in stripped):
                 continue
             key = m.group(1).lower()
+            if key == "pwd" and stripped.startswith(("/", "~")):
+                continue  # PWD=/home/x is a working directory (sudo, env dumps), not a password
             if ds_heuristic.is_indirect_reference(m.group(0)) or key.endswith(("_id", "-id", ".id")) or key in {
                     "password_policy", "passwordpolicy"}:
                 continue

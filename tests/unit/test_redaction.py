@@ -62,6 +62,11 @@ SECRET_CASES = [
     ("deploy --token=glptt-0123456789abcdefABCD --force", "CLI_SECRET", "glptt-0123456789abcdefABCD"),
     ('client_config = {"signing": "Zq8XvB2nL5kP9mR3tW7yC1dF4gH6jK0s"}', "HIGH_ENTROPY_SECRET",
      "Zq8XvB2nL5kP9mR3tW7yC1dF4gH6jK0s"),
+    ("sts returned SecretAccessKey 9drTJvcXLB89Qz2n8vMJc7B4Kx2Vn4wR7tY1pLk3 ok", "AWS_SECRET_KEY",
+     "9drTJvcXLB89Qz2n8vMJc7B4Kx2Vn4wR7tY1pLk3"),
+    ("smtp: AUTH PLAIN AGpvaG5AZXhhbXBsZS5jb20AcGFzc3dvcmQxMjM=", "SASL_CREDENTIALS",
+     "AGpvaG5AZXhhbXBsZS5jb20AcGFzc3dvcmQxMjM="),
+    ('{"level":"info","password":"hunter2!x"}', "PASSWORD", "hunter2!x"),
 ]
 
 
@@ -95,6 +100,8 @@ PII_CASES = [
     ("Accepted password for root from 10.0.0.9 port 22 ssh2", "USER", "root"),
     ("pam_unix: authentication failure; rhost=10.0.0.9 user=alice", "USER", "alice"),
     ("session opened for user cyrus by (uid=0)", "USER", "cyrus"),
+    ('{"ts":"2024-05-01T10:00:00Z","user":"alice","action":"login"}', "USER", "alice"),
+    ("sudo:   deploy : TTY=pts/0 ; PWD=/srv/app ; USER=root ; COMMAND=/bin/true", "USER", "deploy"),
     ("open C:\\Users\\msmith\\AppData\\Local\\Temp\\x.log", "USER", "msmith"),
     ("refund to card 4111 1111 1111 1111 failed", "CREDIT_CARD", "4111 1111 1111 1111"),
     ("card=378282246310005 declined", "CREDIT_CARD", "378282246310005"),
@@ -113,6 +120,7 @@ PII_CASES = [
 def test_personal_data_classes(redactor: Redactor, text: str, kind: str, value: str):
     out, manifest = redactor.redact_text(text)
     assert value not in out
+    assert "PASSWORD" not in out  # PWD=/srv/app is a directory
     assert manifest.count(kind) >= 1
     if kind in ("IP", "EMAIL", "USER"):
         assert PSEUDONYM.search(out), out
@@ -130,6 +138,10 @@ def test_personal_data_classes(redactor: Redactor, text: str, kind: str, value: 
     "chip FF:F2:9F:16:E2:23:00:0D:60:E9:1D:DC status changed",
     "password = ${DB_PASSWORD}",
     "Authorization: <redacted>",
+    "commit 9fceb02d0ae598e95dc970b74767f19372d61af8 merged by ci",
+    "trace_id=4bf92f3577b34da6a3ce929d0e0e4736 span_id=00f067aa0ba902b7 request took 34ms",
+    "uuid 123e4567-e89b-12d3-a456-426614174000 created",
+    "the api key is missing; set OPENAI_API_KEY",
 ])
 def test_near_misses_are_left_alone(redactor: Redactor, text: str):
     out, manifest = redactor.redact_text(text)
