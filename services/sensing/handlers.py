@@ -202,38 +202,44 @@ class TelemetryBuffer:
         return out
 
 
-MetricSource = Callable[[list[str], ev.Window], tuple[list[ev.EvidenceItem], str]]
-"""(services, window) -> (metric evidence, status note); the Prometheus adapter, or None when not configured."""
+MetricEvidence = tuple[list[ev.EvidenceItem], str]
+"""Metric evidence of an incident and where it came from ("prometheus", "not configured", "unreachable: ...")."""
 
 
 class IncidentHandler:
     """Correlate one alert and build the IncidentUpdated to write (or None)."""
 
-    def __init__(self, correlator: Correlator, redactor: Redactor, *, metrics: MetricSource | None = None,
-                 telemetry: TelemetryBuffer | None = None, pre_incident_ms: int = 1_800_000,
+    def __init__(self, correlator: Correlator, redactor: Redactor, *, telemetry: TelemetryBuffer | None = None,
                  new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
         self.correlator = correlator
         self.redactor = redactor
-        self.metrics = metrics
         self.telemetry = telemetry or TelemetryBuffer()
-        self.pre_incident_ms = pre_incident_ms
         self._new_id = new_id
 
+    def correlate(self, record: avro.AlertReceived, store: CorrelationStore, *, sequence: int = -1) -> Outcome:
+        """Apply one alert; ``outcome.emits`` says whether an IncidentUpdated must be written."""
+        return self.correlator.apply(alert_input(record, sequence), store)
+
     def handle_alert(self, record: avro.AlertReceived, store: CorrelationStore, *, sequence: int = -1,
-                     now_ms: int | None = None) -> tuple[Outcome, avro.IncidentUpdated | None]:
-        outcome = self.correlator.apply(alert_input(record, sequence), store)
+                     metrics: MetricEvidence | None = None) -> tuple[Outcome, avro.IncidentUpdated | None]:
+        """Correlate and build the record in one step (metric evidence, if any, fetched by the caller)."""
+        outcome = self.correlate(record, store, sequence=sequence)
         if not outcome.emits or outcome.incident is None:
             return outcome, None
-        return outcome, self.incident_record(outcome.incident, now_ms=now_ms)
+        return outcome, self.incident_record(outcome.incident, metrics=metrics)
+
+    @staticmethod
+    def window(inc: Incident) -> ev.Window:
+        """The incident window evidence looks at: from a minute before its first alert to its last."""
+        return ev.Window(inc.first_seen - 60_000, inc.last_seen)
 
     def handle_telemetry(self, record: avro.TelemetryReceived) -> None:
         self.telemetry.add(record)
 
-    def incident_record(self, inc: Incident, *, now_ms: int | None = None) -> avro.IncidentUpdated:
+    def incident_record(self, inc: Incident, *, metrics: MetricEvidence | None = None) -> avro.IncidentUpdated:
         deps = self.correlator.deps
         services = inc.services
-        window = ev.Window(inc.first_seen - 60_000, max(inc.last_seen, now_ms or inc.last_seen))
-        items = self._evidence(inc, services, window)
+        items = self._evidence(inc, services, self.window(inc), metrics or ([], "not configured"))
         # Every string leaving sensing passes redaction: evidence built from Prometheus labels or log templates
         # is scanned again here (alert-derived text was redacted at the gateway; a second pass changes nothing).
         raw = {"title": inc.title(deps), "evidence": [i.to_dict() for i in items]}
@@ -251,7 +257,8 @@ class IncidentHandler:
             redaction=to_avro_manifest([manifest]),
         )
 
-    def _evidence(self, inc: Incident, services: list[str], window: ev.Window) -> list[ev.EvidenceItem]:
+    def _evidence(self, inc: Incident, services: list[str], window: ev.Window,
+                  metrics: MetricEvidence) -> list[ev.EvidenceItem]:
         items: list[ev.EvidenceItem] = []
         for ref in sorted(inc.alerts.values(), key=lambda a: (a.first_seen, a.fingerprint)):
             items.append(ev.EvidenceItem(
@@ -267,11 +274,8 @@ class IncidentHandler:
         items += ev.log_bursts(logs, window) if logs else []
         changes = self.telemetry.change_records(services)
         items += ev.change_evidence(changes, window) if changes else []
-        if self.metrics is None:
-            status = "not configured"
-        else:
-            metric_items, status = self.metrics(services, window)
-            items += metric_items
+        metric_items, status = metrics
+        items += metric_items
         # Say where metric evidence came from (or why there is none) on every alert item, so a reader of the
         # incident sees that the absence of metric evidence is not a clean bill of health.
         return [

@@ -1,0 +1,74 @@
+"""Metric evidence from the Prometheus HTTP API (``/api/v1/query_range``), with httpx.
+
+For an incident's services, every configured query is run over the pre-incident window plus the incident window;
+the series go through :func:`pilothouse.sensing.evidence.metric_anomalies` (robust median/MAD baseline from the
+pre-incident part). Never fails an incident: an unreachable or erroring Prometheus gives no metric items and a status
+string saying why, which the incident's alert evidence carries as ``metrics_source``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping
+
+import httpx
+
+from pilothouse.sensing import evidence as ev
+
+log = logging.getLogger("pilothouse.sensing.prometheus")
+
+
+class PrometheusMetrics:
+    """``(services, window) -> (evidence items, status)`` over one Prometheus server."""
+
+    def __init__(self, base_url: str, queries: Mapping[str, str], *, timeout_s: float = 2.0, step_s: int = 15,
+                 pre_window_ms: int = 1_800_000, client: httpx.Client | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.queries = dict(queries)
+        self.step_s = step_s
+        self.pre_window_ms = pre_window_ms
+        self._client = client or httpx.Client(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._client.close()
+
+    @staticmethod
+    def services_regex(services: list[str]) -> str:
+        """A PromQL regex alternation matching exactly these service names."""
+        return "|".join(re.escape(s) for s in sorted(services)) or "^$"
+
+    def query_range(self, query: str, start_ms: int, end_ms: int) -> dict:
+        """One ``query_range`` call; raises httpx errors, or ValueError for a body that is not JSON."""
+        r = self._client.get(f"{self.base_url}/api/v1/query_range", params={
+            "query": query, "start": f"{start_ms / 1000:.3f}", "end": f"{end_ms / 1000:.3f}",
+            "step": f"{self.step_s}s"})
+        if r.status_code >= 400 and r.headers.get("content-type", "").startswith("application/json"):
+            return r.json()  # Prometheus answers errors as {"status": "error", ...}; series_from_prometheus reports
+        r.raise_for_status()
+        return r.json()
+
+    def __call__(self, services: list[str], window: ev.Window) -> tuple[list[ev.EvidenceItem], str]:
+        if not services:
+            return [], "prometheus: no services to query"
+        started = time.perf_counter()
+        regex = self.services_regex(services)
+        series: list[ev.Series] = []
+        failures: list[str] = []
+        for signal, template in sorted(self.queries.items()):
+            query = template.replace("$services", regex)
+            try:
+                body = self.query_range(query, window.start_ms - self.pre_window_ms, window.end_ms)
+                series += ev.series_from_prometheus(
+                    body, signal=signal, source_link=ev.prometheus_graph_link(self.base_url, query, window))
+            except (httpx.HTTPError, ValueError, ev.EvidenceInputError) as e:
+                failures.append(f"{signal}: {type(e).__name__}: {str(e)[:200]}")
+        items = ev.metric_anomalies(series, window, pre_window_ms=self.pre_window_ms) if series else []
+        if failures:
+            log.warning("prometheus queries failed", extra={"failures": failures})
+        if failures and len(failures) == len(self.queries):
+            return items, "prometheus unreachable or failing: " + "; ".join(failures)[:500]
+        status = "prometheus" + (f" (partial: {len(failures)} of {len(self.queries)} queries failed)" if failures else "")
+        log.debug("metric evidence", extra={"seconds": time.perf_counter() - started, "items": len(items)})
+        return items, status
