@@ -142,6 +142,8 @@ class FleetExecutor(Executor):
             summary, after = summarise_prediction(a.body)
             return ShadowResult("predicted", summary, a.body, after)
         reason = f"{a.body.get('error', a.status)}: {a.body.get('reason', a.text[:300])}"
+        if a.body.get("check"):
+            reason += f" (check {a.body['check']})"
         if a.status in (404, 409):
             return ShadowResult("dry_run_failed", f"precondition failed: {reason}", a.body, None, a.text[:4000])
         return ShadowResult("error", f"shadow refused: {reason}", a.body, None, a.text[:4000])

@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS {s}.executions (
     event_id text NOT NULL, incident_id text NOT NULL, correlation_id text NOT NULL,
     action_hash text NOT NULL, action_type text NOT NULL, target_kind text NOT NULL, target text NOT NULL,
     params jsonb NOT NULL, executor text NOT NULL, owner text NOT NULL,
-    status text NOT NULL CHECK (status IN ('started', 'executed', 'failed')),
+    status text NOT NULL DEFAULT 'started' CHECK (status IN ('started', 'executed', 'failed')),
     attempts integer NOT NULL DEFAULT 0, last_error text NOT NULL DEFAULT '',
     started_at timestamptz NOT NULL DEFAULT clock_timestamp(), finished_at timestamptz,
     authorized_at timestamptz, response jsonb, target_time_s double precision,
