@@ -1,0 +1,137 @@
+"""The console against the real broker: it reads the upstream topics as the console principal, its decisions land on
+its own topics only after the broker acknowledged them, and the broker refuses it everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+
+from pilothouse.bus.consumer import ConsumerLoop
+from pilothouse.bus.errors import NotAuthorized
+from pilothouse.bus.producer import BusProducer
+from pilothouse.bus.records import ApprovalRecorded, HypothesisValidated, LedgerEntry
+from tests.e2e.console_harness import RunningConsole, password_of, publish, write_users_file
+from tests.e2e.console_world import World
+
+APPROVALS = "pilothouse.console.approvals.v1"
+VALIDATIONS = "pilothouse.console.hypothesis-validations.v1"
+
+
+def find_on_topic(bus_settings, topic: str, event_id: str, timeout_s: float = 30.0):
+    """Read ``topic`` as admin from the beginning until the record with ``event_id`` shows up."""
+    found = []
+    admin = bus_settings("admin")
+    dlq = BusProducer(admin)
+    loop: ConsumerLoop
+
+    def handle(record, ctx):
+        if record.event_id == event_id:
+            found.append(record)
+            loop.stop()
+
+    import uuid
+
+    loop = ConsumerLoop(admin, group_id=f"test.{uuid.uuid4().hex[:12]}", handlers={topic: handle}, dlq_producer=dlq)
+    timer = threading.Timer(timeout_s, loop.stop)
+    timer.start()
+    try:
+        loop.run()
+    finally:
+        timer.cancel()
+        loop.close()
+    return found[0] if found else None
+
+
+def login(c: httpx.Client, user: str) -> str:
+    r = c.post("/api/session", json={"username": user, "password": password_of(user)})
+    assert r.status_code == 200, r.text
+    return r.json()["csrf_token"]
+
+
+@pytest.fixture
+def users_file(tmp_path):
+    return write_users_file(tmp_path)
+
+
+def test_console_principal_cannot_write_authorizations(bus_settings):
+    w = World()
+    console = BusProducer(bus_settings("console"))
+    with pytest.raises(NotAuthorized):
+        console.send(w.authorized(["a1"]), key=w.action_id, timeout=20)
+    with pytest.raises(NotAuthorized):
+        console.send(w.pending(), key=w.action_id, timeout=20)  # nor fake a policy request
+    # Control: the same credentials may write the console's own topic, so the refusals above are the ACLs at work.
+    now = datetime.now(timezone.utc)
+    ok = ApprovalRecorded(event_id="ctl-" + w.tag, incident_id=w.incident_id, correlation_id=w.incident_id,
+                          occurred_at=now, producer="console", approval_id="ctl-" + w.tag, action_id=w.action_id,
+                          action_hash=w.hash, decision="reject", approver_id="control-test",
+                          comment="ACL control record from tests/integration/test_console_bus.py", expires_at=now)
+    console.send(ok, key=w.action_id, timeout=20)
+
+
+def test_decisions_over_http_land_on_the_console_topics(bus_settings, users_file):
+    w = World()
+    with RunningConsole(bus_settings("console"), users_file) as rc:
+        publish(bus_settings("admin"), w.upstream())
+        rc.wait_for(lambda m: w.action_id in m.pending and w.h1 in str(m.hypotheses.get(w.incident_id)),
+                    what="the upstream records")
+        with httpx.Client(base_url=rc.url) as rita, httpx.Client(base_url=rc.url) as alice:
+            r = rita.post(f"/api/hypotheses/{w.h1}/decision", json={"verdict": "validated", "comment": "deploy"},
+                          headers={"X-CSRF-Token": login(rita, "rita")})
+            assert r.status_code == 201, r.text
+            validation_id = r.json()["event_id"]
+            csrf = login(alice, "alice")
+            r = alice.post(f"/api/actions/{w.action_id}/decision",
+                           json={"decision": "approve", "action_hash": w.hash, "comment": "shadow looks right"},
+                           headers={"X-CSRF-Token": csrf})
+            assert r.status_code == 201, r.text
+            approval_event = r.json()["event_id"]
+            again = alice.post(f"/api/actions/{w.action_id}/decision",
+                               json={"decision": "approve", "action_hash": w.hash}, headers={"X-CSRF-Token": csrf})
+            assert again.status_code == 409 and again.json()["code"] == "duplicate_approver"
+
+    rec = find_on_topic(bus_settings, APPROVALS, approval_event)
+    assert isinstance(rec, ApprovalRecorded)
+    assert (rec.approver_id, rec.action_id, rec.action_hash, rec.decision) == ("alice", w.action_id, w.hash,
+                                                                               "approve")
+    assert rec.producer == "console" and rec.causation_id == w.events["pending-0"]
+    val = find_on_topic(bus_settings, VALIDATIONS, validation_id)
+    assert isinstance(val, HypothesisValidated) and (val.validator_id, val.verdict) == ("rita", "validated")
+
+
+def test_a_restarted_console_learns_past_approvals_from_the_ledger(bus_settings, users_file, new_topic):
+    """The console does not consume its own topics; the ledger's copy of an approval stops a second one.
+
+    The ledger entry goes to a ``test.<uuid>`` topic, never the real ledger topic (a hand-made entry there would stop
+    the ledger's mirror); only the admin principal can read test topics, so this console runs as admin.
+    """
+    ledger_topic = new_topic()
+    w = World()
+    now = datetime.now(timezone.utc)
+    earlier = ApprovalRecorded(event_id=f"ev-{w.tag}", incident_id=w.incident_id, correlation_id=w.incident_id,
+                               occurred_at=now, producer="console", approval_id=f"ap-{w.tag}",
+                               action_id=w.action_id, action_hash=w.hash, decision="approve", approver_id="Bob",
+                               expires_at=w.now + w.expires_in)
+    payload = json.dumps(earlier.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    entry = LedgerEntry(event_id=f"le-{w.tag}", incident_id=w.incident_id, correlation_id=w.incident_id,
+                        causation_id=earlier.event_id, occurred_at=now, producer="ledger", chain=f"test-{w.tag}",
+                        sequence=0, entry_key=f"test-{w.tag}:0", prev_hash="0" * 64, entry_hash="1" * 64,
+                        recorded_event_id=earlier.event_id, recorded_topic=APPROVALS,
+                        recorded_type=ApprovalRecorded.AVRO_NAME, payload_json=payload,
+                        payload_sha256=hashlib.sha256(payload.encode()).hexdigest())
+    admin = BusProducer(bus_settings("admin"))
+    publish(bus_settings("admin"), w.upstream(), admin)
+    admin.send(entry, key=entry.entry_key, topic=ledger_topic)
+    with RunningConsole(bus_settings("admin"), users_file, topics={"ledger_entries": ledger_topic}) as rc:
+        rc.wait_for(lambda m: w.action_id in m.pending and m.approvals.get(w.action_id), what="the ledger entry")
+        with httpx.Client(base_url=rc.url) as bob:
+            r = bob.post(f"/api/actions/{w.action_id}/decision",
+                         json={"decision": "approve", "action_hash": w.hash}, headers={"X-CSRF-Token": login(bob, "bob")})
+        assert r.status_code == 409 and r.json()["code"] == "duplicate_approver"
+        assert rc.model.ledger.last_sequence is not None
