@@ -586,12 +586,9 @@ def _compare(primary: Sequence[Any], secondary: Sequence[Any], chain: str, valid
              primary_source: str) -> Problem | None:
     """First index < ``valid`` where the secondary source differs from the (verified) primary, classified."""
     n = min(valid, len(secondary))
-    i = 0
-    for i in range(n):  # noqa: B007 - tuple == tuple at C speed; Postgres rows are plain tuples
-        if secondary[i] != primary[i]:
-            break
-    else:
+    if list(secondary[:n]) == list(primary[:n]):  # element-wise tuple == tuple, all in C; Postgres rows are tuples
         return None
+    i = next(j for j in range(n) if secondary[j] != primary[j])
     head = ChainHead(chain, i, primary[i - 1][_HASH] if i else GENESIS_PREV_HASH)
     problem = check_entry(secondary[i], head)
     if problem is not None:
