@@ -98,6 +98,17 @@ def open_loop(operation: Callable[[int], Any], rate: float, count: int, offset: 
     return latencies, service, time.perf_counter() - start
 
 
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process (Linux /proc), or 0.0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def summarise(chunks: list[tuple[np.ndarray, np.ndarray, float]]) -> dict[str, Any]:
     latencies = np.concatenate([c[0] for c in chunks]) * 1e3
     service = np.concatenate([c[1] for c in chunks]) * 1e3
@@ -137,11 +148,20 @@ def run(rate: float, seconds: float, warmup: int, no_reuse_count: int) -> dict[s
         outcomes.clear()
         # Alternate one-second rounds of baseline and decision so that a noisy neighbour on the shared machine
         # weighs on both series alike; the ratio is the figure to compare across runs.
+        # CPU seconds per call, for the client (this process) and the OPA server: unlike latency, CPU time is
+        # barely affected by neighbours waiting for the same cores, so it is the steadier capacity figure.
+        cpu = {"baseline": [0.0, 0.0], "decision": [0.0, 0.0]}
         baseline_chunks, decision_chunks = [], []
         for r in range(rounds):
-            baseline_chunks.append(open_loop(trivial, rate, per_round, r * per_round))
-            decision_chunks.append(open_loop(decide, rate, per_round, r * per_round))
+            for name, operation, chunks in (("baseline", trivial, baseline_chunks), ("decision", decide, decision_chunks)):
+                client0, server0 = time.process_time(), process_cpu_s(engine.server_pid)
+                chunks.append(open_loop(operation, rate, per_round, r * per_round))
+                cpu[name][0] += time.process_time() - client0
+                cpu[name][1] += process_cpu_s(engine.server_pid) - server0
         baseline, decision = summarise(baseline_chunks), summarise(decision_chunks)
+        for name, summary in (("baseline", baseline), ("decision", decision)):
+            summary["client_cpu_us_per_call"] = cpu[name][0] / summary["count"] * 1e6
+            summary["opa_cpu_us_per_call"] = cpu[name][1] / summary["count"] * 1e6
 
         port = int(engine.endpoint.rsplit(":", 1)[1])
 

@@ -77,6 +77,8 @@ class OpaPolicyEngine:
         # the requests.Session it owns.
         self._client._session.trust_env = False
         self.endpoint = f"{'https' if ssl else 'http'}://{host}:{port}"
+        #: Process id of the OPA server when :func:`local_opa_server` started it (benchmarks read its CPU time).
+        self.server_pid: int | None = None
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> OpaPolicyEngine:
@@ -202,6 +204,7 @@ def local_opa_server(policies: Path, *, binary: Path | None = None, ready_timeou
             stderr=subprocess.STDOUT,
         )
         engine = OpaPolicyEngine("127.0.0.1", port)
+        engine.server_pid = proc.pid
         try:
             try:
                 engine.wait_until_ready(ready_timeout_s)
