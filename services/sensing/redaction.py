@@ -329,8 +329,17 @@ _NUM_CAND = re.compile(r"(?<![\w.+/:#@$%-])(\+ ?)?(\(?\d[\d().\- ]*\d\)?)((?: ?(
                        r"(?![\w@/]|[.:,-]\d|[:-][0-9A-Fa-f]{2}(?![A-Za-z]))")
 _IBAN_CAND = re.compile(r"(?i)(?<![\w-])([a-z]{2}\d{2}(?: ?[a-z0-9]){11,30})(?![\w-])")
 _NINO = re.compile(r"(?<![\w-])((?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D])(?![\w-])")
-_PHONE_WORDS = re.compile(r"(?i)\b(?:phone|ph|tel|telephone|mobile|mob|cell|cellphone|fax|desk|office|call|calling|called|"
-                          r"dial|dialed|sms|text|whatsapp|contact|reach|ring)\b")
+_PHONE_WORDS = re.compile(r"(?i)\b(?:phones?|ph|tel|telephone|mobiles?|mob|cell|cellphone|fax|desk|office|call|calling|"
+                          r"called|dial|dialed|sms|text|whatsapp|contact|reach|ring)\b")
+# government and bank identifiers that have no checksum we can test: only right after their label
+_ID_LABEL = re.compile(
+    r"(?i)\b(?:(?P<nat>passport|driver'?s?[ -]licen[cs]e|licen[cs]e (?=no\b|number\b|#)|itin|taxpayer id(?:entification)?|"
+    r"tax id|national id(?:entity)?|identity card|id card|social security|ssn|nric|aadhaar|pan|tin)"
+    r"|(?P<acct>bank account|account|routing|aba|sort code))"
+    r"(?:[ \t]*(?:no\.?|num(?:ber)?|#|is|was|:|=)){0,3}[ \t]*[:#=]?[ \t]*"
+    r"(?P<value>(?=[A-Za-z0-9*-]{0,19}\d)[A-Za-z0-9][A-Za-z0-9*-]{4,19})(?![\w-])"
+)
+_ID_GATE_WORDS = r"passport|licen[cs]e|itin|taxpayer|tax id|national id|identity card|id card|social security|ssn|nric|aadhaar|\bpan\b|\btin\b|account|routing|\baba\b|sort code"
 _SSN_WORDS = re.compile(r"(?i)\b(?:ssn|social security|social sec)\b")
 _DATE_START = re.compile(r"^(\d{4})[-./ ](\d{1,2})[-./ ](\d{1,2})|^(\d{1,2})[-./ ](\d{1,2})[-./ ](\d{2}|\d{4})(?!\d)")
 _NANP = re.compile(r"^(?:1[ .-]?)?(?:\(\d{3}\) ?\d{3}[ .-]\d{4}|\d{3}([ .-])\d{3}\1\d{4})$")
@@ -531,6 +540,7 @@ _FAMILY_GATES: dict[str, str] = {
     "user": r"(?i)user|login|logname|acct|account|uname|accepted |failed |postponed |/home/|\\users\\|sudo:",
     "keyword_assign": r"(?i)(?:" + "|".join(DS_KEYWORD_DENYLIST) + r")[\w.-]*[\"'\]]{0,2}\s*(?:[:=]|\s[\"'])",
     "entropy": r"(?m)[\"'][A-Za-z0-9+/=_.~-]{10}|[=:]\s*[A-Za-z0-9+/_-]{20}|^[ \t]*[\w.-]+[ \t]*[:=][ \t]*\S{10}",
+    "labelled_id": r"(?i)(?:" + _ID_GATE_WORDS + r")[^\n]{0,24}\d",
     "names": r"(?i)name\s*[:=]|customer\s*[:=]|patient\s*[:=]|contact\s*[:=]|\b(?:mr|mrs|ms|miss|mx|dr|prof)\.? [A-Z]",
 }
 
@@ -756,6 +766,13 @@ class Redactor:
                         continue  # user=0: a numeric uid in key=value logs, not a name (sshd's "invalid user 0" is)
                     if value and value.lower() not in _NOT_USERS and value.count(".") < 2:
                         spans.append(_Span(m.start(1), m.start(1) + len(value), "USER", _PSEUDO, value))
+        if "labelled_id" in families:
+            for m in _ID_LABEL.finditer(text):
+                value = m.group("value")
+                if value.isalpha() or (value.isdigit() and len(value) < 6):
+                    continue
+                kind = "NATIONAL_ID" if m.group("nat") else "ACCOUNT_NUMBER"
+                spans.append(_Span(m.start("value"), m.end("value"), kind, _PII, value.upper()))
         if "names" in families:
             for pattern in (_NAME_LABEL, _TITLE_NAME):
                 for m in pattern.finditer(text):

@@ -109,6 +109,9 @@ PII_CASES = [
     ("payout iban de89370400440532013000 queued", "IBAN", "de89370400440532013000"),
     ("applicant ssn 078-05-1120 on file", "US_SSN", "078-05-1120"),
     ("NINO AB 12 34 56 C verified", "UK_NINO", "AB 12 34 56 C"),
+    ("kyc: passport number is 912803456", "NATIONAL_ID", "912803456"),
+    ("kyc: driver license: H12234567 scanned", "NATIONAL_ID", "H12234567"),
+    ("payout routing number is: 101205681", "ACCOUNT_NUMBER", "101205681"),
     ("callback requested, phone: +44 20 7946 0958", "PHONE", "+44 20 7946 0958"),
     ("call me at (415) 555-0132 after 5", "PHONE", "(415) 555-0132"),
     ("Fax: 9498777106", "PHONE", "9498777106"),
@@ -142,6 +145,7 @@ def test_personal_data_classes(redactor: Redactor, text: str, kind: str, value: 
     "trace_id=4bf92f3577b34da6a3ce929d0e0e4736 span_id=00f067aa0ba902b7 request took 34ms",
     "uuid 123e4567-e89b-12d3-a456-426614174000 created",
     "the api key is missing; set OPENAI_API_KEY",
+    "account created 2024-05-01 for tenant acme; license key expired",
 ])
 def test_near_misses_are_left_alone(redactor: Redactor, text: str):
     out, manifest = redactor.redact_text(text)
