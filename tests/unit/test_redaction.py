@@ -134,7 +134,7 @@ def test_personal_data_classes(redactor: Redactor, text: str, kind: str, value: 
 @pytest.mark.parametrize("text", [
     "card 4111 1111 1111 1112 is a typo (Luhn fails)",
     "payout IBAN GB82 WEST 1234 5698 7654 31 (bad checksum)",
-    "ssn 000-12-3456 is not issued",
+    "serial 000-12-3456 rejected (area 000 is never issued)",
     "release 10.2.3.4 of the agent",
     "wcp.dll version 0.0.0.6 loaded",
     "std::vector<int> resized; Class::method called at 12:34:56",
