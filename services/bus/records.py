@@ -172,6 +172,7 @@ class CheckpointSigned(AvroRecord):
     key_id: str
     signature: str
     note: str
+    head_hash: str = ''
 
 
 class LedgerEntry(AvroRecord):
