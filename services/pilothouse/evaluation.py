@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pilothouse.bus.errors import PermanentError
-from pilothouse.reasoning.engine import EngineConfig, Ranking, rank_root_causes
+from pilothouse.reasoning.engine import DEFAULT_CONFIG, EngineConfig, Ranking, rank_root_causes
 from pilothouse.sensing.evidence import (
     EvidenceItem,
     Series,
@@ -252,7 +252,7 @@ def _load_nezha_day(root: Path, day: str, *, with_traces: bool) -> _NezhaDay:
     edges: set[tuple[str, str]] = set()
     dep = _find(mdir, "dependency.csv")
     if dep is not None:
-        header, rows = _read_csv(dep)
+        _, rows = _read_csv(dep)
         for r in rows:
             if len(r) >= 2 and r[0] != r[1]:
                 edges.add((r[0], r[1]))
@@ -412,7 +412,7 @@ class CaseTiming:
     engine_wall_ms: float   # ranking alone
 
 
-def run_case(case: Case, config: EngineConfig = EngineConfig()) -> tuple[Ranking, list[EvidenceItem], CaseTiming]:
+def run_case(case: Case, config: EngineConfig = DEFAULT_CONFIG) -> tuple[Ranking, list[EvidenceItem], CaseTiming]:
     w0, c0 = time.perf_counter(), time.process_time()
     ev = case_evidence(case)
     w1 = time.perf_counter()
@@ -440,7 +440,7 @@ def _stats(xs: Sequence[float]) -> dict[str, float]:
             "p99": round(_pct(xs, 99), 3), "max": round(max(xs), 3)}
 
 
-def evaluate(cases: Iterator[Case], config: EngineConfig = EngineConfig()) -> dict:
+def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG) -> dict:
     ranks: list[int | None] = []
     by_type: dict[str, list[int | None]] = {}
     times: list[CaseTiming] = []

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -178,9 +178,12 @@ def _downstream(edges: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
     return closure
 
 
+DEFAULT_CONFIG = EngineConfig()
+
+
 def rank_root_causes(
-    evidence: Iterable[EvidenceLike], edges: Iterable[tuple[str, str]] = (), *, config: EngineConfig = EngineConfig(),
-    services: Iterable[str] = (),
+    evidence: Iterable[EvidenceLike], edges: Iterable[tuple[str, str]] = (), *,
+    config: EngineConfig = DEFAULT_CONFIG, services: Iterable[str] = (),
 ) -> Ranking:
     """Rank candidate root-cause services. ``edges`` are (caller, callee) pairs; ``services`` adds known services
     with no evidence (they rank last with score 0 and make the 'what was checked' list complete)."""

@@ -12,7 +12,8 @@ Readers covered here:
 - traces: :func:`trace_profile` summarises the spans of one time bucket; :func:`trace_hotspots` compares window
   buckets with reference buckets (latency per operation, call fan-out per parent operation, error ratio);
 - logs: :func:`log_template` masks variable tokens; :func:`log_bursts` finds templates whose rate jumped;
-- changes: :func:`change_evidence` turns deploy/config events near the window into evidence.
+- changes: :func:`change_evidence` turns deploy/config events near the window into evidence;
+- alerts: :func:`alert_evidence` turns firing alerts into evidence scored by severity.
 
 Baselines are robust statistics of a *reference* (the pre-incident window of the same series, or a known-normal
 period supplied by the caller), never thresholds fitted to a particular system.
@@ -125,22 +126,28 @@ class Series:
             )
 
 
+def _base_name(name: str) -> str:
+    return re.split(r"[{\[]", name, maxsplit=1)[0].lower()
+
+
 def classify_signal(name: str) -> str:
     """Coarse class of a metric from its name (keywords only, no system-specific names).
 
-    Classes: latency, errors, cpu, memory, network_io, io, traffic, other.
+    Classes: latency, errors, cpu, memory, network_io, io, traffic, other. Label selectors (``{...}``) and edge
+    suffixes (``[...]``) are not part of the name: a pod called "latency-probe" must not make its CPU a latency.
     """
-    n = name.lower()
-    if any(k in n for k in ("latency", "duration", "response_time", "responsetime", "rt_", "_rt", "delay")):
+    n = _base_name(name)
+    if any(k in n for k in ("latency", "duration", "response_time", "responsetime", "delay")) \
+            or re.search(r"(^|[_\-.])rt($|[_\-.])", n):
         return "latency"
-    if re.search(r"(^|[_\-.])p(50|90|95|99)\b", n) or "seconds" in n:
-        return "latency"
-    if any(k in n for k in ("success", "error", "fail", "5xx", "exception", "status")):
-        return "errors"
     if "cpu" in n:
         return "cpu"
     if "mem" in n:
         return "memory"
+    if re.search(r"(^|[_\-.])p(50|90|95|99)\b", n) or "seconds" in n:
+        return "latency"
+    if any(k in n for k in ("success", "error", "fail", "5xx", "exception", "status")):
+        return "errors"
     if any(k in n for k in ("network", "receive", "transmit", "bytes", "net_", "packet")):
         return "network_io"
     if any(k in n for k in ("syscall", "disk", "io_", "fs_", "read", "write")):
@@ -152,7 +159,7 @@ def classify_signal(name: str) -> str:
 
 def signal_side(name: str) -> str:
     """``client`` for outbound-call measurements, ``server`` for inbound, ``host`` for node-level, else ``pod``."""
-    n = name.lower()
+    n = _base_name(name)
     if n.startswith("node") or "node_" in n or "host" in n:
         return "host"
     if "client" in n or "source" in n or "outbound" in n:
@@ -200,7 +207,7 @@ def series_from_prometheus(
         for j, pair in enumerate(values):
             try:
                 t, v = pair
-                ts[j] = int(round(float(t) * 1000))
+                ts[j] = round(float(t) * 1000)
                 vs[j] = float(v)  # float() accepts "NaN", "+Inf", "-Inf" as Prometheus writes them
             except (TypeError, ValueError) as e:
                 raise EvidenceInputError(
@@ -214,7 +221,15 @@ def series_from_prometheus(
         name = signal or labels.get("__name__") or "value"
         attrs = {k: v for k, v in labels.items() if k not in {"__name__", service_label}}
         out.append(Series(service, name, ts, vs, source_link=source_link, attributes=attrs))
-    return out
+    # Several series of one service and metric (one per pod, say) must not share an evidence id: name them by
+    # their remaining labels, PromQL-style, e.g. cpu{pod="a-1"}.
+    seen = Counter((s.service, s.signal) for s in out)
+    return [
+        s if seen[(s.service, s.signal)] == 1 else Series(
+            s.service, s.signal + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(s.attributes.items())) + "}",
+            s.timestamps_ms, s.values, s.source_link, s.attributes)
+        for s in out
+    ]
 
 
 def prometheus_graph_link(base_url: str, query: str, window: Window) -> str:
@@ -238,7 +253,7 @@ class Baseline:
 
 def robust_baseline(reference: np.ndarray, *, rel_floor: float = 0.01, abs_floor: float = 1e-9,
                     tail: bool = True) -> Baseline | None:
-    """Median and a robust scale: max(1.4826·MAD, (q99−q01)/4.65, rel_floor·|median|, abs_floor).
+    """Median and a robust scale: max(1.4826·MAD, (q99-q01)/4.65, rel_floor·|median|, abs_floor).
 
     The tail term (``tail=True``) keeps a series that often spikes from producing huge z-scores on its ordinary
     spikes; leave it out when the reference is a handful of buckets that may include other incidents (the tail
@@ -418,12 +433,16 @@ def network_time_series(client_side: Series, server_side: Series, *, caller: str
     # The two sides are scraped independently: pair each client sample with the nearest server sample and
     # leave it NaN (ignored) when none lies within ``tolerance_ms``.
     sts = server_side.timestamps_ms
+    svals = server_side.values
+    if sts.size > 1 and np.any(np.diff(sts) < 0):
+        order = np.argsort(sts, kind="stable")
+        sts, svals = sts[order], svals[order]
     pos = np.clip(np.searchsorted(sts, client_side.timestamps_ms), 1, max(1, sts.size - 1))
     left = np.clip(pos - 1, 0, sts.size - 1)
     right = np.clip(pos, 0, sts.size - 1)
     cts = client_side.timestamps_ms
     nearest = np.where(np.abs(sts[left] - cts) <= np.abs(sts[right] - cts), left, right)
-    diff = client_side.values - server_side.values[nearest]
+    diff = client_side.values - svals[nearest]
     diff = np.where(np.abs(sts[nearest] - cts) <= tolerance_ms, diff, np.nan)
     # asarray keeps the caller's timestamp array when it is already int64, so edges of one table stay grouped
     return Series(callee, f"network_time[{caller}->{callee}]", np.asarray(cts, dtype=np.int64),
@@ -568,7 +587,7 @@ def trace_hotspots(
     for pair in pairs:
         parent, child = pair
 
-        def ratio(p: TraceProfile) -> float | None:
+        def ratio(p: TraceProfile, parent: tuple[str, str] = parent, pair: tuple = pair) -> float | None:
             n = p.count.get(parent, 0)
             return p.fanout.get(pair, 0) / n if n >= min_spans else None
 
@@ -693,7 +712,7 @@ def change_evidence(changes: Iterable[ChangeRecord], window: Window, *, lookback
                     half_life_ms: int = 900_000) -> list[EvidenceItem]:
     """Deploy/config changes from ``lookback_ms`` before the window to its end; fresher changes score higher.
 
-    Score = 10 · 2^(−age/half_life) where age is measured from the change to the window start (0 inside it).
+    Score = 10 · 2^(-age/half_life) where age is measured from the change to the window start (0 inside it).
     """
     out: list[EvidenceItem] = []
     for c in changes:
@@ -709,6 +728,44 @@ def change_evidence(changes: Iterable[ChangeRecord], window: Window, *, lookback
             direction="none", score=round(score, 3), onset_ms=c.timestamp_ms, baseline=None, observed=None,
             source_link=c.source_link, attributes={"signal_class": "change", "side": "pod",
                                                    "change_type": c.change_type},
+        ))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """A firing alert (e.g. from Alertmanager) about one service."""
+
+    starts_at_ms: int
+    service: str
+    name: str
+    severity: str = "warning"
+    summary: str = ""
+    source_link: str = ""
+
+
+_SEVERITY_SCORE = {"critical": 20.0, "page": 20.0, "error": 12.0, "high": 12.0, "warning": 8.0, "medium": 8.0,
+                   "info": 5.0, "low": 5.0}
+
+
+def alert_evidence(
+    alerts: Iterable[AlertRecord], window: Window, *, lookback_ms: int = 900_000,
+) -> list[EvidenceItem]:
+    """Alerts that started from ``lookback_ms`` before the window to its end, scored by severity.
+
+    An alert says *where it hurts* more than *why*: the engine weighs it like the symptom class its name implies.
+    """
+    out: list[EvidenceItem] = []
+    for a in alerts:
+        if not (window.start_ms - lookback_ms <= a.starts_at_ms <= window.end_ms):
+            continue
+        cls = classify_signal(a.name)
+        out.append(EvidenceItem(
+            evidence_id=evidence_id("alert", a.service, a.name, window), kind="alert", service=a.service,
+            signal=a.name, summary=f"alert {a.name} ({a.severity}) on {a.service}: {a.summary[:200]}".rstrip(": "),
+            direction="none", score=_SEVERITY_SCORE.get(a.severity.lower(), 8.0), onset_ms=a.starts_at_ms,
+            baseline=None, observed=None, source_link=a.source_link,
+            attributes={"signal_class": cls, "side": signal_side(a.name), "severity": a.severity},
         ))
     return out
 

@@ -18,8 +18,9 @@ MIN = 60_000
 def ev(service: str, signal: str, z: float, *, cls: str, side: str = "pod", kind: str = "metric_anomaly",
        onset: int | None = 60_000, direction: str = "up", **attrs: str) -> EvidenceItem:
     return EvidenceItem(
-        evidence_id=evidence_id(kind, service, signal, W), kind=kind, service=service, signal=signal,  # type: ignore[arg-type]
-        summary=f"{signal} of {service}", direction=direction, score=z, onset_ms=onset, baseline=1.0,  # type: ignore[arg-type]
+        evidence_id=evidence_id(kind, service, signal, W), kind=kind,  # type: ignore[arg-type]
+        service=service, signal=signal, summary=f"{signal} of {service}",
+        direction=direction, score=z, onset_ms=onset, baseline=1.0,  # type: ignore[arg-type]
         observed=2.0, source_link="test://", attributes={"signal_class": cls, "side": side, **attrs},
     )
 

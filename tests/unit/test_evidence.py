@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from pilothouse.sensing.evidence import (
+    AlertRecord,
     ChangeRecord,
     EvidenceInputError,
     LogRecord,
     Series,
     Span,
     Window,
+    alert_evidence,
     change_evidence,
     classify_signal,
     edges_from_correlation,
@@ -50,7 +52,8 @@ def test_evidence_id_is_stable_and_depends_on_every_part() -> None:
     assert a.startswith("ev-") and len(a) == 15 and int(a[3:], 16) >= 0
     others = {
         evidence_id("log_burst", "cart", "cpu", w), evidence_id("metric_anomaly", "cart2", "cpu", w),
-        evidence_id("metric_anomaly", "cart", "mem", w), evidence_id("metric_anomaly", "cart", "cpu", Window(1_000, 2_001)),
+        evidence_id("metric_anomaly", "cart", "mem", w),
+        evidence_id("metric_anomaly", "cart", "cpu", Window(1_000, 2_001)),
     }
     assert a not in others and len(others) == 4
 
@@ -96,6 +99,15 @@ def test_series_from_prometheus_refuses_malformed_input(body: object, message: s
         series_from_prometheus(body)  # type: ignore[arg-type]
 
 
+def test_series_of_several_pods_get_distinct_signals() -> None:
+    body = {"status": "success", "data": {"resultType": "matrix", "result": [
+        {"metric": {"__name__": "cpu", "service": "cart", "pod": "cart-2"}, "values": [[1, "1"]]},
+        {"metric": {"__name__": "cpu", "service": "cart", "pod": "cart-1"}, "values": [[1, "2"]]},
+        {"metric": {"__name__": "mem", "service": "cart", "pod": "cart-1"}, "values": [[1, "3"]]},
+    ]}}
+    assert [s.signal for s in series_from_prometheus(body)] == ['cpu{pod="cart-2"}', 'cpu{pod="cart-1"}', "mem"]
+
+
 def test_prometheus_graph_link_quotes_the_query() -> None:
     link = prometheus_graph_link("http://prom:9090/", 'rate(x{service="a b"}[1m])', Window(0, 300_000))
     assert link.startswith("http://prom:9090/graph?g0.expr=rate%28x%7Bservice%3D%22a%20b%22%7D%5B1m%5D%29")
@@ -113,6 +125,8 @@ def test_signal_classification_uses_generic_keywords() -> None:
     assert signal_side("PodClientLatencyP99(s)") == "client"
     assert signal_side("NodeCpuUsageRate(%)") == "host"
     assert signal_side("cpu") == "pod"
+    assert classify_signal('cpu_seconds{pod="latency-probe-1"}') == "cpu"
+    assert signal_side('cpu_seconds{instance="node-7"}') == "pod"
 
 
 # ---------------------------------------------------------------------------------------------------- baselines
@@ -198,6 +212,8 @@ def test_network_time_aligns_offset_scrapes_and_blames_nothing_without_a_match()
     assert edge.attributes == {"caller": "a", "callee": "b", "edge_metric": "network_time"}
     assert edge.values[:3] == pytest.approx([0.002, 0.003, 0.490])
     assert np.isnan(edge.values[3])  # nearest server sample is 380 s away
+    shuffled = Series("b", "p50", np.array([120_000, 0, 60_000]), np.array([0.010, 0.008, 0.009]))
+    assert network_time_series(client, shuffled, caller="a", callee="b").values[:3] == pytest.approx(edge.values[:3])
     with pytest.raises(EvidenceInputError, match="no samples"):
         network_time_series(client, Series("b", "p50", np.array([], dtype=np.int64), np.array([])),
                             caller="a", callee="b")
@@ -295,6 +311,19 @@ def test_change_evidence_decays_with_age_and_ignores_old_changes() -> None:
     assert [e.service for e in items] == ["cart", "pay"]
     assert items[0].score > items[1].score > 0
     assert items[0].kind == "change_event" and items[0].direction == "none"
+
+
+def test_alert_evidence_scores_by_severity_within_the_lookback() -> None:
+    w = Window(100 * MIN, 110 * MIN)
+    items = alert_evidence([
+        AlertRecord(95 * MIN, "checkout", "HighRequestLatency", "critical", "p99 > 2s", "http://am/#/alerts?x"),
+        AlertRecord(101 * MIN, "cart", "PodMemoryHigh", "warning"),
+        AlertRecord(20 * MIN, "old", "Whatever", "critical"),
+    ], w)
+    assert [(e.service, e.kind, e.attributes["signal_class"]) for e in items] == [
+        ("checkout", "alert", "latency"), ("cart", "alert", "memory")]
+    assert items[0].score > items[1].score and items[0].onset_ms == 95 * MIN
+    assert items[0].source_link == "http://am/#/alerts?x"
 
 
 # ---------------------------------------------------------------------------------------------------- real data
