@@ -1,0 +1,138 @@
+"""The approval console in a real browser, end to end over the real broker.
+
+The test plays sensing, reasoning, policy and the actuator by producing their records as the admin principal; the
+console consumes them as its own principal, and the people's decisions travel back over Kafka. Set
+``PILOTHOUSE_SCREENSHOTS=docs`` to refresh docs/console-incident.png and docs/console-pending-action.png.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from pilothouse.bus.producer import BusProducer
+from pilothouse.bus.records import ApprovalRecorded, HypothesisValidated
+from tests.e2e.console_harness import RunningConsole, password_of, publish, read_topic_until, write_users_file
+from tests.e2e.console_world import World
+
+ROOT = Path(__file__).resolve().parents[2]
+WAIT_MS = 30_000
+
+
+def log_in(page: Page, url: str, user: str) -> None:
+    """Keyboard only: the user-name field has focus, Tab to the password, Enter submits."""
+    page.goto(url + "/login")
+    expect(page.locator("#username")).to_be_focused()
+    page.keyboard.type(user)
+    page.keyboard.press("Tab")
+    expect(page.locator("#password")).to_be_focused()
+    page.keyboard.type(password_of(user))
+    page.keyboard.press("Enter")
+    expect(page.get_by_text(f"({user};")).to_be_visible()
+
+
+def new_page(browser, errors: list[str]) -> Page:
+    ctx = browser.new_context(viewport={"width": 1366, "height": 860})
+    page = ctx.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return page
+
+
+@pytest.fixture
+def shots(tmp_path):
+    out = ROOT / "docs" if os.environ.get("PILOTHOUSE_SCREENSHOTS") == "docs" else tmp_path
+    return out
+
+
+def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp_path, shots):
+    w = World()
+    admin = bus_settings("admin")
+    producer = BusProducer(admin)
+    errors: list[str] = []
+    with RunningConsole(bus_settings("console"), write_users_file(tmp_path)) as rc:
+        alice, bob, rita = (new_page(browser, errors) for _ in range(3))
+
+        # Alice is watching the incident list when the incident opens: it appears without a reload.
+        log_in(alice, rc.url, "alice")
+        alice.keyboard.press("Tab")
+        expect(alice.locator("a.skip")).to_be_focused()  # the first Tab reaches the skip link
+        alice.evaluate("window.__marker = 'same page'")
+        publish(admin, [w.alert(), w.incident()], producer)
+        row = alice.get_by_role("link", name=re.compile(re.escape(w.tag)))
+        expect(row).to_be_visible()
+        assert alice.evaluate("window.__marker") == "same page"  # live update, not a reload
+
+        # Reasoning proposes hypotheses; Rita opens one, follows a claim to its evidence, validates it (gate 1).
+        publish(admin, [w.hypotheses()], producer)
+        log_in(rita, rc.url, "rita")
+        rita.goto(f"{rc.url}/incidents/{w.incident_id}")
+        card = rita.locator(f"#hyp-{w.h1}")
+        expect(card).to_contain_text("82%")
+        expect(rita.locator(f"#hyp-{w.h2}")).to_contain_text("inconclusive")
+        expect(card).to_contain_text("cites evidence that does not exist")
+        card.locator(f'a[href="#ev-{w.ev_deploy}"]').click()
+        evidence = rita.locator(f"#ev-{w.ev_deploy}")
+        expect(evidence).to_be_in_viewport()
+        expect(evidence.get_by_role("link", name="source")).to_have_attribute(
+            "href", "https://ci.example.test/deploys/checkout/v42")
+        card.get_by_label("Validate").check()
+        card.get_by_label("Comment").fill("deploy v42 lines up with the onset")
+        card.get_by_role("button", name="Record verdict").click()
+        expect(rita.locator(".flash")).to_contain_text(f"you validated hypothesis {w.h1}")
+        rita.evaluate("window.scrollTo(0, 0)")
+        rita.screenshot(path=str(shots / "console-incident.png"), full_page=False)
+        validations = read_topic_until(admin, "pilothouse.console.hypothesis-validations.v1",
+                                       lambda r: isinstance(r, HypothesisValidated) and r.hypothesis_id == w.h1)
+        assert validations[0].validator_id == "rita"
+
+        # Policy asks for two approvers; the actuator's shadow run predicts the outcome.
+        publish(admin, [w.proposal(), w.pending(validated_by="rita"), w.shadow()], producer)
+        alice.goto(f"{rc.url}/actions/{w.action_id}")
+        expect(alice.locator("#shadow-summary")).to_contain_text("SLO met")
+        expect(alice.locator("#action-hash")).to_have_text(w.hash)
+        expect(alice.locator(".countdown").first).to_have_text(re.compile(r"^1[45]m \d+s$"))
+        alice.screenshot(path=str(shots / "console-pending-action.png"), full_page=True)
+        alice.get_by_label("Approve").check()
+        alice.get_by_label("Comment").fill("prediction matches the v41 canary")
+        alice.get_by_role("button", name="Record decision").click()
+        expect(alice.locator(".flash")).to_contain_text("you approved")
+
+        first = read_topic_until(admin, "pilothouse.console.approvals.v1",
+                                 lambda r: isinstance(r, ApprovalRecorded) and r.action_id == w.action_id)
+        assert (first[0].approver_id, first[0].action_hash) == ("alice", w.hash)
+        publish(admin, [w.pending(approved_by=["alice"], validated_by="rita", minutes=0.5)], producer)
+        expect(alice.locator("#approved-by")).to_contain_text("alice")
+        expect(alice.locator("#action-state")).to_have_text("waiting")
+        expect(alice.locator("#action-status-text")).to_contain_text("waiting for 1 more approval")
+
+        # The second approver sees who approved so far and approves too.
+        log_in(bob, rc.url, "bob")
+        bob.goto(f"{rc.url}/actions/{w.action_id}")
+        expect(bob.locator("#approved-by")).to_contain_text("alice")
+        bob.get_by_label("Approve").check()
+        bob.get_by_role("button", name="Record decision").click()
+        expect(bob.locator(".flash")).to_contain_text("you approved")
+        both = read_topic_until(admin, "pilothouse.console.approvals.v1",
+                                lambda r: isinstance(r, ApprovalRecorded) and r.action_id == w.action_id, want=2)
+        assert sorted(r.approver_id for r in both) == ["alice", "bob"]
+
+        # Policy authorizes with both approvals; the actuator executes and verifies. Alice's page follows live.
+        publish(admin, [w.pending(approved_by=["alice", "bob"], validated_by="rita", minutes=0.8),
+                        w.authorized([r.approval_id for r in both]), w.executed(), w.verified()], producer)
+        expect(alice.locator("#action-state")).to_have_text("verified")
+        expect(alice.locator("#action-status-text")).to_contain_text("executed and verified")
+        expect(alice.get_by_text("error_ratio_below_slo")).to_be_visible()
+
+        # Once executed, another approval is refused with the reason (the form is gone; a crafted POST is answered).
+        r = alice.request.post(f"{rc.url}/actions/{w.action_id}/decision",
+                               form={"decision": "approve", "action_hash": w.hash,
+                                     "csrf_token": alice.locator('input[name="csrf_token"]').first.input_value()})
+        assert r.status == 409 and "no longer waiting" in r.text()
+
+    assert not [e for e in errors if "Content Security Policy" in e or "Uncaught" in e], errors
