@@ -450,6 +450,7 @@ def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG) -> di
     t_all = time.perf_counter()
     for case in cases:
         ranking, ev, timing = run_case(case, config)
+        by_id = {e.evidence_id: e for e in ev}
         order = ranking.top(len(ranking.candidates))
         rank = order.index(case.root_cause) + 1 if case.root_cause in order else None
         ranks.append(rank)
@@ -461,8 +462,11 @@ def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG) -> di
             "case": case.case_id, "fault_type": case.fault_type, "root_cause": case.root_cause, "rank": rank,
             "abstain": ranking.abstain, "top5": [[c.service, c.score] for c in ranking.candidates[:5]],
             "evidence_items": len(ev),
-            "top_evidence": [c.evidence_id for c in ranking.candidates[0].contributions[:3]]
-            if ranking.candidates else [],
+            "top_evidence": [
+                {"evidence_id": c.evidence_id, "feature": c.feature, "points": c.points,
+                 "summary": by_id[c.evidence_id].summary if c.evidence_id in by_id else ""}
+                for c in (ranking.candidates[0].contributions[:3] if ranking.candidates else ())
+            ],
             "ms": round(timing.wall_ms, 2),
         })
     if not ranks:
@@ -470,7 +474,10 @@ def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG) -> di
     out = _summary(ranks)
     strict = [r if not d["abstain"] else None for r, d in zip(ranks, details, strict=True)]
     out.update({
+        # abstaining means answering "inconclusive": counted as a miss here, ignored by ac_at_k above
         "ac_at_1_abstain_as_miss": _acc(strict, 1),
+        "answered_correct_at_1": sum(1 for r, d in zip(ranks, details, strict=True) if r == 1 and not d["abstain"]),
+        "answered": len(ranks) - abstained,
         "per_fault_type": {t: _summary(v) for t, v in sorted(by_type.items())},
         "abstained": abstained,
         "time_per_case_ms": _stats([t.wall_ms for t in times]),

@@ -104,7 +104,9 @@ def test_eval_rca_on_rcaeval_layout_writes_the_report(rcaeval_dir: Path, tmp_pat
     assert report["ac_at_1"] == 1.0 and report["avg_at_5"] == 1.0
     assert set(report["per_fault_type"]) == {"cpu", "delay", "mem"} and report["per_fault_type"]["cpu"]["cases"] == 2
     assert {d["root_cause"] for d in report["details"]} == {"cart", "currency"}
-    assert all(d["top_evidence"][0].startswith("ev-") for d in report["details"])
+    assert all(d["top_evidence"][0]["evidence_id"].startswith("ev-") for d in report["details"])
+    assert all(d["top_evidence"][0]["summary"] for d in report["details"])
+    assert report["answered"] + report["abstained"] == 4
     assert report["time_per_case_ms"]["p99"] >= report["time_per_case_ms"]["p50"] > 0
     assert "AC@1=1.000" in capsys.readouterr().out
 
