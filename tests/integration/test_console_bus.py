@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from datetime import datetime, timezone
 
 import httpx
 import pytest
 
-from pilothouse.bus.consumer import ConsumerLoop
 from pilothouse.bus.errors import NotAuthorized
 from pilothouse.bus.producer import BusProducer
 from pilothouse.bus.records import ApprovalRecorded, HypothesisValidated, LedgerEntry
-from tests.e2e.console_harness import RunningConsole, password_of, publish, write_users_file
+from tests.e2e.console_harness import RunningConsole, password_of, publish, read_topic_until, write_users_file
 from tests.e2e.console_world import World
 
 APPROVALS = "pilothouse.console.approvals.v1"
@@ -25,26 +23,7 @@ VALIDATIONS = "pilothouse.console.hypothesis-validations.v1"
 
 def find_on_topic(bus_settings, topic: str, event_id: str, timeout_s: float = 30.0):
     """Read ``topic`` as admin from the beginning until the record with ``event_id`` shows up."""
-    found = []
-    admin = bus_settings("admin")
-    dlq = BusProducer(admin)
-    loop: ConsumerLoop
-
-    def handle(record, ctx):
-        if record.event_id == event_id:
-            found.append(record)
-            loop.stop()
-
-    import uuid
-
-    loop = ConsumerLoop(admin, group_id=f"test.{uuid.uuid4().hex[:12]}", handlers={topic: handle}, dlq_producer=dlq)
-    timer = threading.Timer(timeout_s, loop.stop)
-    timer.start()
-    try:
-        loop.run()
-    finally:
-        timer.cancel()
-        loop.close()
+    found = read_topic_until(bus_settings("admin"), topic, lambda r: r.event_id == event_id, timeout_s=timeout_s)
     return found[0] if found else None
 
 
@@ -135,3 +114,57 @@ def test_a_restarted_console_learns_past_approvals_from_the_ledger(bus_settings,
                          json={"decision": "approve", "action_hash": w.hash}, headers={"X-CSRF-Token": login(bob, "bob")})
         assert r.status_code == 409 and r.json()["code"] == "duplicate_approver"
         assert rc.model.ledger.last_sequence is not None
+
+
+def test_the_service_process_serves_and_stops_cleanly_on_sigterm(bus_settings, stack_info, users_file, tmp_path):
+    """``python -m pilothouse.console`` as deployed: settings from the environment, /health, login, SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.e2e.console_harness import free_port
+
+    port, obs = free_port(), free_port()
+    env = {**os.environ,
+           "PILOTHOUSE_CONSOLE_USERS_FILE": str(users_file), "PILOTHOUSE_CONSOLE_SESSION_SECRET": "p" * 40,
+           "PILOTHOUSE_CONSOLE_PORT": str(port), "PILOTHOUSE_CONSOLE_OBSERVABILITY_PORT": str(obs),
+           "PILOTHOUSE_CONSOLE_SECURE_COOKIES": "false",
+           "PILOTHOUSE_CONSOLE_CONSUMER_GROUP": f"pilothouse.console.test-{os.getpid()}-{port}",
+           "PILOTHOUSE_KAFKA_BOOTSTRAP_SERVERS": stack_info.kafka.bootstrap_servers,
+           "PILOTHOUSE_KAFKA_USERNAME": "console",
+           "PILOTHOUSE_KAFKA_PASSWORD": stack_info.password("console")}
+    proc = subprocess.Popen([sys.executable, "-m", "pilothouse.console"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{obs}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "console did not become healthy"
+            time.sleep(0.2)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            assert login(c, "ada")
+            assert c.get("/api/incidents").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_settings_exit_2_with_the_reason(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PILOTHOUSE_CONSOLE_")}
+    env["PILOTHOUSE_CONSOLE_SESSION_SECRET"] = "short"
+    r = subprocess.run([sys.executable, "-m", "pilothouse.console"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "bad settings" in r.stderr and "users_file" in r.stderr
