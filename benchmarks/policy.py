@@ -48,7 +48,7 @@ def sample_inputs() -> list[tuple[str, PolicyInput]]:
 
     def approvals(doc: dict, *ids: str) -> None:
         a = doc["action"]
-        digest = action_hash(a["action_type"], a["target"], a["params"])
+        digest = action_hash(a["action_type"], a["target"]["kind"], a["target"]["name"], a["params"])
         doc["approvals"] = [
             {"approval_id": f"ap-{n}", "approver": {"id": i, "kind": "human", "roles": ["approver"]},
              "action_hash": digest, "granted_at": "2026-11-25T11:58:00Z", "expires_at": "2026-11-25T12:10:00Z"}

@@ -1,26 +1,22 @@
-"""Pure policy logic: the OPA input and decision documents, identities, action hashes and signed authorizations.
+"""Pure policy logic: the OPA input and decision documents, and the terms of a signed authorization.
 
-Nothing here performs I/O. The OPA server is reached through :mod:`pilothouse.policy.adapters.opa`; the actuator
-verifies authorizations with :func:`verify_authorization` from this module, so both sides share one canonical form.
+Nothing here performs I/O. The OPA server is reached through :mod:`pilothouse.policy.adapters.opa`.
 
-Canonical JSON (used for every hash and signature) is UTF-8 JSON with keys sorted by code point, no insignificant
-whitespace, and finite numbers only; it is produced by :func:`canonical_json`.
+The shared contracts live in the bus package so that every service computes them identically: identity
+normalisation (:mod:`pilothouse.bus.identity`), canonical JSON and the action hash (:mod:`pilothouse.bus.actions`),
+and Ed25519 signing/verification of ``ActionAuthorized`` (:mod:`pilothouse.bus.authorization`, which the actuator
+verifies with). This module re-exports the first two and computes the terms the third signs.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import math
 import re
 import unicodedata
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import orjson
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -33,7 +29,9 @@ from pydantic import (
     model_validator,
 )
 
+from pilothouse.bus import actions as bus_actions
 from pilothouse.bus.errors import PermanentError, RetryableError
+from pilothouse.bus.identity import IdentityInvalid, normalise_identity, strip_invisible
 
 INPUT_SCHEMA_VERSION = "1"
 
@@ -61,12 +59,8 @@ class PolicyInputInvalid(PermanentError):
     """The policy input document is malformed; no decision can be taken on it (the record goes to the DLQ)."""
 
 
-class IdentityInvalid(PolicyInputInvalid):
-    """A principal id is empty after normalisation or contains control characters."""
-
-
-class AuthorizationInvalid(PermanentError):
-    """A signed authorization failed verification: bad signature, expired, or bound to another action."""
+class NotAuthorizable(PermanentError):
+    """Authorization terms were asked for a decision that does not allow the action."""
 
 
 class PolicyEngineUnavailable(RetryableError):
@@ -78,55 +72,11 @@ class PolicyEvaluationFailed(PermanentError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Identities
+# Identities: normalise_identity / strip_invisible / IdentityInvalid come from pilothouse.bus.identity (re-exported)
 # ----------------------------------------------------------------------------------------------------------------
 
-# Code points that render as nothing but make two ids differ. Unicode category Cf (format characters: zero-width
-# space/joiners, bidi controls, BOM, tag characters) is removed wholesale; these are the invisible ones outside Cf.
-_INVISIBLE_RANGES = (
-    (0x034F, 0x034F),  # combining grapheme joiner
-    (0x115F, 0x1160),  # Hangul choseong/jungseong fillers
-    (0x17B4, 0x17B5),  # Khmer inherent vowels
-    (0x180B, 0x180F),  # Mongolian free variation selectors
-    (0x3164, 0x3164),  # Hangul filler
-    (0xFE00, 0xFE0F),  # variation selectors
-    (0xFFA0, 0xFFA0),  # halfwidth Hangul filler
-    (0xE0100, 0xE01EF),  # variation selectors supplement
-)
-
-
 def _is_invisible(ch: str) -> bool:
-    if unicodedata.category(ch) == "Cf":
-        return True
-    cp = ord(ch)
-    return any(lo <= cp <= hi for lo, hi in _INVISIBLE_RANGES)
-
-
-def strip_invisible(text: str) -> str:
-    """Remove zero-width, bidi, tag-block and other invisible code points."""
-    return "".join(ch for ch in text if not _is_invisible(ch))
-
-
-def normalise_identity(raw: str) -> str:
-    """Return the stable, comparable form of a principal id.
-
-    NFKC (full-width and compatibility forms fold to their plain letters), casefold (``ONCALL-7`` == ``oncall-7``),
-    invisible characters removed, surrounding whitespace trimmed. Raises :class:`IdentityInvalid` when nothing is
-    left or when control characters remain: such an id cannot be compared safely, so it is refused, not repaired.
-    """
-    if not isinstance(raw, str):
-        raise IdentityInvalid(f"identity must be a string, got {type(raw).__name__}")
-    text = strip_invisible(raw)
-    # casefold can produce non-NFKC sequences, so normalise again afterwards (the Unicode NFKC_Casefold recipe).
-    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
-    text = strip_invisible(text).strip()
-    if not text:
-        raise IdentityInvalid(f"identity {raw!r} is empty after normalisation")
-    if len(text) > MAX_ID_CHARS:
-        raise IdentityInvalid(f"identity longer than {MAX_ID_CHARS} characters")
-    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in text):
-        raise IdentityInvalid(f"identity {raw!r} contains control characters")
-    return text
+    return strip_invisible(ch) == ""
 
 
 def _reject_invisible(value: str) -> str:
@@ -136,45 +86,35 @@ def _reject_invisible(value: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Canonical JSON and hashes
+# Canonical JSON and hashes (the bus's canonical form; errors translated to PolicyInputInvalid)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_finite(value: Any, path: str = "$") -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise PolicyInputInvalid(f"{path}: NaN and infinities have no canonical JSON form")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise PolicyInputInvalid(f"{path}: object keys must be strings, got {type(key).__name__}")
-            _check_finite(item, f"{path}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_finite(item, f"{path}[{index}]")
-
-
 def canonical_json(value: Any) -> bytes:
-    """Canonical bytes of a JSON value: sorted keys, compact, UTF-8, finite numbers only."""
-    _check_finite(value)
+    """Canonical bytes of a JSON value (:func:`pilothouse.bus.actions.canonical_json`): sorted keys, compact, UTF-8,
+    finite numbers only. Raises PolicyInputInvalid for values without a canonical form."""
     try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except TypeError as e:
-        raise PolicyInputInvalid(f"value has no canonical JSON form: {e}") from e
+        return bus_actions.canonical_json(value)
+    except bus_actions.ActionRejected as e:
+        raise PolicyInputInvalid(f"no canonical JSON form: {e}") from e
+    except TypeError as e:  # orjson: non-string keys, unsupported types
+        raise PolicyInputInvalid(f"no canonical JSON form: {e}") from e
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def action_hash(action_type: str, target: dict[str, Any] | BaseModel, params: dict[str, Any]) -> str:
-    """SHA-256 (hex) over the canonical JSON of ``{"action_type", "target", "params"}``.
+def action_hash(action_type: str, target_kind: str, target: str, params: dict[str, Any]) -> str:
+    """The bus's action hash (:func:`pilothouse.bus.actions.action_hash`) over exactly what will execute.
 
-    The hash is taken over exactly what will execute: nothing is normalised here. An approval is bound to this hash;
-    if any parameter changes afterwards, the approval no longer counts (``hash_mismatch``).
+    An approval is bound to this hash; if any parameter changes afterwards, the approval no longer counts
+    (``hash_mismatch``), and the actuator recomputes it before executing.
     """
-    if isinstance(target, BaseModel):
-        target = target.model_dump(mode="json")
-    return sha256_hex(canonical_json({"action_type": action_type, "target": target, "params": params}))
+    try:
+        return bus_actions.action_hash(action_type, target_kind, target, params)
+    except (bus_actions.ActionRejected, TypeError) as e:
+        raise PolicyInputInvalid(f"action has no canonical hash: {e}") from e
 
 
 def decision_id(entrypoint: str, input_digest: str, bundle_revision: str) -> str:
@@ -246,9 +186,13 @@ class Proposal(_Model):
 
 
 class Target(_Model):
-    service: Id
+    """What the action runs on. ``kind`` + ``name`` are the catalogue's target (hashed); ``service`` and
+    ``environment`` place it for risk, kill switches, freezes and budgets."""
+
+    kind: Id = Field(description="catalogue target kind, e.g. service | instance")
+    name: Id = Field(description="the target itself, as in ActionProposed.target")
+    service: Id = Field(description="the service the target belongs to (== name when kind is service)")
     environment: Environment
-    resource: str = Field(default="", max_length=512)
 
 
 class ActionFacts(_Model):
@@ -272,20 +216,24 @@ class Action(_Model):
     def _fill_hash(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("action_hash"):
             try:
-                target = Target.model_validate(data["target"]).model_dump(mode="json")
-                data = {**data, "action_hash": action_hash(data["action_type"], target, data.get("params") or {})}
+                target = Target.model_validate(data["target"])
+                digest = action_hash(data["action_type"], target.kind, target.name, data.get("params") or {})
+                data = {**data, "action_hash": digest}
             except PolicyInputInvalid as e:
                 raise ValueError(f"params: {e}") from e
             except (KeyError, TypeError, ValidationError):
                 pass  # the field validators report what is missing or wrong
         return data
 
+    def computed_hash(self) -> str:
+        return action_hash(self.action_type, self.target.kind, self.target.name, self.params)
+
     @model_validator(mode="after")
     def _check_hash(self) -> Action:
         size = len(canonical_json(self.params))
         if size > MAX_PARAMS_BYTES:
             raise ValueError(f"params are {size} bytes of canonical JSON, more than {MAX_PARAMS_BYTES}")
-        expected = action_hash(self.action_type, self.target, self.params)
+        expected = self.computed_hash()
         if self.action_hash != expected:
             raise ValueError(f"action_hash {self.action_hash} does not match the action (expected {expected})")
         return self
@@ -359,6 +307,10 @@ class PolicyInput(_Model):
     def digest(self) -> str:
         """SHA-256 of the canonical input document: recorded with the decision so it can be replayed."""
         return input_digest(self.to_opa())
+
+    def canonical_text(self) -> str:
+        """The canonical input document as text (PolicyDecided.input_json); its SHA-256 is :meth:`digest`."""
+        return canonical_json(self.to_opa()).decode("utf-8")
 
 
 def input_digest(document: dict[str, Any]) -> str:
@@ -455,67 +407,69 @@ def record_decision(policy_input: PolicyInput, decision: Decision, *, digest: st
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Signed authorizations (policy signs, actuator verifies)
+# What an allow turns into on the bus
 # ----------------------------------------------------------------------------------------------------------------
 
-_AUTHORIZATION_CONTEXT = b"pilothouse.authorization.v1\n"
+#: (stage, outcome) of the bus's PolicyDecided record for each (entrypoint, outcome) of a decision.
+_BUS_OUTCOMES: dict[tuple[str, str], tuple[str, str]] = {
+    ("proposal", "deny"): ("proposal", "denied"),
+    ("proposal", "pending_approval"): ("proposal", "pending_approval"),
+    ("proposal", "allow"): ("proposal", "auto_allowed"),
+    ("approvals", "deny"): ("approval", "denied"),
+    ("approvals", "pending_approval"): ("approval", "waiting"),
+    ("approvals", "allow"): ("approval", "authorized"),
+}
 
 
-class AuthorizationPayload(_Model):
-    """What the policy service signs when approvals are sufficient, and what the actuator checks before executing."""
+def bus_stage_and_outcome(decision: Decision) -> tuple[str, str]:
+    """``(stage, outcome)`` for ``pilothouse.bus.records.PolicyDecided``."""
+    return _BUS_OUTCOMES[(decision.entrypoint, decision.outcome)]
 
-    action_id: Id
+
+class AuthorizationTerms(_Model):
+    """The policy-owned fields of an ``ActionAuthorized`` record; the handler adds the envelope and the action, then
+    signs with :func:`pilothouse.bus.authorization.sign` (the actuator verifies with its ``verify``)."""
+
+    action_id: str
     action_hash: Hex64
-    decision_id: Id
-    bundle_revision: Id
-    input_hash: Hex64
-    approval_ids: list[Id] = Field(max_length=MAX_APPROVALS)
+    decision_id: str
+    bundle_revision: str
+    input_sha256: Hex64
+    approval_ids: list[str]
+    issued_at: UtcTime
     expires_at: UtcTime
 
-    @field_validator("approval_ids")
-    @classmethod
-    def _sorted_unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("approval_ids must be unique")
-        return sorted(value)
 
-    def canonical_bytes(self) -> bytes:
-        """Domain-separated canonical bytes: a signature over them cannot be replayed as another kind of message."""
-        return _AUTHORIZATION_CONTEXT + canonical_json(self.model_dump(mode="json"))
+def authorization_terms(
+    policy_input: PolicyInput, record: DecisionRecord, *, ttl: timedelta = timedelta(minutes=5)
+) -> AuthorizationTerms:
+    """Terms of the authorization for an allowed decision, issued at ``policy_input.now``.
 
-
-def sign_authorization(private_key: Ed25519PrivateKey, payload: AuthorizationPayload) -> str:
-    """Ed25519 signature over the payload's canonical bytes, base64url without padding."""
-    signature = private_key.sign(payload.canonical_bytes())
-    return base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii")
-
-
-def verify_authorization(
-    public_key: Ed25519PublicKey,
-    payload: AuthorizationPayload,
-    signature: str,
-    *,
-    now: datetime,
-    action_hash: str | None = None,
-) -> None:
-    """Raise :class:`AuthorizationInvalid` unless the signature is valid, unexpired at ``now``, and (when given)
-    bound to ``action_hash`` — the hash the verifier computed itself from the action it is about to run."""
-    try:
-        raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
-    except (binascii.Error, ValueError, TypeError) as e:
-        raise AuthorizationInvalid("signature is not base64url") from e
-    if len(raw) != 64:
-        raise AuthorizationInvalid(f"an Ed25519 signature has 64 bytes, got {len(raw)}")
-    try:
-        public_key.verify(raw, payload.canonical_bytes())
-    except InvalidSignature as e:
-        raise AuthorizationInvalid("signature does not match the payload (forged or altered)") from e
-    if now.tzinfo is None:
-        raise AuthorizationInvalid("now must be timezone-aware")
-    if now >= payload.expires_at:
-        raise AuthorizationInvalid(f"authorization expired at {payload.expires_at.isoformat()}")
-    if action_hash is not None and action_hash != payload.action_hash:
-        raise AuthorizationInvalid("authorization is bound to another action (action_hash differs)")
+    It expires at ``now + ttl`` or when the first accepted approval expires, whichever is sooner: an authorization
+    never outlives the human consent it rests on. Raises NotAuthorizable unless the decision allows the action.
+    """
+    decision = record.decision
+    if not decision.allow:
+        raise NotAuthorizable(f"decision {record.decision_id} is {decision.outcome}: nothing to authorize")
+    if decision.action_hash != policy_input.action.action_hash or record.input_hash != policy_input.digest():
+        raise NotAuthorizable(f"decision {record.decision_id} was taken on another input")
+    if ttl <= timedelta(0):
+        raise NotAuthorizable("ttl must be positive")
+    accepted = set(decision.accepted_approvals)
+    expiries = [a.expires_at for a in policy_input.approvals if a.approval_id in accepted]
+    expires_at = min([policy_input.now + ttl, *expiries])
+    if expires_at <= policy_input.now:
+        raise NotAuthorizable("an accepted approval expires now: ask for a fresh approval")
+    return AuthorizationTerms(
+        action_id=policy_input.action.action_id,
+        action_hash=policy_input.action.action_hash,
+        decision_id=record.decision_id,
+        bundle_revision=decision.bundle_revision,
+        input_sha256=record.input_hash,
+        approval_ids=sorted(accepted),
+        issued_at=policy_input.now,
+        expires_at=expires_at,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

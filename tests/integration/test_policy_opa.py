@@ -52,7 +52,7 @@ def base() -> Doc:
 
 def current_hash(doc: Doc) -> str:
     a = doc["action"]
-    return action_hash(a["action_type"], a["target"], a["params"])
+    return action_hash(a["action_type"], a["target"]["kind"], a["target"]["name"], a["params"])
 
 
 def approval(doc: Doc, approver_id: str, roles: tuple[str, ...] = ("approver",), kind: str = "human", **extra) -> dict:

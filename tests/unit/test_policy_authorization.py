@@ -1,121 +1,115 @@
-"""Ed25519 authorizations: the policy service signs, the actuator verifies with the same function."""
+"""From an allowed decision to a signed ActionAuthorized the actuator accepts (bus contract), and nothing else."""
 
 from __future__ import annotations
 
+import copy
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pilothouse.bus import authorization as bus_auth
+from pilothouse.bus.records import ActionAuthorized
 from pilothouse.policy.domain import (
-    AuthorizationInvalid,
-    AuthorizationPayload,
-    sign_authorization,
-    verify_authorization,
+    Decision,
+    NotAuthorizable,
+    PolicyInput,
+    authorization_terms,
+    parse_policy_input,
+    record_decision,
 )
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = json.loads((REPO / "policies/pilothouse/fixtures/data.json").read_text(encoding="utf-8"))
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
-def payload(**overrides: object) -> AuthorizationPayload:
-    fields = {
-        "action_id": "act-1",
-        "action_hash": "a" * 64,
-        "decision_id": "dec-0123",
-        "bundle_revision": "2026.11.25-1",
-        "input_hash": "b" * 64,
-        "approval_ids": ["ap-bob", "ap-alice"],
-        "expires_at": NOW + timedelta(minutes=5),
-    }
-    fields.update(overrides)
-    return AuthorizationPayload.model_validate(fields)
+def approved_input(expires_at: str = "2026-11-25T12:15:00Z") -> PolicyInput:
+    doc = copy.deepcopy(FIXTURES["base_input"])
+    del doc["action"]["action_hash"]
+    policy_input = parse_policy_input(doc)
+    approval = {**FIXTURES["alice"], "action_hash": policy_input.action.action_hash, "expires_at": expires_at}
+    doc["approvals"] = [approval]
+    return parse_policy_input(doc)
 
 
-def test_round_trip_verifies() -> None:
-    p = payload()
-    signature = sign_authorization(KEY, p)
-    verify_authorization(KEY.public_key(), p, signature, now=NOW, action_hash="a" * 64)
+def decision(policy_input: PolicyInput, outcome: str = "allow", accepted: tuple[str, ...] = ("ap-alice",)) -> Decision:
+    return Decision.model_validate({
+        "entrypoint": "approvals", "outcome": outcome, "allow": outcome == "allow",
+        "requires_approval": outcome == "pending_approval", "approvers_needed": 1, "approvals_still_needed": 0,
+        "approver_roles": ["admin", "approver"], "risk": {}, "reasons": ["approvals_sufficient: 1 of 1"],
+        "reason_codes": ["approvals_sufficient"], "accepted_approvals": list(accepted), "refused_approvals": [],
+        "action_hash": policy_input.action.action_hash, "bundle_revision": "2026.11.25-1",
+    })
 
 
-def test_canonical_bytes_are_independent_of_approval_order_and_timezone() -> None:
-    a = payload()
-    b = payload(approval_ids=["ap-alice", "ap-bob"], expires_at="2026-11-25T13:05:00+01:00")
-    assert a.canonical_bytes() == b.canonical_bytes()
-    assert a.canonical_bytes().startswith(b"pilothouse.authorization.v1\n")
-    # The signature made over one verifies for the other: the actuator need not receive the same field order.
-    verify_authorization(KEY.public_key(), b, sign_authorization(KEY, a), now=NOW)
+def signed_authorization(policy_input: PolicyInput, ttl: timedelta = timedelta(minutes=5)) -> ActionAuthorized:
+    record = record_decision(policy_input, decision(policy_input))
+    terms = authorization_terms(policy_input, record, ttl=ttl)
+    a = policy_input.action
+    unsigned = ActionAuthorized(
+        event_id="ev-1", incident_id="inc-1", correlation_id="corr-1", occurred_at=terms.issued_at,
+        authorization_id="auth-1", action_type=a.action_type, target_kind=a.target.kind, target=a.target.name,
+        params_json=json.dumps(a.params), key_id="", signature="", **terms.model_dump(),
+    )
+    return bus_auth.sign(KEY, unsigned)
 
 
-def test_signature_is_deterministic() -> None:
-    assert sign_authorization(KEY, payload()) == sign_authorization(KEY, payload())
+def keys() -> dict:
+    return {bus_auth.key_id(KEY.public_key()): KEY.public_key()}
 
 
-@pytest.mark.parametrize(
-    "tampered",
-    [
-        {"action_hash": "c" * 64},
-        {"action_id": "act-2"},
-        {"decision_id": "dec-9999"},
-        {"bundle_revision": "2026.11.24-9"},
-        {"input_hash": "d" * 64},
-        {"approval_ids": ["ap-alice"]},
-        {"approval_ids": ["ap-alice", "ap-bob", "ap-mallory"]},
-        {"expires_at": NOW + timedelta(hours=5)},
-    ],
-)
-def test_any_altered_field_fails_verification(tampered: dict) -> None:
-    signature = sign_authorization(KEY, payload())
-    with pytest.raises(AuthorizationInvalid, match="does not match"):
-        verify_authorization(KEY.public_key(), payload(**tampered), signature, now=NOW)
+def test_terms_from_an_allowed_decision_sign_and_verify_with_the_bus_contract() -> None:
+    policy_input = approved_input()
+    signed = signed_authorization(policy_input)
+    bus_auth.verify(keys(), signed, now=NOW, expected_action_hash=policy_input.action.computed_hash())
+    assert signed.approval_ids == ["ap-alice"]
+    assert signed.input_sha256 == policy_input.digest()
+    assert signed.decision_id.startswith("dec-")
 
 
-def test_signature_from_another_key_fails() -> None:
-    other = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
-    with pytest.raises(AuthorizationInvalid):
-        verify_authorization(KEY.public_key(), payload(), sign_authorization(other, payload()), now=NOW)
+def test_authorization_never_outlives_the_approval() -> None:
+    policy_input = approved_input(expires_at="2026-11-25T12:02:00Z")
+    signed = signed_authorization(policy_input, ttl=timedelta(minutes=10))
+    assert signed.expires_at == datetime(2026, 11, 25, 12, 2, tzinfo=UTC)
+    with pytest.raises(bus_auth.AuthorizationInvalid, match="expired"):
+        bus_auth.verify(keys(), signed, now=NOW + timedelta(minutes=2), expected_action_hash=signed.action_hash)
 
 
-@pytest.mark.parametrize("signature", ["", "not base64 !!", "AAAA", "A" * 200])
-def test_malformed_signature_fails(signature: str) -> None:
-    with pytest.raises(AuthorizationInvalid):
-        verify_authorization(KEY.public_key(), payload(), signature, now=NOW)
+def test_ttl_bounds_the_authorization() -> None:
+    signed = signed_authorization(approved_input(), ttl=timedelta(seconds=30))
+    assert signed.expires_at == NOW + timedelta(seconds=30)
 
 
-def test_flipped_bit_fails() -> None:
-    import base64
-
-    raw = bytearray(base64.urlsafe_b64decode(sign_authorization(KEY, payload()) + "=="))
-    raw[10] ^= 0x01
-    forged = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
-    with pytest.raises(AuthorizationInvalid, match="does not match"):
-        verify_authorization(KEY.public_key(), payload(), forged, now=NOW)
+def test_altered_authorization_is_refused_by_the_actuator_side() -> None:
+    policy_input = approved_input()
+    signed = signed_authorization(policy_input)
+    tampered = signed.model_copy(update={"params_json": '{"grace_seconds": 0}'})
+    with pytest.raises(bus_auth.AuthorizationInvalid, match="does not match"):
+        bus_auth.verify(keys(), tampered, now=NOW, expected_action_hash=signed.action_hash)
 
 
-def test_expired_authorization_fails() -> None:
-    p = payload()
-    signature = sign_authorization(KEY, p)
-    verify_authorization(KEY.public_key(), p, signature, now=p.expires_at - timedelta(microseconds=1))
-    with pytest.raises(AuthorizationInvalid, match="expired"):
-        verify_authorization(KEY.public_key(), p, signature, now=p.expires_at)
+@pytest.mark.parametrize("outcome", ["pending_approval", "deny"])
+def test_no_terms_without_allow(outcome: str) -> None:
+    policy_input = approved_input()
+    record = record_decision(policy_input, decision(policy_input, outcome=outcome, accepted=()))
+    with pytest.raises(NotAuthorizable, match=outcome):
+        authorization_terms(policy_input, record)
 
 
-def test_naive_now_refused() -> None:
-    p = payload()
-    with pytest.raises(AuthorizationInvalid, match="timezone"):
-        verify_authorization(KEY.public_key(), p, sign_authorization(KEY, p), now=NOW.replace(tzinfo=None))
+def test_no_terms_for_a_decision_on_another_input() -> None:
+    policy_input = approved_input()
+    record = record_decision(policy_input, decision(policy_input))
+    other = approved_input(expires_at="2026-11-25T12:14:00Z")
+    with pytest.raises(NotAuthorizable, match="another input"):
+        authorization_terms(other, record)
 
 
-def test_bound_to_another_action_fails() -> None:
-    p = payload()
-    with pytest.raises(AuthorizationInvalid, match="another action"):
-        verify_authorization(KEY.public_key(), p, sign_authorization(KEY, p), now=NOW, action_hash="e" * 64)
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [{"approval_ids": ["ap-1", "ap-1"]}, {"action_hash": "ABC"}, {"expires_at": "2026-11-25T12:00:00"}, {"extra": 1}],
-)
-def test_invalid_payload_refused(bad: dict) -> None:
-    with pytest.raises(ValueError):
-        payload(**bad)
+def test_no_terms_with_non_positive_ttl() -> None:
+    policy_input = approved_input()
+    record = record_decision(policy_input, decision(policy_input))
+    with pytest.raises(NotAuthorizable, match="ttl"):
+        authorization_terms(policy_input, record, ttl=timedelta(0))

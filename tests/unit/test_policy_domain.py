@@ -90,22 +90,29 @@ def test_canonical_json_refuses_values_without_a_canonical_form(bad: object) -> 
 
 
 def test_action_hash_ignores_key_order_but_not_values() -> None:
-    target = {"service": "checkout", "environment": "production", "resource": "deployment/checkout"}
-    h1 = action_hash("scale_replicas", target, {"replicas": 3, "max_surge": 1})
-    h2 = action_hash("scale_replicas", dict(reversed(list(target.items()))), {"max_surge": 1, "replicas": 3})
-    assert h1 == h2
+    h1 = action_hash("scale_replicas", "service", "checkout", {"replicas": 3, "max_surge": 1})
+    assert h1 == action_hash("scale_replicas", "service", "checkout", {"max_surge": 1, "replicas": 3})
     assert len(h1) == 64
-    assert action_hash("scale_replicas", target, {"replicas": 4, "max_surge": 1}) != h1
-    assert action_hash("restart_service", target, {"replicas": 3, "max_surge": 1}) != h1
-    assert action_hash("scale_replicas", {**target, "environment": "staging"}, {"replicas": 3, "max_surge": 1}) != h1
+    assert action_hash("scale_replicas", "service", "checkout", {"replicas": 4, "max_surge": 1}) != h1
+    assert action_hash("restart_service", "service", "checkout", {"replicas": 3, "max_surge": 1}) != h1
+    assert action_hash("scale_replicas", "instance", "checkout", {"replicas": 3, "max_surge": 1}) != h1
+    assert action_hash("scale_replicas", "service", "payments", {"replicas": 3, "max_surge": 1}) != h1
 
 
-def test_action_hash_is_sha256_of_the_documented_canonical_form() -> None:
+def test_action_hash_is_the_bus_contract() -> None:
+    """Policy, console and actuator must agree on the hash: it is the bus's, over the documented canonical form."""
     import hashlib
 
-    target = {"service": "s", "environment": "staging", "resource": ""}
-    expected_bytes = b'{"action_type":"restart_service","params":{},"target":{"environment":"staging","resource":"","service":"s"}}'
-    assert action_hash("restart_service", target, {}) == hashlib.sha256(expected_bytes).hexdigest()
+    from pilothouse.bus.actions import action_hash as bus_action_hash
+
+    expected_bytes = b'{"action_type":"restart_service","params":{},"target":"s","target_kind":"service"}'
+    assert action_hash("restart_service", "service", "s", {}) == hashlib.sha256(expected_bytes).hexdigest()
+    assert action_hash("restart_service", "service", "s", {"a": 1}) == bus_action_hash("restart_service", "service", "s", {"a": 1})
+
+
+def test_action_hash_refuses_non_finite_params() -> None:
+    with pytest.raises(PolicyInputInvalid):
+        action_hash("shift_traffic", "service", "s", {"percent": float("nan")})
 
 
 # -- the input document -------------------------------------------------------------------------------------------
@@ -118,7 +125,7 @@ def test_input_computes_the_action_hash_and_normalises() -> None:
     policy_input = parse_policy_input(doc)
     sent = policy_input.to_opa()
     a = doc["action"]
-    assert sent["action"]["action_hash"] == action_hash(a["action_type"], a["target"], a["params"])
+    assert sent["action"]["action_hash"] == action_hash(a["action_type"], "service", "checkout", a["params"])
     assert sent["proposal"]["hypothesis"]["validations"][0]["validator"]["id"] == "oncall-1"
     assert sent["now"] == "2026-11-25T12:00:00Z"
     assert sent["controls"]["kill_switch"] == {"global": False, "services": []}
@@ -129,6 +136,14 @@ def test_input_refuses_a_hash_that_does_not_match_the_action() -> None:
     doc["action"]["action_hash"] = FIXTURES["other_hash"]
     with pytest.raises(PolicyInputInvalid, match="does not match the action"):
         parse_policy_input(doc)
+
+
+def test_canonical_text_hashes_to_the_digest() -> None:
+    import hashlib
+
+    policy_input = parse_policy_input(base_document())
+    assert hashlib.sha256(policy_input.canonical_text().encode()).hexdigest() == policy_input.digest()
+    assert parse_policy_input(policy_input.canonical_text()) == policy_input  # the recorded input replays
 
 
 def test_input_digest_is_stable_and_sensitive() -> None:
@@ -147,6 +162,7 @@ def test_input_digest_is_stable_and_sensitive() -> None:
         (("action", "action_type"), "rm_rf", "action_type"),
         (("action", "facts", "blast_radius"), "galactic", "blast_radius"),
         (("action", "target", "service"), "check\u200bout", "invisible"),
+        (("action", "target", "name"), "", "name"),
         (("action", "params"), {"ratio": float("nan")}, "params"),
         (("proposal", "proposed_by", "id"), "\u200b", "empty after normalisation"),
         (("budget", "consumed"), -1, "consumed"),
@@ -239,3 +255,29 @@ def test_decision_record_is_deterministic_and_bound_to_the_input() -> None:
     assert domain.record_decision(policy_input, other_revision).decision_id != first.decision_id
     with pytest.raises(PolicyEvaluationFailed):
         domain.record_decision(policy_input, Decision.model_validate(decision_document()))
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "outcome", "expected"),
+    [
+        ("proposal", "deny", ("proposal", "denied")),
+        ("proposal", "pending_approval", ("proposal", "pending_approval")),
+        ("proposal", "allow", ("proposal", "auto_allowed")),
+        ("approvals", "deny", ("approval", "denied")),
+        ("approvals", "pending_approval", ("approval", "waiting")),
+        ("approvals", "allow", ("approval", "authorized")),
+    ],
+)
+def test_bus_stage_and_outcome(entrypoint: str, outcome: str, expected: tuple[str, str]) -> None:
+    from typing import get_args
+
+    from pilothouse.bus.records import PolicyDecided
+
+    d = Decision.model_validate(
+        decision_document(entrypoint=entrypoint, outcome=outcome, allow=outcome == "allow",
+                          requires_approval=outcome == "pending_approval")
+    )
+    stage, bus_outcome = domain.bus_stage_and_outcome(d)
+    assert (stage, bus_outcome) == expected
+    assert stage in get_args(PolicyDecided.model_fields["stage"].annotation)
+    assert bus_outcome in get_args(PolicyDecided.model_fields["outcome"].annotation)

@@ -195,8 +195,8 @@ in_flight := object.get(object.get(input, "controls", {}), "in_flight_on_target"
 blocks contains {"code": "concurrency_cap", "message": msg} if {
 	state_changing
 	in_flight >= cfg.concurrency.max_in_flight_per_target
-	msg := sprintf("%v actions already in flight on %v/%v (cap %v)", [
-		in_flight, target_service, object.get(input.action.target, "resource", ""),
+	msg := sprintf("%v actions already in flight on %v %v (cap %v)", [
+		in_flight, object.get(input.action.target, "kind", "target"), object.get(input.action.target, "name", target_service),
 		cfg.concurrency.max_in_flight_per_target,
 	])
 }
