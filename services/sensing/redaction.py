@@ -6,9 +6,9 @@ mutable state at call time. `redact_text` / `redact_record` return the redacted 
 `RedactionRefused(reason)`; the caller drops the record and reports the reason.
 
 Pipeline per string
-1. Normalise: strip invisible characters (format characters such as zero-width and bidi controls, the tag block
-   U+E0000–E007F, variation selectors, Hangul fillers), NFKC, strip again. ASCII text skips this (it is already NFKC
-   and holds no invisible characters), which keeps the common log line fast.
+1. Normalise: strip ANSI escape sequences and control characters (tab/LF/CR stay), then invisible characters
+   (format characters such as zero-width and bidi controls, the tag block U+E0000–E007F, variation selectors, Hangul
+   fillers), NFKC, strip again. ASCII text skips the Unicode steps (it is already NFKC), which keeps log lines fast.
 2. Gate: one RE2 set (`re2.Set`) holds the literal keywords of every secret rule plus a cheap trigger per PII
    family; one match over the text says which rules and detectors can possibly fire. Most log lines stop here.
 3. Precise recognisers, only for what the gate let through:
@@ -143,13 +143,22 @@ def _invisible_table() -> dict[int, None]:
     return table
 
 
+# ANSI escape sequences and C0/C1 control characters (tab, LF and CR stay): they render as nothing and can split a key
+_CONTROLS = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def normalise(text: str) -> tuple[str, int]:
     """NFKC with invisible characters removed. Returns (text, number of invisible characters removed)."""
+    removed = 0
+    if not text.isprintable() and _CONTROLS.search(text):  # isprintable: a fast C check for the common case
+        cleaned = _CONTROLS.sub("", text)
+        removed = len(text) - len(cleaned)
+        text = cleaned
     if text.isascii():
-        return text, 0
+        return text, removed
     table = _invisible_table()
     stripped = text.translate(table)
-    removed = len(text) - len(stripped)
+    removed += len(text) - len(stripped)
     out = unicodedata.normalize("NFKC", stripped)
     again = out.translate(table)
     removed += len(out) - len(again)
@@ -236,8 +245,10 @@ _VALIDATORS: dict[str, Callable[[str], bool]] = {
 }
 
 
-def _load_rule_files(rules_dir: Path) -> tuple[list[_SecretRule], list[_Allowlist], bytes]:
+def _load_rule_files(rules_dir: Path) -> tuple[list[_SecretRule], list[list[str]], list[_Allowlist], bytes]:
+    """(rules, lower-case keywords per rule, global allowlists, digest input of the rule files)."""
     rules: list[_SecretRule] = []
+    keywords: list[list[str]] = []
     global_allow: list[_Allowlist] = []
     digest_input = b""
     kinds: dict[str, str] = {}
@@ -255,28 +266,22 @@ def _load_rule_files(rules_dir: Path) -> tuple[list[_SecretRule], list[_Allowlis
             if "regex" not in spec:
                 continue  # path-only rules (e.g. pkcs12-file) have nothing to match in text
             rule_id = spec["id"]
+            if not spec.get("keywords"):
+                raise ValueError(f"rule {rule_id} has no keywords; every rule must be gated")
             validator_name = spec.get("validator")
+            regex = re2.compile(spec["regex"])
             rules.append(_SecretRule(
                 rule_id=rule_id,
                 kind=spec.get("kind") or kinds.get(rule_id) or rule_id.upper().replace("-", "_"),
-                regex=re2.compile(spec["regex"]),
+                regex=regex,
                 secret_group=int(spec.get("secretGroup", 0)),
                 entropy=float(spec.get("entropy", 0.0)),
                 allowlists=tuple(_compile_allowlist(a) for a in spec.get("allowlists", [])),
                 validator=_VALIDATORS[validator_name] if validator_name else None,
-                groups=re2.compile(spec["regex"]).groups,
+                groups=regex.groups,
             ))
-            if not spec.get("keywords"):
-                raise ValueError(f"rule {rule_id} has no keywords; every rule must be gated")
-    return rules, global_allow, digest_input
-
-
-def _rule_keywords(rules_dir: Path) -> list[list[str]]:
-    out = []
-    for name in RULE_FILES:
-        doc = tomllib.loads((rules_dir / name).read_text("utf-8"))
-        out.extend([str(k).lower() for k in spec.get("keywords", [])] for spec in doc.get("rules", []) if "regex" in spec)
-    return out
+            keywords.append([str(k).lower() for k in spec["keywords"]])
+    return rules, keywords, global_allow, digest_input
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -540,7 +545,7 @@ _FAMILY_GATES: dict[str, str] = {
     "user": r"(?i)user|login|logname|acct|account|uname|accepted |failed |postponed |/home/|\\users\\|sudo:",
     "keyword_assign": r"(?i)(?:" + "|".join(DS_KEYWORD_DENYLIST) + r")[\w.-]*[\"'\]]{0,2}\s*(?:[:=]|\s[\"'])",
     "entropy": r"(?m)[\"'][A-Za-z0-9+/=_.~-]{10}|[=:]\s*[A-Za-z0-9+/_-]{20}|^[ \t]*[\w.-]+[ \t]*[:=][ \t]*\S{10}",
-    "labelled_id": r"(?i)(?:" + _ID_GATE_WORDS + r")[^\n]{0,24}\d",
+    "labelled_id": r"(?i)(?:" + _ID_GATE_WORDS + r")[^\n]{0,48}\d",
     "names": r"(?i)name\s*[:=]|customer\s*[:=]|patient\s*[:=]|contact\s*[:=]|\b(?:mr|mrs|ms|miss|mx|dr|prof)\.? [A-Z]",
 }
 
@@ -558,7 +563,10 @@ class Redactor:
         max_record_chars: int = 4_000_000,
         max_record_nodes: int = 100_000,
         max_depth: int = 64,
+        prefilter: bool = True,
     ) -> None:
+        """`prefilter=False` runs every recogniser on every text (same output, slower): the benchmark's baseline and
+        the tests' check that the gate never hides a finding."""
         if not isinstance(pseudonym_key, bytes | bytearray) or len(pseudonym_key) < 16:
             raise ValueError("pseudonym_key must be at least 16 bytes")
         if not 8 <= pseudonym_hex_chars <= 64:
@@ -570,8 +578,7 @@ class Redactor:
         self._max_nodes = max_record_nodes
         self._max_depth = max_depth
         rules_dir = rules_dir or RULES_DIR
-        self._rules, self._global_allow, digest_input = _load_rule_files(rules_dir)
-        keywords = _rule_keywords(rules_dir)
+        self._rules, keywords, self._global_allow, digest_input = _load_rule_files(rules_dir)
         # rule data + code: the constant names the release, the source digest catches any unreleased edit
         code = REDACTOR_CODE_VERSION.encode() + b"\0" + hashlib.sha256(Path(__file__).read_bytes()).digest()
         self.ruleset_version = "rs-" + hashlib.sha256(
@@ -585,13 +592,17 @@ class Redactor:
         for index, kws in enumerate(keywords):
             for kw in kws:
                 by_keyword.setdefault(kw, []).append(index)
+        self._gate_keyword: dict[int, str] = {}
         for kw, indexes in sorted(by_keyword.items()):
-            self._gate.Add("(?i)" + re2.escape(kw))
+            self._gate_keyword[self._gate.Add("(?i)" + re2.escape(kw))] = kw
             self._gate_actions.append(("rules", tuple(indexes)))
         for family, pattern in _FAMILY_GATES.items():
             self._gate.Add(pattern)
             self._gate_actions.append((family, ()))
         self._gate.Compile()
+        self._prefilter = prefilter
+        self._families = [i for i, (family, _) in enumerate(self._gate_actions) if family != "rules"]
+        self._keywords = keywords
         _invisible_table()  # build the normalisation table now, not on the first non-ASCII record
         self._pseudonym = functools.lru_cache(maxsize=65536)(self._pseudonym_uncached)
 
@@ -699,16 +710,23 @@ class Redactor:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise RedactionRefused("text holds unpaired surrogates (a decoding error upstream)") from None
-            text, removed = normalise(text)
-            if removed:
-                scope.counts["INVISIBLE_CHARACTERS"] += removed
-        hits = self._gate.Match(text)
+        text, removed = normalise(text)
+        if removed:
+            scope.counts["INVISIBLE_CHARACTERS"] += removed
+        hits = self._gate.Match(text) if self._prefilter else self._exhaustive_hits(text)
         if not hits:
             return text
         spans = self._find(text, hits)
         if not spans:
             return text
         return self._replace(text, spans, scope)
+
+    def _exhaustive_hits(self, text: str) -> list[int]:
+        """Without the RE2 set: every family, and each rule whose keyword occurs (gitleaks' own semantics)."""
+        low = text.lower()
+        present = {kw for kws in self._keywords for kw in kws if kw in low}
+        return self._families + [i for i, (family, _) in enumerate(self._gate_actions)
+                                 if family == "rules" and self._gate_keyword[i] in present]
 
     # recognisers ----------------------------------------------------------------------------------------------------
 

@@ -195,6 +195,12 @@ def test_zero_width_hidden_aws_key_and_jwt_are_found(redactor: Redactor):
     assert manifest.count("INVISIBLE_CHARACTERS") == len(key) - 1 + 3
 
 
+def test_ansi_escapes_and_control_characters_do_not_hide_a_key(redactor: Redactor):
+    out, manifest = redactor.redact_text("key \x1b[31mAKIALALE\x1b[0mMEL33243OLIA\x00 done")
+    assert out == "key <AWS_ACCESS_KEY#1> done"
+    assert manifest.count("INVISIBLE_CHARACTERS") == len("\x1b[31m\x1b[0m\x00")
+
+
 def test_tag_block_variation_selectors_and_fullwidth_are_normalised(redactor: Redactor):
     tags = "".join(chr(0xE0000 + ord(c)) for c in "ignore")
     fullwidth_key = "".join(chr(ord(c) + 0xFEE0) for c in "AKIALALEMEL33243OLIA")  # NFKC folds it to ASCII
@@ -321,6 +327,16 @@ def test_concurrent_use_gives_the_sequential_result(redactor: Redactor):
     for t in threads:
         t.join()
     assert all(results[n] == expected for n in range(4))
+
+
+def test_the_prefilter_never_hides_a_finding(redactor: Redactor):
+    """The RE2 gate only decides which recognisers run; running all of them must give the same output."""
+    exhaustive = Redactor(KEY, prefilter=False)
+    texts = (FIXTURES / "benign_logs.txt").read_text().splitlines() + [c[0] for c in SECRET_CASES + PII_CASES]
+    texts += [row["full_text"] for row in json.loads((FIXTURES / "presidio_sample.json").read_text())]
+    texts += [p.read_text() for p in sorted((FIXTURES / "detect-secrets").rglob("*")) if p.is_file()]
+    for text in texts:
+        assert redactor.redact_text(text) == exhaustive.redact_text(text)
 
 
 # ---- benign lines ---------------------------------------------------------------------------------------------------
