@@ -32,6 +32,7 @@ from pydantic import (
 from pilothouse.bus import actions as bus_actions
 from pilothouse.bus.errors import PermanentError, RetryableError
 from pilothouse.bus.identity import IdentityInvalid, normalise_identity, strip_invisible
+from pilothouse.bus.records import ActionProposed, ApprovalRecorded, HypothesisValidated
 
 INPUT_SCHEMA_VERSION = "1"
 
@@ -404,6 +405,66 @@ def record_decision(policy_input: PolicyInput, decision: Decision, *, digest: st
         input_hash=digest,
         decision=decision,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From bus records to parts of the input document
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def action_from_record(proposed: ActionProposed, *, service: str, environment: str) -> Action:
+    """The input's ``action`` from an ``ActionProposed`` record; ``service``/``environment`` place the target.
+
+    The hash is recomputed from the record's fields: a record whose ``action_hash`` does not match what it would
+    execute is refused (PolicyInputInvalid), so an approval can never be collected for one action and spent on another.
+    """
+    try:
+        params = orjson.loads(proposed.params_json or "{}")
+    except orjson.JSONDecodeError as e:
+        raise PolicyInputInvalid(f"ActionProposed {proposed.action_id}: params_json is not JSON: {e}") from e
+    try:
+        return Action.model_validate({
+            "action_id": proposed.action_id,
+            "action_type": proposed.action_type,
+            "target": {"kind": proposed.target_kind, "name": proposed.target, "service": service,
+                       "environment": environment},
+            "params": params,
+            "facts": {"reversible": proposed.reversible, "blast_radius": proposed.blast_radius,
+                      "read_only": proposed.read_only},
+            "action_hash": proposed.action_hash,
+        })
+    except ValidationError as e:
+        raise PolicyInputInvalid(f"ActionProposed {proposed.action_id} refused: {e}") from e
+
+
+def validation_from_record(validated: HypothesisValidated) -> Validation | None:
+    """A Gate 1 validation from the console's record; None for a rejection (it validates nothing).
+
+    The console only records what a logged-in human account did, so the principal is ``human``; the Rego still
+    refuses ids that belong to service or model principals."""
+    if validated.verdict != "validated":
+        return None
+    principal = {"id": validated.validator_id, "kind": "human", "roles": validated.validator_roles,
+                 "display_name": validated.validator_display}
+    try:
+        return Validation.model_validate({"validator": principal, "validated_at": validated.occurred_at})
+    except ValidationError as e:
+        raise PolicyInputInvalid(f"HypothesisValidated {validated.event_id} refused: {e}") from e
+
+
+def approval_from_record(recorded: ApprovalRecorded) -> Approval | None:
+    """An approval from the console's record (granted at ``occurred_at``); None for a rejection."""
+    if recorded.decision != "approve":
+        return None
+    principal = {"id": recorded.approver_id, "kind": "human", "roles": recorded.approver_roles,
+                 "display_name": recorded.approver_display}
+    try:
+        return Approval.model_validate({
+            "approval_id": recorded.approval_id, "approver": principal, "action_hash": recorded.action_hash,
+            "granted_at": recorded.occurred_at, "expires_at": recorded.expires_at,
+        })
+    except ValidationError as e:
+        raise PolicyInputInvalid(f"ApprovalRecorded {recorded.approval_id} refused: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -281,3 +281,66 @@ def test_bus_stage_and_outcome(entrypoint: str, outcome: str, expected: tuple[st
     assert (stage, bus_outcome) == expected
     assert stage in get_args(PolicyDecided.model_fields["stage"].annotation)
     assert bus_outcome in get_args(PolicyDecided.model_fields["outcome"].annotation)
+
+
+# -- bus records -> input parts -----------------------------------------------------------------------------------
+
+ENVELOPE = {"event_id": "ev-1", "incident_id": "inc-1", "correlation_id": "c-1", "occurred_at": "2026-11-25T11:55:00Z"}
+
+
+def proposed(**overrides: object):
+    from pilothouse.bus.records import ActionProposed
+
+    fields = {
+        **ENVELOPE, "action_id": "act-1", "hypothesis_id": "hyp-1", "action_type": "scale_replicas",
+        "target_kind": "service", "target": "checkout", "params_json": '{"replicas": 4}',
+        "action_hash": action_hash("scale_replicas", "service", "checkout", {"replicas": 4}),
+        "proposed_by": "reasoning", "catalogue_version": "v1", "reversible": True, "blast_radius": "medium",
+        "read_only": False,
+    }
+    fields.update(overrides)
+    return ActionProposed.model_validate(fields)
+
+
+def test_action_from_record() -> None:
+    action = domain.action_from_record(proposed(), service="checkout", environment="production")
+    assert action.params == {"replicas": 4}
+    assert action.target.kind == "service" and action.target.environment == "production"
+    assert action.facts.blast_radius == "medium"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"params_json": '{"replicas": 40}'}, "does not match"),  # params changed after hashing
+        ({"target": "payments"}, "does not match"),
+        ({"params_json": "{not json"}, "not JSON"),
+        ({"blast_radius": "cosmic"}, "blast_radius"),
+        ({"action_type": "drop_database"}, "action_type"),
+    ],
+)
+def test_action_from_record_refuses_inconsistent_records(overrides: dict, message: str) -> None:
+    with pytest.raises(PolicyInputInvalid, match=message):
+        domain.action_from_record(proposed(**overrides), service="checkout", environment="production")
+
+
+def test_validation_and_approval_from_records() -> None:
+    from pilothouse.bus.records import ApprovalRecorded, HypothesisValidated
+
+    validated = HypothesisValidated.model_validate({
+        **ENVELOPE, "hypothesis_id": "hyp-1", "verdict": "validated", "validator_id": "ONCALL-1\u200b",
+        "validator_roles": ["Responder"],
+    })
+    v = domain.validation_from_record(validated)
+    assert v.validator.id == "oncall-1" and v.validator.kind == "human" and v.validator.roles == ["responder"]
+    assert domain.validation_from_record(validated.model_copy(update={"verdict": "rejected"})) is None
+
+    recorded = ApprovalRecorded.model_validate({
+        **ENVELOPE, "approval_id": "ap-1", "action_id": "act-1", "action_hash": "a" * 64, "decision": "approve",
+        "approver_id": "Alice", "approver_roles": ["approver"], "expires_at": "2026-11-25T12:10:00Z",
+    })
+    a = domain.approval_from_record(recorded)
+    assert a.approver.id == "alice" and a.granted_at.isoformat() == "2026-11-25T11:55:00+00:00"
+    assert domain.approval_from_record(recorded.model_copy(update={"decision": "reject"})) is None
+    with pytest.raises(PolicyInputInvalid):
+        domain.approval_from_record(recorded.model_copy(update={"approver_id": "\u200b"}))
