@@ -25,7 +25,7 @@ import hashlib
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote
@@ -282,7 +282,8 @@ def _sorted_quantile(srt: np.ndarray, n_ok: np.ndarray, q: float) -> np.ndarray:
     return srt[lo, cols] * (1.0 - frac) + srt[hi, cols] * frac
 
 
-def _column_baselines(ref: np.ndarray) -> list[Baseline | None]:
+def _column_baselines(ref: np.ndarray, *, rel_floor: float = 0.01, abs_floor: float = 1e-9,
+                      tail: bool = True) -> list[Baseline | None]:
     """:func:`robust_baseline` of every column at once (two sorts instead of a median call per column)."""
     ref = np.where(np.isfinite(ref), ref, np.nan)
     n_ok = np.isfinite(ref).sum(axis=0)
@@ -292,8 +293,10 @@ def _column_baselines(ref: np.ndarray) -> list[Baseline | None]:
     med = _sorted_quantile(srt, n_ok, 0.5)
     dev = np.sort(np.abs(ref - med), axis=0)
     mad = _sorted_quantile(dev, n_ok, 0.5) * _MAD_TO_SIGMA
-    span = _sorted_quantile(srt, n_ok, 0.99) - _sorted_quantile(srt, n_ok, 0.01)
-    scale = np.maximum.reduce([mad, span / _TAIL_SPAN_SIGMAS, 0.01 * np.abs(med), np.full_like(med, 1e-9)])
+    parts = [mad, rel_floor * np.abs(med), np.full_like(med, abs_floor)]
+    if tail:
+        parts.append((_sorted_quantile(srt, n_ok, 0.99) - _sorted_quantile(srt, n_ok, 0.01)) / _TAIL_SPAN_SIGMAS)
+    scale = np.maximum.reduce(parts)
     return [Baseline(float(m), float(c), int(n)) if n >= 3 else None
             for m, c, n in zip(med, scale, n_ok, strict=True)]
 
@@ -513,25 +516,21 @@ def trace_profile(spans: Iterable[Span], *, start_ms: int, source_link: str = ""
     return prof
 
 
-def _robust_z(value: float, ref: np.ndarray, *, rel_floor: float, abs_floor: float,
-              tail: bool) -> tuple[float, Baseline] | None:
-    base = robust_baseline(ref, rel_floor=rel_floor, abs_floor=abs_floor, tail=tail)
-    if base is None:
-        return None
-    return (value - base.median) / base.scale, base
-
-
 def trace_hotspots(
     window_profiles: Sequence[TraceProfile], reference_profiles: Sequence[TraceProfile], window: Window, *,
     z_threshold: float = DEFAULT_Z_THRESHOLD, min_spans: int = 5,
 ) -> list[EvidenceItem]:
     """Operations whose latency, error ratio or call fan-out in the window departs from the reference buckets.
 
-    - latency: max over window buckets of the median duration per (service, operation);
+    - latency: max over window buckets of the median duration per (service, operation); a client span (one
+      whose children run in another service) measures the call edge and is reported against the callee with
+      caller/callee attributes;
+    - errors: error spans / spans per (service, operation);
     - fan-out: children per parent span, per (parent operation -> child operation), attributed to the parent's
       service (a service that stops calling, or calls more, changed its own behaviour: return/exception faults);
-    - errors: error spans / spans per (service, operation).
-    Each (service, operation) yields at most one item per feature. Reference buckets need ``min_spans`` spans.
+      the strongest change per parent operation is reported.
+    Buckets with fewer than ``min_spans`` spans of an operation do not count for it. Latency baselines keep the
+    tail term (latency is spiky); ratios do not (the few reference buckets may hold other incidents).
     """
     if not window_profiles or len(reference_profiles) < 3:
         return []
@@ -548,16 +547,32 @@ def trace_hotspots(
             attributes={"signal_class": feature, "side": "trace", "baseline_points": str(base.n), **extra},
         ))
 
-    keys = set().union(*(p.count.keys() for p in window_profiles))
-    for key in sorted(keys):
+    def table(profiles: Sequence[TraceProfile], keys: Sequence, get: Callable[[TraceProfile, Any], float]
+              ) -> np.ndarray:
+        return np.array([[get(p, k) for k in keys] for p in profiles], dtype=np.float64).reshape(
+            len(profiles), len(keys))
+
+    starts = [p.start_ms for p in window_profiles]
+    keys = sorted(set().union(*(p.count.keys() for p in window_profiles)))
+    n_ref = table(reference_profiles, keys, lambda p, k: p.count.get(k, 0))
+    n_win = table(window_profiles, keys, lambda p, k: p.count.get(k, 0))
+    ok_ref, ok_win = n_ref >= min_spans, n_win >= min_spans
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lat_ref = np.where(ok_ref, table(reference_profiles, keys, lambda p, k: p.median_us.get(k, np.nan)), np.nan)
+        lat_win = np.where(ok_win, table(window_profiles, keys, lambda p, k: p.median_us.get(k, np.nan)), np.nan)
+        err_ref = np.where(ok_ref, table(reference_profiles, keys, lambda p, k: p.errors.get(k, 0)) / n_ref, np.nan)
+        err_win = np.where(ok_win, table(window_profiles, keys, lambda p, k: p.errors.get(k, 0)) / n_win, np.nan)
+    lat_bases = _column_baselines(lat_ref, rel_floor=0.05, abs_floor=1.0, tail=True)
+    err_bases = _column_baselines(err_ref, rel_floor=0.0, abs_floor=0.01, tail=False)
+    for j, key in enumerate(keys):
         service, op = key
-        ref_lat = np.array([p.median_us[key] for p in reference_profiles if p.count.get(key, 0) >= min_spans])
-        obs = [(p.median_us[key], p.start_ms) for p in window_profiles if p.count.get(key, 0) >= min_spans]
-        if obs and ref_lat.size >= 3:
-            val, onset = max(obs)
-            r = _robust_z(val, ref_lat, rel_floor=0.05, abs_floor=1.0, tail=True)
-            if r is not None and abs(r[0]) >= z_threshold and r[0] > 0:
-                z, base = r
+        base = lat_bases[j]
+        col = lat_win[:, j]
+        if base is not None and np.isfinite(col).any():
+            i = int(np.nanargmax(col))
+            val, onset = float(col[i]), starts[i]
+            z = (val - base.median) / base.scale
+            if z >= z_threshold:
                 callee = next((p.callee[key] for p in window_profiles if key in p.callee), None)
                 text = (f"median latency {_fmt(val / 1000)} ms vs baseline {_fmt(base.median / 1000)} ms "
                         f"(robust z {z:+.1f})")
@@ -568,42 +583,45 @@ def trace_hotspots(
                     emit(callee, f"call_latency:{service}->{callee}:{op}", "latency", z, base, val, onset,
                          f"calls {service} -> {callee} ({op}): {text}",
                          {"operation": op, "caller": service, "callee": callee, "edge_metric": "call_latency"})
-        # error ratio
-        ref_err = np.array([p.errors.get(key, 0) / p.count[key] for p in reference_profiles
-                            if p.count.get(key, 0) >= min_spans])
-        obs_err = [(p.errors.get(key, 0) / p.count[key], p.start_ms) for p in window_profiles
-                   if p.count.get(key, 0) >= min_spans]
-        if obs_err and ref_err.size >= 3 and max(obs_err)[0] > 0:
-            val, onset = max(obs_err)
-            r = _robust_z(val, ref_err, rel_floor=0.0, abs_floor=0.01, tail=False)
-            if r is not None and r[0] >= z_threshold:
-                z, base = r
+        base = err_bases[j]
+        col = err_win[:, j]
+        if base is not None and np.isfinite(col).any() and np.nanmax(col) > 0:
+            i = int(np.nanargmax(col))
+            val, onset = float(col[i]), starts[i]
+            z = (val - base.median) / base.scale
+            if z >= z_threshold:
                 emit(service, f"errors:{op}", "errors", z, base, val, onset,
                      f"{op} in {service}: error ratio {val:.1%} vs baseline {base.median:.1%}", {"operation": op})
-    # call fan-out: children per parent span
-    pairs = set().union(*(p.fanout.keys() for p in window_profiles)) | set().union(
-        *(p.fanout.keys() for p in reference_profiles))
+    # call fan-out: children per parent span (pairs seen only in the reference are calls that stopped)
+    pairs = sorted(set().union(*(p.fanout.keys() for p in window_profiles),
+                               *(p.fanout.keys() for p in reference_profiles)))
+    if not pairs:
+        return out
+    parents = [pair[0] for pair in pairs]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pn_ref = table(reference_profiles, parents, lambda p, k: p.count.get(k, 0))
+        pn_win = table(window_profiles, parents, lambda p, k: p.count.get(k, 0))
+        fan_ref = np.where(pn_ref >= min_spans, table(reference_profiles, pairs, lambda p, k: p.fanout.get(k, 0))
+                           / pn_ref, np.nan)
+        fan_win = np.where(pn_win >= min_spans, table(window_profiles, pairs, lambda p, k: p.fanout.get(k, 0))
+                           / pn_win, np.nan)
+    fan_bases = _column_baselines(fan_ref, rel_floor=0.02, abs_floor=0.01, tail=False)
     best: dict[tuple[str, str], tuple[float, Baseline, float, int, str]] = {}
-    for pair in pairs:
-        parent, child = pair
-
-        def ratio(p: TraceProfile, parent: tuple[str, str] = parent, pair: tuple = pair) -> float | None:
-            n = p.count.get(parent, 0)
-            return p.fanout.get(pair, 0) / n if n >= min_spans else None
-
-        ref = np.array([r for r in map(ratio, reference_profiles) if r is not None])
-        obs_r = [(r, p.start_ms) for p, r in ((p, ratio(p)) for p in window_profiles) if r is not None]
-        if not obs_r or ref.size < 3:
+    for j, (parent, child) in enumerate(pairs):
+        base = fan_bases[j]
+        col = fan_win[:, j]
+        if base is None or not np.isfinite(col).any():
             continue
         # The median over window buckets: a fan-out change from a code fault persists for the whole fault.
-        val = float(np.median([r for r, _ in obs_r]))
-        r = _robust_z(val, ref, rel_floor=0.02, abs_floor=0.01, tail=False)
-        if r is None or abs(r[0]) < z_threshold:
+        val = float(np.nanmedian(col))
+        z = (val - base.median) / base.scale
+        if abs(z) < z_threshold:
             continue
-        z, base = r
+        dev = np.abs(col - base.median) / base.scale >= z_threshold
+        onset = starts[int(np.argmax(dev))] if dev.any() else starts[int(np.argmax(np.isfinite(col)))]
         k = (parent[0], f"fanout:{parent[1]}")
         if k not in best or abs(z) > abs(best[k][0]):
-            best[k] = (z, base, val, obs_r[0][1], f"{child[0]}:{child[1]}")
+            best[k] = (z, base, val, onset, f"{child[0]}:{child[1]}")
     for (service, signal), (z, base, val, onset, child) in sorted(best.items()):
         emit(service, signal, "call_pattern", z, base, val, onset,
              f"{signal.removeprefix('fanout:')} in {service} made {val:.2f} calls to {child} per request vs "
