@@ -322,7 +322,7 @@ class _Scope:
 # --------------------------------------------------------------------------------------------------------------------
 # Personal-data recognisers (python `re`; only run on texts the gate let through)
 
-_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}(?:@|%40)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
                     r"[A-Za-z]{2,24}(?![\w-])")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|[01]\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\d.~])({_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})(?!\.\d|\w)")
@@ -535,7 +535,7 @@ def _iban_ok(cand: str) -> tuple[str, int] | None:
 
 # Family triggers in the gate (RE2 syntax). Each is a necessary condition for its recognisers.
 _FAMILY_GATES: dict[str, str] = {
-    "email": r"[A-Za-z0-9._%+-]@[A-Za-z0-9-]+\.[A-Za-z0-9]",
+    "email": r"[A-Za-z0-9._%+-](?:@|%40)[A-Za-z0-9-]+\.[A-Za-z0-9]",
     "ipv4": r"\d\.\d{1,3}\.\d{1,3}\.\d",
     "ipv4_dashed": r"\d{1,3}-\d{1,3}-\d{1,3}-\d{1,3}",
     "ipv6": r"(?i)(?:[0-9a-f]{0,4}:){3,}[0-9a-f]{1,4}|[0-9a-f]::|::[0-9a-f]",
@@ -947,7 +947,7 @@ class Redactor:
             except ValueError:
                 return value
         if kind == "EMAIL":
-            return value.lower()
+            return value.lower().replace("%40", "@")
         return value
 
     def _pseudonym_uncached(self, kind: str, canonical: str) -> str:

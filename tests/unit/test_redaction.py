@@ -168,6 +168,8 @@ def test_pseudonyms_are_stable_typed_and_key_dependent(redactor: Redactor):
     # the same host written two ways is the same pseudonym; case of an e-mail does not matter
     assert redactor.pseudonym("IP", "2001:db8::1") == redactor.pseudonym("IP", "2001:0db8:0:0:0:0:0:1")
     assert redactor.pseudonym("EMAIL", "Ops@Example.org") == redactor.pseudonym("EMAIL", "ops@example.org")
+    encoded, _ = redactor.redact_text("GET /principals/users/ops%40example.org/ 404")
+    assert f"<EMAIL:{redactor.pseudonym('EMAIL', 'ops@example.org')}>" in encoded  # URL-encoded @ is the same mailbox
     assert redactor.pseudonym("IP", "203.0.113.7") != redactor.pseudonym("IP", "203.0.113.8")
 
 
