@@ -40,6 +40,11 @@ class EvidenceLike(Protocol):
     attributes: Mapping[str, str]
 
 
+class EdgeLike(Protocol):
+    caller: str
+    callee: str
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Weights of the features. Generic defaults: not fitted to any dataset's cases."""
@@ -182,13 +187,14 @@ DEFAULT_CONFIG = EngineConfig()
 
 
 def rank_root_causes(
-    evidence: Iterable[EvidenceLike], edges: Iterable[tuple[str, str]] = (), *,
+    evidence: Iterable[EvidenceLike], edges: Iterable[tuple[str, str] | EdgeLike] = (), *,
     config: EngineConfig = DEFAULT_CONFIG, services: Iterable[str] = (),
 ) -> Ranking:
-    """Rank candidate root-cause services. ``edges`` are (caller, callee) pairs; ``services`` adds known services
-    with no evidence (they rank last with score 0 and make the 'what was checked' list complete)."""
+    """Rank candidate root-cause services. ``edges`` are (caller, callee) pairs or objects with ``caller`` and
+    ``callee`` attributes (the ``DependencyEdge`` records of an incident); ``services`` adds known services with
+    no evidence (they rank last with score 0 and make the 'what was checked' list complete)."""
     cfg = config
-    edges = list(edges)
+    edges = [(e.caller, e.callee) if hasattr(e, "caller") else (e[0], e[1]) for e in edges]
     # best item per (service, feature, signal-group)
     best: dict[tuple[str, str], tuple[float, EvidenceLike]] = {}
     net_items: list[tuple[float, EvidenceLike]] = []

@@ -139,7 +139,9 @@ def test_accepts_the_avro_twin_of_evidence() -> None:
     records = pytest.importorskip("pilothouse.bus.records")
     items = [ev("payment", "cpu", 40, cls="cpu"), ev("checkout", "server_p90", 60, cls="latency", side="server")]
     twins = [records.Evidence.model_validate(i.to_dict()) for i in items]
-    a, b = rank_root_causes(items, GRAPH), rank_root_causes(twins, GRAPH)
+    twin_edges = [records.DependencyEdge(caller=a, callee=b) for a, b in GRAPH]
+    a, b = rank_root_causes(items, GRAPH), rank_root_causes(twins, twin_edges)
+    assert a.top(1) == ["payment"]
     assert [(c.service, c.score) for c in a.candidates] == [(c.service, c.score) for c in b.candidates]
 
 
