@@ -58,6 +58,9 @@ class SensingSettings(BaseSettings):
 
     # ---- correlation ------------------------------------------------------------------------------------------
     app_id: str = Field("pilothouse-sensing-correlator", description="Faust app id; must start pilothouse-sensing-")
+    correlator_observability_port: int = Field(9471, ge=0, le=65535)
+    internal_replication_factor: int = Field(1, ge=1, description="replication of Faust's changelog topics")
+    commit_interval_s: float = Field(1.0, gt=0, description="how often the correlator commits offsets")
     data_dir: Path = Path("/tmp/pilothouse-sensing")
     dependency_map: Path = DEFAULT_DEPENDENCY_MAP
     group_window_s: int = Field(900, gt=0, description="an alert joins an open incident seen within this window")

@@ -1,0 +1,239 @@
+"""The correlation worker: a thin Faust app around :mod:`pilothouse.sensing.correlation` and the handlers.
+
+Consumes ``AlertReceived`` (alerts topic) and ``TelemetryReceived`` (telemetry topic); writes ``IncidentUpdated`` to
+the compacted incidents topic, keyed by incident id, with a monotonic version per incident.
+
+State: three Faust tables (``incidents``, ``alert_index``, ``service_index``), in memory, backed by changelog topics
+``<app_id>-<table>-changelog`` that Faust creates (the sensing principal owns the ``pilothouse-sensing-`` prefix).
+Every table has ONE changelog partition and uses the key partitioner, so recovery replays the writes in the order they
+were made: grouping needs a global view (an alert of one partition joins an incident of another), which a
+per-partition state would not give. Consequence: run one correlator instance (a second one would split the
+partitions between them and group only within its share); the worker logs an error if it is not assigned every
+partition of the alerts topic.
+
+Delivery: ``at_least_once``. Faust flushes the producer (changelog and incident writes) before it commits offsets, so
+after a crash the records since the last commit are applied again; correlation detects them (the Kafka offset is the
+alert's sequence) and re-emits the incident's current version instead of changing it, and opening an incident is
+deterministic (its id derives from the opening alert's event id). A restart therefore neither loses nor duplicates
+incidents. Faust's ``exactly_once`` (aiokafka transactions against Kafka 4.1) is not used: it is unproven there (see
+docs/kafka-from-maven.md) and the versioned, replay-safe writes make it unnecessary.
+
+Undecodable records are dead-lettered to ``<topic>.dlq`` with the reason in headers; the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import Any
+
+import faust
+from prometheus_client import Counter, Gauge, Histogram
+
+from pilothouse.bus.config import BusSettings
+from pilothouse.bus.errors import PermanentError
+from pilothouse.bus.faust_codec import AvroCodec
+from pilothouse.bus.serde import Serde
+from pilothouse.sensing.config import SensingSettings
+from pilothouse.sensing.correlation import CorrelationRules, Correlator, DependencyMap, Incident
+from pilothouse.sensing.handlers import IncidentHandler, MetricEvidence, TelemetryBuffer
+from pilothouse.sensing.redaction import Redactor
+
+log = logging.getLogger("pilothouse.sensing.correlator")
+
+OUTCOMES = Counter("pilothouse_sensing_correlation_total", "Alerts by correlation outcome", ["outcome"])
+DEAD_LETTERS = Counter("pilothouse_sensing_dead_letters_total", "Records dead-lettered", ["topic"])
+TELEMETRY = Counter("pilothouse_sensing_telemetry_total", "Telemetry records buffered for evidence", ["kind"])
+CORRELATE_SECONDS = Histogram("pilothouse_sensing_correlate_seconds", "Alert in -> incident record queued",
+                              buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2))
+OPEN_INCIDENTS = Gauge("pilothouse_sensing_incidents_in_state", "Incidents in the state tables")
+
+
+class TableStore:
+    """CorrelationStore over Faust tables (JSON values)."""
+
+    def __init__(self, incidents: Any, alert_index: Any, service_index: Any) -> None:
+        self.incidents = incidents
+        self.alert_index = alert_index
+        self.service_index = service_index
+
+    def get_incident(self, incident_id: str) -> Incident | None:
+        d = self.incidents.get(incident_id)
+        return Incident.from_dict(d) if d is not None else None
+
+    def put_incident(self, incident: Incident) -> None:
+        self.incidents[incident.incident_id] = incident.to_dict()
+
+    def get_alert_index(self, key: str) -> str | None:
+        return self.alert_index.get(key)
+
+    def put_alert_index(self, key: str, incident_id: str) -> None:
+        self.alert_index[key] = incident_id
+
+    def get_service_index(self, scoped_service: str) -> str | None:
+        return self.service_index.get(scoped_service)
+
+    def put_service_index(self, scoped_service: str, incident_id: str) -> None:
+        self.service_index[scoped_service] = incident_id
+
+
+def _credentials(bus: BusSettings) -> Any:
+    if not bus.security_protocol.startswith("SASL"):
+        return None
+    return faust.SASLCredentials(
+        username=bus.username, password=bus.password.get_secret_value() if bus.password else None,
+        mechanism=bus.sasl_mechanism)
+
+
+class CorrelationWorker:
+    """Builds the Faust app; ``app`` is what a faust.Worker runs."""
+
+    def __init__(self, settings: SensingSettings, bus: BusSettings, redactor: Redactor, *,
+                 metrics: Any | None = None) -> None:
+        self.settings = settings
+        deps = DependencyMap.from_yaml(settings.dependency_map.read_text(encoding="utf-8"), str(settings.dependency_map))
+        rules = CorrelationRules(group_window_ms=settings.group_window_s * 1000,
+                                 reopen_window_ms=settings.reopen_window_s * 1000,
+                                 topology_hops=settings.topology_hops,
+                                 max_alerts_per_incident=settings.max_alerts_per_incident)
+        self.handler = IncidentHandler(Correlator(deps, rules), redactor,
+                                       telemetry=TelemetryBuffer(settings.telemetry_buffer_per_service))
+        self.metrics = metrics  # PrometheusMetrics or None
+        self._metric_cache: dict[str, tuple[float, MetricEvidence]] = {}
+        serde = Serde(max_message_bytes=bus.max_message_bytes)
+        self.alert_codec = AvroCodec(serde, expected="pilothouse.sensing.AlertReceived")
+        self.telemetry_codec = AvroCodec(serde, expected="pilothouse.sensing.TelemetryReceived")
+        self.incident_codec = AvroCodec(serde)
+        self.app = faust.App(
+            settings.app_id,
+            broker=f"kafka://{bus.bootstrap_servers}",
+            broker_credentials=_credentials(bus),
+            store="memory://",
+            datadir=str(settings.data_dir),
+            web_enabled=False,
+            processing_guarantee="at_least_once",
+            producer_acks=-1,
+            topic_replication_factor=settings.internal_replication_factor,
+            topic_allow_declare=True,
+            consumer_auto_offset_reset="earliest",
+            broker_commit_interval=settings.commit_interval_s,
+            table_cleanup_interval=3600.0,
+        )
+        app = self.app
+        table = dict(partitions=1, use_partitioner=True)  # keys str (raw codec), values JSON (app default)
+        self.tables = TableStore(app.Table("incidents", default=None, **table),
+                                 app.Table("alert_index", default=None, **table),
+                                 app.Table("service_index", default=None, **table))
+        self.alerts_topic = app.topic(settings.alerts_topic, value_serializer="raw", key_serializer="raw")
+        self.telemetry_topic = app.topic(settings.telemetry_topic, value_serializer="raw", key_serializer="raw")
+        self.incidents_topic = app.topic(settings.incidents_topic, value_serializer="raw", key_serializer="raw")
+        app.agent(self.alerts_topic, name="correlate-alerts")(self._alerts)
+        app.agent(self.telemetry_topic, name="buffer-telemetry")(self._telemetry)
+        app.on_partitions_assigned.connect(self._check_assignment)
+
+    # ---- agents -----------------------------------------------------------------------------------------------------
+    async def _alerts(self, stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            started = time.perf_counter()
+            try:
+                record = self.alert_codec.decode(event.value)
+            except PermanentError as e:
+                await self._dead_letter(msg, e)
+                continue
+            outcome = self.handler.correlate(record, self.tables, sequence=msg.offset)
+            OUTCOMES.labels(outcome.kind).inc()
+            if outcome.kind == "ignored":
+                log.info("alert ignored", extra={"event_id": record.event_id, "reason": outcome.reason})
+            if outcome.emits and outcome.incident is not None:
+                metrics = await self._metrics_for(outcome.incident)
+                update = self.handler.incident_record(outcome.incident, metrics=metrics)
+                # Not awaiting the ack here: Faust flushes the producer before it commits this offset.
+                await self.incidents_topic.send(key=update.incident_id.encode(),
+                                                value=self.incident_codec.encode(update))
+            CORRELATE_SECONDS.observe(time.perf_counter() - started)
+
+    async def _telemetry(self, stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                record = self.telemetry_codec.decode(event.value)
+            except PermanentError as e:
+                await self._dead_letter(event.message, e)
+                continue
+            self.handler.handle_telemetry(record)
+            TELEMETRY.labels(record.kind).inc()
+
+    # ---- helpers ----------------------------------------------------------------------------------------------------
+    async def _metrics_for(self, inc: Incident) -> MetricEvidence:
+        if self.metrics is None:
+            return [], "not configured"
+        cached = self._metric_cache.get(inc.incident_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.settings.evidence_refresh_s:
+            return cached[1]
+        window = self.handler.window(inc)
+        loop = asyncio.get_running_loop()
+        # the HTTP calls run on a thread: the event loop keeps serving Kafka meanwhile
+        result = await loop.run_in_executor(None, self.metrics, inc.services, window)
+        self._metric_cache[inc.incident_id] = (now, result)
+        if len(self._metric_cache) > 10_000:
+            self._metric_cache.pop(next(iter(self._metric_cache)))
+        return result
+
+    async def _dead_letter(self, msg: Any, error: Exception) -> None:
+        headers = {
+            "pilothouse.dlq.original_topic": msg.topic, "pilothouse.dlq.original_partition": str(msg.partition),
+            "pilothouse.dlq.original_offset": str(msg.offset), "pilothouse.dlq.reason": str(error)[:2000],
+            "pilothouse.dlq.error_class": type(error).__name__, "pilothouse.dlq.consumer_group": self.settings.app_id,
+        }
+        fut = await self.app.topic(msg.topic + ".dlq", value_serializer="raw", key_serializer="raw").send(
+            key=msg.key, value=msg.value, headers=headers)
+        await fut  # a dead letter is acknowledged before its offset can be committed
+        DEAD_LETTERS.labels(msg.topic).inc()
+        log.warning("dead-lettered", extra={"topic": msg.topic, "offset": msg.offset, "reason": str(error)[:300]})
+
+    async def _check_assignment(self, sender: Any, assigned: Any, **_: Any) -> None:
+        mine = sorted(tp.partition for tp in assigned if tp.topic == self.settings.alerts_topic)
+        # one instance must hold every partition (see the module docstring); make a split visible in the logs
+        log.info("partitions assigned", extra={"alerts_partitions": mine})
+
+
+def build_worker(settings: SensingSettings | None = None, bus: BusSettings | None = None,
+                 redactor: Redactor | None = None) -> CorrelationWorker:
+    """The correlation worker from the environment (PILOTHOUSE_SENSING_*, PILOTHOUSE_KAFKA_*, PILOTHOUSE_REDACTION_*)."""
+    from pilothouse.sensing.redaction import RedactionSettings
+
+    settings = settings or SensingSettings()
+    bus = bus or BusSettings()
+    redactor = redactor or Redactor.from_settings(RedactionSettings())
+    metrics = None
+    if settings.prometheus_url:
+        from pilothouse.sensing.adapters.prometheus import PrometheusMetrics
+
+        metrics = PrometheusMetrics(settings.prometheus_url, settings.prometheus_queries,
+                                    timeout_s=settings.prometheus_timeout_s, step_s=settings.prometheus_step_s,
+                                    pre_window_ms=settings.pre_incident_window_s * 1000)
+    return CorrelationWorker(settings, bus, redactor, metrics=metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the correlation worker until SIGTERM/SIGINT (``python -m pilothouse.sensing.app_faust``)."""
+    from pilothouse.bus.runtime import Health, serve_observability
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    level = "info" if "--verbose" in argv else "warn"
+    worker = build_worker()
+    health = Health()
+    health.add("faust", lambda: worker.app.started if hasattr(worker.app, "started") else True)
+    server = serve_observability("127.0.0.1", worker.settings.correlator_observability_port, health)
+    try:
+        faust.Worker(worker.app, loglevel=level, quiet=True).execute_from_commandline()
+    finally:
+        server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The Faust correlation worker on the real broker: incidents on the topic, and a SIGKILL mid-stream that neither
+loses nor duplicates incidents (the worker is a subprocess; uuid-named topics and app id)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer
+
+from pilothouse.bus.producer import BusProducer
+from pilothouse.bus.records import AlertReceived, RedactionManifest
+from pilothouse.bus.serde import Serde
+from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
+from pilothouse.sensing.correlation import Correlator, DependencyMap, MemoryStore
+from pilothouse.sensing.handlers import alert_input
+
+SERVICES = ["frontend", "checkout", "payment", "cart", "redis", "ad", "email", "currency", "shipping"]
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+KEY = "correlator-test-pseudonym-key-01"
+
+
+def _alerts(n: int, run: str) -> list[AlertReceived]:
+    """n alerts: bursts of 25 every 40 simulated minutes (so several incidents form), some alerts firing twice
+    (deduplicated) and some resolving."""
+    out = []
+    for i in range(n):
+        burst, j = divmod(i, 25)
+        fp = f"{run}-b{burst}-a{j % 18}"  # j >= 18 repeats an earlier fingerprint of the burst
+        status = "resolved" if j in (22, 23) else "firing"
+        at = T0 + timedelta(minutes=40 * burst, seconds=10 * j)
+        eid = f"{run}-{i}"
+        out.append(AlertReceived(
+            event_id=eid, correlation_id=eid, occurred_at=at, producer="sensing", source="alertmanager",
+            fingerprint=fp if status == "firing" else f"{run}-b{burst}-a{j - 20}", status=status,
+            severity="warning", service=SERVICES[(j * 7 + burst) % len(SERVICES)], summary=f"alert {j}",
+            starts_at=at, received_at=at, redaction=RedactionManifest(ruleset_version="rs-test", scanned=True)))
+    return out
+
+
+def _env(stack_info, settings: dict[str, str], data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PILOTHOUSE_")}
+    env.update({
+        "PILOTHOUSE_KAFKA_BOOTSTRAP_SERVERS": stack_info.kafka.bootstrap_servers,
+        "PILOTHOUSE_KAFKA_USERNAME": "admin",
+        "PILOTHOUSE_KAFKA_PASSWORD": stack_info.password("admin"),
+        "PILOTHOUSE_REDACTION_PSEUDONYM_KEY": KEY,
+        "PILOTHOUSE_SENSING_DATA_DIR": str(data_dir),
+        "PILOTHOUSE_SENSING_CORRELATOR_OBSERVABILITY_PORT": "0",
+        "PILOTHOUSE_SENSING_GROUP_WINDOW_S": "900",
+        **settings,
+    })
+    return env
+
+
+def _start(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pilothouse.sensing.app_faust"], env=env,
+                            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+class IncidentReader:
+    """Reads the incidents topic on a thread: every IncidentUpdated, in order."""
+
+    def __init__(self, bus_settings, topic: str) -> None:
+        self.records: list = []
+        self._stop = threading.Event()
+        self._consumer = Consumer({**bus_settings("admin").librdkafka(), "group.id": f"test.{uuid.uuid4().hex[:12]}",
+                                   "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        self._consumer.subscribe([topic])
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        serde = Serde()
+        while not self._stop.is_set():
+            msg = self._consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                rec = serde.decode(msg.value()).record
+                assert msg.key().decode() == rec.incident_id
+                self.records.append(rec)
+
+    def latest(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for r in list(self.records):
+            if r.incident_id not in out or r.version > out[r.incident_id].version:
+                out[r.incident_id] = r
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._consumer.close()
+
+
+def _reference(alerts: list[AlertReceived]) -> dict[str, tuple]:
+    """What a crash-free run gives (one alerts partition: the offset order is the processing order)."""
+    c, store = Correlator(DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())), MemoryStore()
+    for offset, a in enumerate(alerts):
+        c.apply(alert_input(a, offset), store)
+    return {iid: (d["version"], d["state"], sorted({r["fingerprint"] for r in d["alerts"].values()}))
+            for iid, d in store.incidents.items()}
+
+
+def _summary(latest: dict) -> dict[str, tuple]:
+    return {iid: (r.version, r.state, sorted(r.alert_fingerprints)) for iid, r in latest.items()}
+
+
+def _wait_for(predicate, timeout_s: float, worker: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if worker is not None and worker.poll() is not None:
+            return False  # the worker died: its log says why
+        time.sleep(0.25)
+    return predicate()
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_mid_stream_neither_loses_nor_duplicates_incidents(stack_info, bus_settings, new_topic, tmp_path):
+    alerts_topic, telemetry_topic, incidents_topic = new_topic(1), new_topic(1), new_topic(1)
+    run = uuid.uuid4().hex[:8]
+    env = _env(stack_info, {
+        "PILOTHOUSE_SENSING_ALERTS_TOPIC": alerts_topic,
+        "PILOTHOUSE_SENSING_TELEMETRY_TOPIC": telemetry_topic,
+        "PILOTHOUSE_SENSING_INCIDENTS_TOPIC": incidents_topic,
+        "PILOTHOUSE_SENSING_APP_ID": f"pilothouse-sensing-test-{run}",
+        "PILOTHOUSE_SENSING_COMMIT_INTERVAL_S": "1.0",
+    }, tmp_path / "data")
+    alerts = _alerts(300, run)
+    expected = _reference(alerts)
+    assert len(expected) >= 12  # the scenario really forms many incidents
+
+    reader = IncidentReader(bus_settings, incidents_topic)
+    producer = BusProducer(bus_settings("admin"))
+    log_path = tmp_path / "worker.log"
+    worker = _start(env, log_path)
+    try:
+        # first third, then the kill while the worker is busy with the second third
+        for a in alerts[:100]:
+            producer.produce(a, key=a.fingerprint, topic=alerts_topic)
+        producer.flush(10)
+        assert _wait_for(lambda: len(reader.records) >= 10, 90, worker), log_path.read_text()[-3000:]
+        for a in alerts[100:200]:
+            producer.produce(a, key=a.fingerprint, topic=alerts_topic)
+        producer.flush(10)
+        time.sleep(0.5)
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        killed_with = len(reader.records)
+        for a in alerts[200:]:  # alerts keep coming while the worker is down
+            producer.produce(a, key=a.fingerprint, topic=alerts_topic)
+        producer.flush(10)
+
+        worker = _start(env, log_path)
+        done = _wait_for(lambda: _summary(reader.latest()) == expected, 120, worker)
+        got = _summary(reader.latest())
+        assert done, (f"after restart: {len(got)} incidents vs {len(expected)} expected; "
+                      f"missing {sorted(set(expected) - set(got))[:5]}, extra {sorted(set(got) - set(expected))[:5]}\n"
+                      + log_path.read_text()[-3000:])
+        assert 0 < killed_with < len(reader.records)  # the kill happened mid-stream
+
+        # every alert belongs to exactly one current incident
+        owners: dict[str, str] = {}
+        for iid, r in reader.latest().items():
+            for fp in r.alert_fingerprints:
+                assert fp not in owners, f"{fp} is in {owners.get(fp)} and {iid}"
+                owners[fp] = iid
+        assert set(owners) == {a.fingerprint for a in alerts}
+        # versions per incident only grow; a replayed version repeats the same content (idempotent writes)
+        by_version: dict[tuple[str, int], object] = {}
+        last: dict[str, int] = {}
+        for r in reader.records:
+            key = (r.incident_id, r.version)
+            if key in by_version:
+                prev = by_version[key]
+                assert (prev.alert_fingerprints, prev.state, prev.change) == (r.alert_fingerprints, r.state, r.change)
+            else:
+                assert r.version > last.get(r.incident_id, 0)
+            by_version[key] = r
+            last[r.incident_id] = max(last.get(r.incident_id, 0), r.version)
+            assert r.evidence and r.evidence_sha256 and r.redaction.scanned
+            assert all(e.attributes.get("metrics_source") == "not configured" for e in r.evidence if e.kind == "alert")
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        reader.close()
+        producer.flush(5)
