@@ -130,10 +130,11 @@ class Console:
             Route("/kill-switch", self.kill_switch_form, methods=["POST"]),
             Route("/fragments/incidents", self.incidents_fragment, methods=["GET"]),
             Route("/fragments/incidents/{incident_id}/timeline", self.timeline_fragment, methods=["GET"]),
-            Route("/fragments/actions/{action_id}/status", self.action_status_fragment, methods=["GET"]),
+            Route("/fragments/actions/{action_id}/{part:str}", self.action_fragment, methods=["GET"]),
             Route("/fragments/actions", self.actions_fragment, methods=["GET"]),
             Route("/events", self.events, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/favicon.ico", lambda request: Response(status_code=204), methods=["GET"]),
             Route("/api/session", self.api_login, methods=["POST"]),
             Route("/api/logout", self.api_logout, methods=["POST"]),
             Route("/api/incidents", self.api_incidents, methods=["GET"]),
@@ -381,13 +382,14 @@ class Console:
             return self.render("not_found.html", request, 404, what="action")
         return self.render("action.html", request, **ctx)
 
-    async def action_status_fragment(self, request: Request) -> Response:
+    async def action_fragment(self, request: Request) -> Response:
         if (r := self._need_page_login(request)) is not None:
             return r
+        template = {"status": "_action_status.html", "details": "_action_details.html"}.get(request.path_params["part"])
         ctx = self._action_ctx(request.path_params["action_id"])
-        if ctx is None:
+        if ctx is None or template is None:
             return self.render("not_found.html", request, 404, what="action")
-        return self.render("_action_status.html", request, **ctx)
+        return self.render(template, request, **ctx)
 
     async def status_page(self, request: Request) -> Response:
         return self._need_page_login(request) or self.render(

@@ -70,6 +70,7 @@ def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp
 
         # Reasoning proposes hypotheses; Rita opens one, follows a claim to its evidence, validates it (gate 1).
         publish(admin, [w.hypotheses()], producer)
+        rc.wait_for(lambda m: m.find_hypothesis(w.h1) is not None, what="the hypotheses")
         log_in(rita, rc.url, "rita")
         rita.goto(f"{rc.url}/incidents/{w.incident_id}")
         card = rita.locator(f"#hyp-{w.h1}")
@@ -93,6 +94,7 @@ def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp
 
         # Policy asks for two approvers; the actuator's shadow run predicts the outcome.
         publish(admin, [w.proposal(), w.pending(validated_by="rita"), w.shadow()], producer)
+        rc.wait_for(lambda m: w.action_id in m.pending, what="the pending action")
         alice.goto(f"{rc.url}/actions/{w.action_id}")
         expect(alice.locator("#shadow-summary")).to_contain_text("SLO met")
         expect(alice.locator("#action-hash")).to_have_text(w.hash)
@@ -136,3 +138,44 @@ def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp
         assert r.status == 409 and "no longer waiting" in r.text()
 
     assert not [e for e in errors if "Content Security Policy" in e or "Uncaught" in e], errors
+
+
+def focused(page: Page) -> str:
+    return page.evaluate("""() => { const e = document.activeElement;
+        return e.id ? '#' + e.id : (e.name ? e.tagName.toLowerCase() + '[name=' + e.name + '][value=' + e.value + ']'
+               : e.tagName.toLowerCase() + ':' + (e.textContent || '').trim().slice(0, 40)); }""")
+
+
+def test_gate_two_with_the_keyboard_only(browser, bus_settings, tmp_path):
+    """Skip link, a visible focus ring, and the approve form reachable and usable with Tab, Space and Enter."""
+    w = World(approvers_needed=1)
+    admin = bus_settings("admin")
+    errors: list[str] = []
+    with RunningConsole(bus_settings("console"), write_users_file(tmp_path)) as rc:
+        publish(admin, w.upstream())
+        rc.wait_for(lambda m: w.action_id in m.pending and w.action_id in m.shadow, what="the pending action")
+        page = new_page(browser, errors)
+        log_in(page, rc.url, "bob")
+        page.goto(f"{rc.url}/actions/{w.action_id}")
+        page.keyboard.press("Tab")
+        assert focused(page) == "a:Skip to main content"
+        outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+        assert outline not in ("", "none")  # the focus is visible
+        page.keyboard.press("Enter")
+        assert focused(page) == "#main"
+        for _ in range(40):  # Tab through the page until the first radio of the decision form
+            page.keyboard.press("Tab")
+            if focused(page) == "input[name=decision][value=approve]":
+                break
+        else:
+            raise AssertionError("the approve radio is not reachable with Tab")
+        page.keyboard.press("Space")
+        expect(page.get_by_label("Approve")).to_be_checked()
+        page.keyboard.press("Tab")
+        assert focused(page) == "#comment"
+        page.keyboard.type("approved without a mouse")
+        page.keyboard.press("Tab")
+        assert focused(page).startswith("button:Record decision")
+        page.keyboard.press("Enter")
+        expect(page.locator(".flash")).to_contain_text("you approved")
+    assert not errors, errors
