@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("pilothouse.stack.cli:main", "provision, start, inspect and stop the local stack (up|status|down|env|apply)"),
     "bench": ("pilothouse.cli:bench", "run a benchmark and write JSON: bench NAME --out FILE (bus, ...)"),
-    "eval": ("pilothouse.evaluation:main", "evaluate root-cause analysis on fault datasets: eval rca ..."),
+    "eval": ("pilothouse.cli:evaluate", "evaluate root-cause analysis on fault datasets: eval rca --dataset DIR ..."),
     "ingest": ("pilothouse.sensing.normalize:main", "normalise an alert/telemetry payload file offline; check mapping rules"),
     "fleet": ("pilothouse.fleet.cli:main", "run the sandbox fleet (the simulated microservices the demo acts on)"),
     "catalogue": ("pilothouse.catalogue_cli:main", "apply the topic catalogue to any broker (deployment init job)"),
@@ -53,6 +53,16 @@ def bench(argv: list[str]) -> int:
             return 2
         raise
     return int(module.main(argv[1:]) or 0)
+
+
+def evaluate(argv: list[str]) -> int:
+    """``pilothouse eval rca ...``."""
+    if not argv or argv[0] != "rca":
+        print("usage: pilothouse eval rca --dataset DIR --format nezha|rcaeval --out FILE [--with-llm]", file=sys.stderr)
+        return 2
+    from pilothouse.evaluation import main as rca_main
+
+    return int(rca_main(argv[1:]) or 0)
 
 
 def schemas(argv: list[str]) -> int:
