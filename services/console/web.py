@@ -129,7 +129,7 @@ class Console:
             Route("/actions/{action_id}/decision", self.decide_form, methods=["POST"]),
             Route("/kill-switch", self.kill_switch_form, methods=["POST"]),
             Route("/fragments/incidents", self.incidents_fragment, methods=["GET"]),
-            Route("/fragments/incidents/{incident_id}/timeline", self.timeline_fragment, methods=["GET"]),
+            Route("/fragments/incidents/{incident_id}/{part:str}", self.incident_fragment, methods=["GET"]),
             Route("/fragments/actions/{action_id}/{part:str}", self.action_fragment, methods=["GET"]),
             Route("/fragments/actions", self.actions_fragment, methods=["GET"]),
             Route("/events", self.events, methods=["GET"]),
@@ -344,13 +344,14 @@ class Console:
             return self.render("not_found.html", request, 404, what="incident")
         return self.render("incident.html", request, **ctx)
 
-    async def timeline_fragment(self, request: Request) -> Response:
+    async def incident_fragment(self, request: Request) -> Response:
         if (r := self._need_page_login(request)) is not None:
             return r
+        template = {"timeline": "_timeline.html", "hypotheses": "_hypotheses.html"}.get(request.path_params["part"])
         ctx = self._incident_ctx(request.path_params["incident_id"])
-        if ctx is None:
+        if ctx is None or template is None:
             return self.render("not_found.html", request, 404, what="incident")
-        return self.render("_timeline.html", request, **ctx)
+        return self.render(template, request, **ctx)
 
     async def actions_page(self, request: Request) -> Response:
         return self._need_page_login(request) or self.render(

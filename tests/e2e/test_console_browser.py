@@ -68,11 +68,12 @@ def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp
         expect(row).to_be_visible()
         assert alice.evaluate("window.__marker") == "same page"  # live update, not a reload
 
-        # Reasoning proposes hypotheses; Rita opens one, follows a claim to its evidence, validates it (gate 1).
-        publish(admin, [w.hypotheses()], producer)
-        rc.wait_for(lambda m: m.find_hypothesis(w.h1) is not None, what="the hypotheses")
+        # Reasoning proposes hypotheses; Rita follows a claim to its evidence and validates it (gate 1).
+        # Rita has the incident open when the hypotheses arrive: they appear in place.
         log_in(rita, rc.url, "rita")
         rita.goto(f"{rc.url}/incidents/{w.incident_id}")
+        expect(rita.get_by_text("No hypotheses yet.")).to_be_visible()
+        publish(admin, [w.hypotheses()], producer)
         card = rita.locator(f"#hyp-{w.h1}")
         expect(card).to_contain_text("82%")
         expect(rita.locator(f"#hyp-{w.h2}")).to_contain_text("inconclusive")

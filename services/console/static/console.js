@@ -11,14 +11,26 @@
     live.textContent = text;
   }
 
+  // Typed text or a chosen radio button must never be wiped by an update.
+  function hasUserInput(el) {
+    var fields = el.querySelectorAll("textarea, input:not([type=hidden])");
+    for (var i = 0; i < fields.length; i++) {
+      var f = fields[i];
+      if ((f.type === "radio" || f.type === "checkbox") ? f.checked !== f.defaultChecked : f.value !== f.defaultValue) {
+        return true;
+      }
+    }
+    return false;
+  }
+
   function refresh() {
     var regions = document.querySelectorAll("[data-live]");
     regions.forEach(function (el) {
-      if (el.contains(document.activeElement)) return;
+      if (el.contains(document.activeElement) || hasUserInput(el)) return;
       fetch(el.getAttribute("data-live"), { credentials: "same-origin", headers: { "Accept": "text/html" } })
         .then(function (r) { return r.ok ? r.text() : null; })
         .then(function (html) {
-          if (html === null || el.contains(document.activeElement)) return;
+          if (html === null || el.contains(document.activeElement) || hasUserInput(el)) return;
           var doc = new DOMParser().parseFromString(html, "text/html");
           var main = doc.getElementById("main");
           var source = main || doc.body;
