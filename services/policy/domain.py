@@ -301,6 +301,13 @@ class PolicyInput(_Model):
     controls: Controls = Field(default_factory=Controls)
     approvals: list[Approval] = Field(default_factory=list, max_length=MAX_APPROVALS)
 
+    @model_validator(mode="after")
+    def _unique_approval_ids(self) -> PolicyInput:
+        ids = [a.approval_id for a in self.approvals]
+        if len(set(ids)) != len(ids):
+            raise ValueError("approvals: approval_id values must be unique")
+        return self
+
     def to_opa(self) -> dict[str, Any]:
         """The JSON document sent to OPA as ``input``."""
         return self.model_dump(mode="json", by_alias=True)

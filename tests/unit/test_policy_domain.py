@@ -169,6 +169,7 @@ def test_input_digest_is_stable_and_sensitive() -> None:
         (("budget", "window_end"), "2026-11-24T00:00:00Z", "window_end"),
         (("incident", "severity"), "sev0", "severity"),
         (("approvals",), [{"approval_id": "x"}] * 33, "approvals"),
+        (("approvals",), [FIXTURES["alice"] | {"action_hash": "0" * 64}] * 2, "unique"),
         (("unexpected",), True, "unexpected"),
     ],
 )

@@ -54,6 +54,15 @@ own_refusals[i] contains {"code": "non_human_principal", "message": msg} if {
 	])
 }
 
+# An approval id names one act of consent: a second record with the same id cannot add a second approver.
+own_refusals[i] contains {"code": "duplicate_approval_id", "message": msg} if {
+	some i, a in recorded
+	some j, earlier in recorded
+	j < i
+	earlier.approval_id == a.approval_id
+	msg := sprintf("approval id %v was already used by approval #%d", [a.approval_id, j])
+}
+
 own_refusals[i] contains {"code": "self_approval", "message": msg} if {
 	some i, a in recorded
 	ids[i] == risk.proposer_id

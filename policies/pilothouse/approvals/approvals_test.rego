@@ -203,3 +203,11 @@ test_approval_without_roles_is_refused if {
 	d.accepted_approvals == []
 	"missing_role" in refused_codes(d)
 }
+
+test_reused_approval_id_counts_once if {
+	forged := object.union(fixtures.bob, {"approval_id": "ap-alice"})
+	d := decide(high_risk, [fixtures.alice, forged])
+	d.outcome == "pending_approval"
+	d.accepted_approvals == ["ap-alice"]
+	refused_codes(d) == {"duplicate_approval_id"}
+}
