@@ -199,7 +199,8 @@ def local_opa_server(policies: Path, *, binary: Path | None = None, ready_timeou
     port = _free_port()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            [str(opa), "run", "--server", "--addr", f"127.0.0.1:{port}", "--log-level", "error", str(policies)],
+            [str(opa), "run", "--server", "--addr", f"127.0.0.1:{port}", "--log-level", "error", "--skip-version-check",
+             str(policies)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
