@@ -232,7 +232,7 @@ def _valid_basic_auth(secret: str) -> bool:
 
 def _mixed_credential(secret: str) -> bool:
     """A -p value that is a credential, not a port or a path: letters and digits (or symbols), not only digits."""
-    if secret.isdigit() or "/" in secret or secret.startswith(("$", "<", "{")):
+    if secret.isdigit() or "/" in secret or "=" in secret or secret.startswith(("$", "<", "{")):
         return False
     has_alpha = any(c.isalpha() for c in secret)
     has_other = any(c.isdigit() or not c.isalnum() for c in secret)
@@ -340,7 +340,7 @@ _PHONE_WORDS = re.compile(r"(?i)\b(?:phones?|ph|tel|telephone|mobiles?|mob|cell|
 _ID_LABEL = re.compile(
     r"(?i)\b(?:(?P<nat>passport|driver'?s?[ -]licen[cs]e|licen[cs]e (?=no\b|number\b|#)|itin|taxpayer id(?:entification)?|"
     r"tax id|national id(?:entity)?|identity card|id card|social security|ssn|nric|aadhaar|pan|tin)"
-    r"|(?P<acct>bank account|account|routing|aba|sort code))"
+    r"|(?P<acct>bank account|account|routing|aba|sort code))(?![A-Za-z])"
     r"(?:[ \t]*(?:no\.?|num(?:ber)?|#|is|was|:|=)){0,3}[ \t]*[:#=]?[ \t]*"
     r"(?P<value>(?=[A-Za-z0-9*-]{0,19}\d)[A-Za-z0-9][A-Za-z0-9*-]{4,19})(?![\w-])"
 )
@@ -361,13 +361,13 @@ _USER_PATTERNS = [
 _NOT_USERS = frozenset({"unknown", "invalid", "none", "null", "nil", "-", "by", "from", "for", "on", "at", "is", "was",
                         "not", "name", "id"})
 
-_NAME_LABEL = re.compile(r"(?<![\w.])(?:[Nn]ame|NAME|[Ff]ull [Nn]ame|[Cc]ustomer|[Pp]atient|[Cc]ontact)\s*[:=]\s*"
+_NAME_LABEL = re.compile(r"(?<![\w.])(?:Name|NAME|Full [Nn]ame|First [Nn]ame|Last [Nn]ame|Customer|Patient|Contact)\s*[:=]\s*"
                          r"([A-Z][^\W\d_A-Z]+(?:[ \t][A-Z][^\W\d_A-Z]*\.?){1,3})(?![\w-])")
 _TITLE_NAME = re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\.? ([A-Z][^\W\d_]+(?: [A-Z][^\W\d_]+)?)")
 
 # detect-secrets' keyword deny-list (password, secret, api_key, ...) as key=value / key: value / key "value".
 _KEYWORD_ASSIGN = re.compile(
-    r"(?i)(?<![\w])([\w.-]{0,64}(?:" + "|".join(DS_KEYWORD_DENYLIST) + r")[\w.-]{0,64})[\"'\]]{0,2}[ \t]*(?::=|=>|==?|:|[ \t](?=[\"']))"
+    r"(?i)(?<![\w])([\w.-]{0,64}(?:" + "|".join(DS_KEYWORD_DENYLIST) + r")[\w.-]{0,64})[\"'\]]{0,2}[ \t]*(?::=|=>|==?|:)"
     r"[ \t]*(?:\"([^\"\r\n]{1,512})\"|'([^'\r\n]{1,512})'|`([^`\r\n]{1,512})`|"
     r"((?:!!?\w+[ \t]+)?[^\s\"'`,;&)}\]]{1,512}))"  # an optional YAML tag (!!binary) goes with the value
 )
@@ -376,6 +376,11 @@ _KEYWORD_BLOCK = re.compile(
     r"((?:\1[ \t]+\S[^\r\n]*(?:\r?\n|$))+)"
 )
 _BLOCK_LINE = re.compile(r"(?m)^[ \t]+(?:[\w.-]+[ \t]*[=:][ \t]*)?(?:!!?\w+[ \t]+)?[\"']?([^\r\n\"']+?)[\"']?[ \t]*$")
+_REFERENCE_KEY_SUFFIXES = ("name", "names", "ref", "refs", "keyref", "path", "paths", "file", "files", "dir", "arn",
+                           "type", "types", "length", "size", "version", "id", "ids", "count", "policy", "hint",
+                           "provider", "store", "manager", "mount", "env", "enabled", "required", "expiry", "expires",
+                           "ttl", "url", "uri", "endpoint", "prompt", "field", "label", "class")
+_PATH_VALUE = re.compile(r"^[A-Za-z][A-Za-z._-]*(?:/[A-Za-z][A-Za-z._-]*)+/?$")
 _PLACEHOLDER_VALUE = re.compile(
     r"(?i)^(?:null|none|nil|true|false|undefined|empty|n/a|\*+|x{3,}|\.+|-+|<[^>]*>|\[[^\]]*\]|\(\w*\)|\$\{?[\w.:-]+\}?|"
     r"%\w+%|%\(\w+\)[sd]|%[sd]|\{\{.*\}\}|\{[\w.]*\}|redacted|\[redacted\]|masked|hidden|changeme|required|optional|"
@@ -387,6 +392,8 @@ _QUOTED_TOKEN = re.compile(r"([\"'])([A-Za-z0-9+/=_.~-]{10,512})\1")
 _CONFIG_LINE = re.compile(r"(?m)^[ \t]*[\w.-]+[ \t]*[:=][ \t]*([\"']?)([A-Za-z0-9+/=_~-]{10,512})\1[ \t]*(?:#[^\r\n]*)?\r?$")
 _ASSIGNED_TOKEN = re.compile(r"(?<![\w.-])[A-Za-z_][\w.-]{0,40}\s*[=:]\s*([A-Za-z0-9+/_-]{20,512}={0,2})(?![\w+/=.-])")
 _NON_DIGITS = re.compile(r"\D+")
+_ID_KEY_BEFORE = re.compile(r"(?i)(?:\b|_)(?:id|ids|uuid|guid|fingerprint|hash|digest|checksum|sha\d*|md5|etag|"
+                            r"request_?id|trace_?id|span_?id|commit|revision|rev)[\"']?\s*[:=]\s*[\"']?$")
 _HEX_ONLY = re.compile(r"^[0-9a-fA-F]+$")
 _TOKEN_RUNS = re.compile(r"[-_.~]")
 _B64_ENTROPY = Base64HighEntropyString(limit=4.5)
@@ -835,6 +842,10 @@ class Redactor:
             if gi == 5 and len(stripped) < 4 and not any(c.isdigit() for c in stripped):
                 continue
             key = m.group(1).lower()
+            if key.rstrip("\"'").endswith(_REFERENCE_KEY_SUFFIXES):
+                continue  # secretName, password_file, secretKeyRef: they name or point at a secret
+            if _PATH_VALUE.match(stripped):
+                continue  # service_key: default/Deployment/web is a resource path, not a credential
             if key == "pwd" and stripped.startswith(("/", "~")):
                 continue  # PWD=/home/x is a working directory (sudo, env dumps), not a password
             if ds_heuristic.is_indirect_reference(m.group(0)) or key.endswith(("_id", "-id", ".id")) or key in {
@@ -860,6 +871,9 @@ class Redactor:
 
     @staticmethod
     def _entropy_secret(token: str, line: str, *, quoted: bool) -> bool:
+        before = line[: line.rfind(token)] if token in line else line
+        if _ID_KEY_BEFORE.search(before):
+            return False  # "id": "call_x8...", fingerprint=..., sha256: ... are identifiers and digests
         if ds_heuristic.is_potential_uuid(token) or ds_heuristic.is_sequential_string(token) \
                 or ds_heuristic.is_templated_secret(token) or ds_heuristic.is_likely_id_string(token, line):
             return False

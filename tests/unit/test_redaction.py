@@ -146,6 +146,15 @@ def test_personal_data_classes(redactor: Redactor, text: str, kind: str, value: 
     "uuid 123e4567-e89b-12d3-a456-426614174000 created",
     "the api key is missing; set OPENAI_API_KEY",
     "account created 2024-05-01 for tenant acme; license key expired",
+    # Kubernetes and tool-call shapes that name or point at secrets rather than hold them
+    "      secretName: api-limiter-logs-script",
+    "        - -port=80",
+    '  "service_key": "default/Deployment/checkout-web",',
+    "otel   accounting-859f445487-chtq2   1/1   Running   2 (20m ago)",
+    "  - name: View Graph",
+    '        "id": "call_cwtbeZFAJkD51ZVd38FdF1y6",',
+    "pull access denied, repository may require authorization: server message: insufficient_scope",
+    "create the secret 'db-secrets-for-medium' first",
 ])
 def test_near_misses_are_left_alone(redactor: Redactor, text: str):
     out, manifest = redactor.redact_text(text)
