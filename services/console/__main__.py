@@ -53,6 +53,10 @@ def serve(argv: list[str]) -> int:
         settings = ConsoleSettings()
         bus = BusSettings()
         identity = LocalAccounts.from_file(settings.users_file)
+        if bus.security_protocol.startswith("SASL") and (not bus.username or bus.password is None):
+            print("pilothouse console: set PILOTHOUSE_KAFKA_USERNAME and PILOTHOUSE_KAFKA_PASSWORD (the console "
+                  "principal's credentials)", file=sys.stderr)
+            return 2
     except ValidationError as e:
         print(f"pilothouse console: bad settings: {e}", file=sys.stderr)
         return 2

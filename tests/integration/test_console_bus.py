@@ -168,3 +168,15 @@ def test_bad_settings_exit_2_with_the_reason(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pilothouse.console"], env=env, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "bad settings" in r.stderr and "users_file" in r.stderr
+
+
+def test_missing_kafka_credentials_exit_2(users_file):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PILOTHOUSE_CONSOLE_", "PILOTHOUSE_KAFKA_"))}
+    env.update(PILOTHOUSE_CONSOLE_USERS_FILE=str(users_file), PILOTHOUSE_CONSOLE_SESSION_SECRET="p" * 40)
+    r = subprocess.run([sys.executable, "-m", "pilothouse.console"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "PILOTHOUSE_KAFKA_USERNAME" in r.stderr
