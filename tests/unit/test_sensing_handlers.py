@@ -1,0 +1,212 @@
+"""Handlers: ingest records (redaction manifest, fingerprint pseudonyms), incident records (evidence, hash, edges),
+and the Prometheus adapter against a local HTTP server speaking the query_range API."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from pilothouse.bus.records import AlertReceived, Evidence, RedactionManifest, TelemetryReceived
+from pilothouse.bus.serde import Serde
+from pilothouse.sensing.adapters.prometheus import PrometheusMetrics
+from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
+from pilothouse.sensing.correlation import Correlator, DependencyMap, MemoryStore
+from pilothouse.sensing.evidence import Window
+from pilothouse.sensing.handlers import IncidentHandler, IngestHandler, evidence_sha256
+from pilothouse.sensing.redaction import Redactor
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "alert-payloads"
+KEY = b"unit-test-pseudonym-key-000001"
+T = 1_790_000_000_000
+AWS_KEY = "AKIAZ7Q3XJ4K2M5N6P7Q"
+
+
+@pytest.fixture(scope="module")
+def redactor():
+    return Redactor(KEY)
+
+
+@pytest.fixture
+def ingest(redactor):
+    return IngestHandler(redactor, alerts_topic="alerts", telemetry_topic="telemetry")
+
+
+def _ts(ms):
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def test_alertmanager_payload_becomes_valid_avro_records(ingest):
+    body = (FIXTURES / "prometheus-msteams-testdata/payloads/alert_testdata_prom_post_request_12_alerts__d4711790.json")
+    result = ingest.handle("alertmanager", body.read_bytes(), received_at_ms=T)
+    assert result.kind == "alert" and len(result.outbound) == 12
+    serde = Serde()
+    for o in result.outbound:
+        assert o.topic == "alerts" and o.key == o.record.fingerprint
+        assert serde.decode(serde.encode(o.record)).record == o.record  # schema-valid
+    # the payload's description holds an IP: replaced by a keyed pseudonym and counted
+    first = result.outbound[0].record
+    assert "<IP:" in first.annotations["description"] and result.findings["IP"] == 12
+    assert "$.annotations.description" in first.redaction.redacted_fields
+
+
+def _am(fingerprint: str) -> bytes:
+    return json.dumps({"version": "4", "status": "firing", "alerts": [{
+        "status": "firing", "labels": {"alertname": "A", "service": "cart"}, "annotations": {},
+        "startsAt": "2026-01-01T00:00:00Z", "fingerprint": fingerprint}]}).encode()
+
+
+def test_fingerprints_the_redactor_would_change_become_stable_pseudonyms(ingest):
+    a = ingest.handle("alertmanager", _am(AWS_KEY), received_at_ms=T).outbound[0].record
+    b = ingest.handle("alertmanager", _am(AWS_KEY), received_at_ms=T + 1).outbound[0].record
+    assert a.fingerprint == b.fingerprint  # stable: deduplication still works
+    assert a.fingerprint.startswith("psd:") and len(a.fingerprint) == 28 and AWS_KEY not in a.fingerprint
+    assert "$.fingerprint" in a.redaction.redacted_fields
+    assert {f.kind for f in a.redaction.findings} == {"FINGERPRINT_PSEUDONYM"}
+    other = IngestHandler(Redactor(b"another-deployment-key-000000"), alerts_topic="a", telemetry_topic="t")
+    c = other.handle("alertmanager", _am(AWS_KEY), received_at_ms=T).outbound[0].record
+    assert c.fingerprint != a.fingerprint  # keyed: not a plain hash anyone can recompute
+    plain = ingest.handle("alertmanager", _am("0123abcd"), received_at_ms=T).outbound[0].record
+    assert plain.fingerprint == "0123abcd" and plain.redaction.redacted_fields == []
+
+
+def test_otlp_logs_become_telemetry_with_redacted_bodies(ingest):
+    doc = json.loads((FIXTURES / "opentelemetry-otlp-json/examples/logs.json").read_text())
+    doc["resourceLogs"][0]["scopeLogs"][0]["logRecords"][0]["body"] = {"stringValue": f"login with {AWS_KEY}"}
+    result = ingest.handle("otlp_logs", json.dumps(doc).encode(), received_at_ms=T)
+    rec = result.outbound[0].record
+    assert isinstance(rec, TelemetryReceived) and rec.kind == "log" and o_key(result) == rec.service
+    assert AWS_KEY not in rec.body and "$.body" in rec.redaction.redacted_fields
+
+
+def o_key(result):
+    return result.outbound[0].key
+
+
+def _alert(event_id, fp, service, at, status="firing", summary="errors up"):
+    return AlertReceived(event_id=event_id, correlation_id=event_id, occurred_at=_ts(at), source="alertmanager",
+                         fingerprint=fp, status=status, severity="critical", service=service, summary=summary,
+                         starts_at=_ts(at), received_at=_ts(at),
+                         redaction=RedactionManifest(ruleset_version="rs-x", scanned=True))
+
+
+def _log(i, service, at, body):
+    return TelemetryReceived(event_id=f"log-{i}", correlation_id=f"log-{i}", occurred_at=_ts(at), kind="log",
+                             source="otlp_logs", service=service, timestamp=_ts(at), body=body,
+                             redaction=RedactionManifest(ruleset_version="rs-x", scanned=True))
+
+
+def test_incident_record_carries_alert_log_and_change_evidence_and_edges(redactor):
+    deps = DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())
+    h, store = IncidentHandler(Correlator(deps), redactor), MemoryStore()
+    # a quiet reference hour, then a burst of one error template in checkout
+    for i in range(5):
+        h.handle_telemetry(_log(i, "checkout", T - 3_000_000 + i * 600_000, "GET /cart 200 in 12 ms"))
+    for i in range(40):
+        # a log excerpt that still holds a secret must not leave sensing (the evidence is scanned again)
+        h.handle_telemetry(_log(100 + i, "checkout", T + i * 1000, f"payment refused for token {AWS_KEY}"))
+    h.handle_telemetry(TelemetryReceived(
+        event_id="chg-1", correlation_id="chg-1", occurred_at=_ts(T - 120_000), kind="change", source="generic:ci",
+        service="checkout", timestamp=_ts(T - 120_000), body="deploy checkout v1.4.2",
+        attributes={"change_type": "deploy"}, redaction=RedactionManifest(ruleset_version="rs-x", scanned=True)))
+    _, first = h.handle_alert(_alert("e1", "fp-front", "frontend", T), store)
+    _, second = h.handle_alert(_alert("e2", "fp-check", "checkout", T + 60_000), store)
+    assert first.version == 1 and second.version == 2 and second.change == "updated"
+    kinds = {e.kind for e in second.evidence}
+    assert kinds == {"alert", "log_burst", "change_event"}
+    burst = next(e for e in second.evidence if e.kind == "log_burst")
+    assert AWS_KEY not in burst.signal and AWS_KEY not in burst.summary
+    assert any(f.kind.startswith("AWS") for f in second.redaction.findings)
+    assert second.primary_service == "checkout" and second.services == ["checkout", "frontend"]
+    assert [(e.caller, e.callee) for e in second.dependency_edges] == [("frontend", "checkout")]
+    assert all(e.attributes["metrics_source"] == "not configured" for e in second.evidence if e.kind == "alert")
+    assert second.evidence_sha256 == evidence_sha256(reversed(second.evidence))  # order-independent
+    assert second.evidence_sha256 != first.evidence_sha256
+    Serde().encode(second)  # fits its schema
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class _PromAPI(BaseHTTPRequestHandler):
+    """Answers /api/v1/query_range like Prometheus: a flat series per service, with a step up at the incident."""
+
+    incident_start_s = T / 1000
+    seen: list[dict] = []
+
+    def do_GET(self):  # noqa: N802
+        q = parse_qs(urlparse(self.path).query)
+        _PromAPI.seen.append({k: v[0] for k, v in q.items()})
+        if "bad" in q["query"][0]:
+            body, code = {"status": "error", "errorType": "bad_data", "error": "parse error"}, 400
+        else:
+            start, end, step = float(q["start"][0]), float(q["end"][0]), int(q["step"][0].rstrip("s"))
+            result = []
+            for svc in ("checkout", "frontend"):
+                values, t = [], start
+                while t <= end:
+                    jitter = 0.001 * ((int(t) // step) % 3)
+                    v = 0.01 + jitter if t < self.incident_start_s or svc == "frontend" else 0.4
+                    values.append([t, str(v)])
+                    t += step
+                result.append({"metric": {"service": svc}, "values": values})
+            body, code = {"status": "success", "data": {"resultType": "matrix", "result": result}}, 200
+        raw = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args):
+        return
+
+
+@pytest.fixture
+def prometheus():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PromAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _PromAPI.seen = []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_prometheus_adapter_finds_the_anomalous_service(prometheus):
+    m = PrometheusMetrics(prometheus, {"error_ratio": 'x{service=~"$services"}'}, step_s=15, pre_window_ms=1_800_000)
+    items, status = m(["checkout", "frontend"], Window(T - 60_000, T + 300_000))
+    assert status == "prometheus"
+    assert [(i.service, i.kind, i.direction) for i in items] == [("checkout", "metric_anomaly", "up")]
+    assert _PromAPI.seen[0]["query"] == 'x{service=~"checkout|frontend"}'
+    assert float(_PromAPI.seen[0]["start"]) == pytest.approx((T - 60_000 - 1_800_000) / 1000)
+    assert items[0].source_link.startswith(prometheus + "/graph?g0.expr=")
+
+
+def test_prometheus_adapter_reports_partial_and_unreachable(prometheus):
+    partial = PrometheusMetrics(prometheus, {"ok": "x{$services}", "broken": "bad{$services}"})
+    items, status = partial(["checkout"], Window(T - 60_000, T + 300_000))
+    assert "partial: 1 of 2" in status and items
+    down = PrometheusMetrics(f"http://127.0.0.1:{_free_port()}", {"ok": "x"}, timeout_s=0.5)
+    items, status = down(["checkout"], Window(T, T + 1))
+    assert items == [] and status.startswith("prometheus unreachable") and "ConnectError" in status
+
+
+def test_unreachable_prometheus_is_said_on_the_incident(redactor):
+    deps = DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())
+    h, store = IncidentHandler(Correlator(deps), redactor), MemoryStore()
+    outcome = h.correlate(_alert("e1", "fp", "cart", T), store)
+    down = PrometheusMetrics(f"http://127.0.0.1:{_free_port()}", {"ok": "x"}, timeout_s=0.5)
+    rec = h.incident_record(outcome.incident, metrics=down(outcome.incident.services, h.window(outcome.incident)))
+    alert_ev = [e for e in rec.evidence if e.kind == "alert"]
+    assert alert_ev and alert_ev[0].attributes["metrics_source"].startswith("prometheus unreachable")
+    assert isinstance(rec.evidence[0], Evidence)
