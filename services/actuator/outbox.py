@@ -46,18 +46,22 @@ class OutboxRelay:
             BACKLOG.set(len(rows))
             if not rows:
                 return 0
-            deliveries = []
+            deliveries, sent = [], []
             for r in rows:
                 try:
                     record = RECORD_TYPES[r.record_type].model_validate(r.payload)
-                except (KeyError, ValueError) as e:
-                    # Only the handlers write the outbox, from validated records: this is a bug, not input.
-                    raise PermanentError(f"outbox row {r.id} holds an unpublishable {r.record_type}: {e}") from e
-                deliveries.append(self.producer.produce(record, key=r.key, topic=r.topic))
+                    deliveries.append(self.producer.produce(record, key=r.key, topic=r.topic))
+                    sent.append(r.id)
+                except (KeyError, ValueError, PermanentError) as e:
+                    # Only the handlers write the outbox, from validated records, so this is a bug or a topic
+                    # misconfiguration: the row is kept with its reason (nothing lost) and stops blocking the rest.
+                    RELAY_ERRORS.labels("unpublishable").inc()
+                    log.error("outbox row set aside", extra={"row": r.id, "topic": r.topic, "error": str(e)[:500]})
+                    tx.mark_unpublishable(r.id, f"{type(e).__name__}: {e}")
             self.producer.wait(deliveries, timeout=30.0)
-            tx.mark_sent([r.id for r in rows])
-        self.sent += len(rows)
-        RELAYED.inc(len(rows))
+            tx.mark_sent(sent)
+        self.sent += len(sent)
+        RELAYED.inc(len(sent))
         return len(rows)
 
     def run(self) -> None:

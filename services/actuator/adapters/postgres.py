@@ -76,8 +76,8 @@ CREATE TABLE IF NOT EXISTS {s}.kill_switches (
 CREATE TABLE IF NOT EXISTS {s}.outbox (
     id bigserial PRIMARY KEY, topic text NOT NULL, key text NOT NULL, record_type text NOT NULL,
     event_id text NOT NULL UNIQUE, payload jsonb NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT clock_timestamp(), sent_at timestamptz);
-CREATE INDEX IF NOT EXISTS outbox_unsent ON {s}.outbox (id) WHERE sent_at IS NULL;
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp(), sent_at timestamptz, error text);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON {s}.outbox (id) WHERE sent_at IS NULL AND error IS NULL;
 """
 
 
@@ -213,8 +213,12 @@ class Tx:
 
     def unsent(self, limit: int) -> list[OutboxRow]:
         rows = self._all("SELECT id, topic, key, record_type, payload FROM {s}.outbox WHERE sent_at IS NULL "
-                         "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED", (limit,))
+                         "AND error IS NULL ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED", (limit,))
         return [OutboxRow(r["id"], r["topic"], r["key"], r["record_type"], r["payload"]) for r in rows]
+
+    def mark_unpublishable(self, row_id: int, error: str) -> None:
+        """Set a row aside (kept, with the reason) so that it does not block the rows behind it."""
+        self._exec("UPDATE {s}.outbox SET error = %s WHERE id = %s", (error[:2000], row_id))
 
     def mark_sent(self, ids: list[int]) -> None:
         self._exec("UPDATE {s}.outbox SET sent_at = clock_timestamp() WHERE id = ANY(%s)", (ids,))
