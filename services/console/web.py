@@ -8,6 +8,7 @@ only after the broker acknowledged it; a refusal is answered 4xx with the reason
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -190,8 +191,6 @@ class Console:
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             raise DecisionRefused(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="too_large")
-        import json
-
         try:
             data = json.loads(body or b"{}")
         except ValueError as e:
