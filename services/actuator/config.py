@@ -61,7 +61,9 @@ class Settings(BaseSettings):
     verify_clock: Literal["target", "wall"] = Field(
         default="target", description="measure the verification window in the target's time (fleet tick) or wall time")
 
-    group_prefix: str = Field(default="pilothouse.actuator", pattern=r"^pilothouse\.actuator|^test\.")
+    group_prefix: str = Field(default="pilothouse.actuator", pattern=r"^(pilothouse\.actuator(\.[A-Za-z0-9_-]+)*|test\.[A-Za-z0-9._-]+)$",
+                              description="consumer groups are <prefix>.<purpose>; the broker's ACLs allow the "
+                                          "actuator pilothouse.actuator.* only (test.* is for tests as admin)")
     instance_id: str = Field(default="actuator-0", pattern=r"^[A-Za-z0-9._-]{1,100}$",
                              description="static group membership: a restarted process takes its partitions back "
                                          "at once instead of waiting for the session timeout")
