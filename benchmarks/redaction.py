@@ -366,6 +366,7 @@ def run(datasets: Path, repeat: int = 3) -> dict[str, Any]:
         "pii_recall": pii["recall"],
         "benign_lines_altered": round(benign_altered / benign_total, 5) if benign_total else None,
         "lines_per_s": round(len(texts) / t_red),
+        "chars_per_s": round(sum(map(len, texts)) / t_red),
         "targets": {"secret_recall": 0.98, "pii_recall": 0.95, "benign_lines_altered": 0.01, "lines_per_s": 20000},
         "secrets": {"shared_corpora": shared, "unresolved_detect_secrets_labels": ds_unresolved,
                     "misses": shared_misses},
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.png:
         _plot(result, args.png)
     summary = {k: result[k] for k in ("secret_recall", "secret_recall_synthetic", "pii_recall", "pii_recall_names",
-                                      "benign_lines_altered", "lines_per_s")}
+                                      "benign_lines_altered", "lines_per_s", "chars_per_s")}
     print(json.dumps(summary))
     return 0
 

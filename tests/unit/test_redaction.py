@@ -67,6 +67,7 @@ SECRET_CASES = [
     ("smtp: AUTH PLAIN AGpvaG5AZXhhbXBsZS5jb20AcGFzc3dvcmQxMjM=", "SASL_CREDENTIALS",
      "AGpvaG5AZXhhbXBsZS5jb20AcGFzc3dvcmQxMjM="),
     ('{"level":"info","password":"hunter2!x"}', "PASSWORD", "hunter2!x"),
+    ('charge ok {\\"credit_card_cvv\\":672,\\"credit_card_expiration_year\\":2039}', "CARD_CVV", ":672,"),
 ]
 
 
