@@ -112,3 +112,36 @@ def publish(bus_admin: BusSettings, records: list, producer: BusProducer | None 
     p = producer or BusProducer(bus_admin)
     deliveries = [p.produce(r, key=getattr(r, "action_id", None) or r.incident_id) for r in records]
     p.wait(deliveries)
+
+
+def read_topic_until(bus_admin: BusSettings, topic: str, predicate, *, want: int = 1, timeout_s: float = 30.0) -> list:
+    """Records of ``topic`` (read as admin from the beginning) matching ``predicate``; stops once ``want`` matched.
+
+    A plain consumer, not the service ConsumerLoop: a test must never dead-letter someone else's record on a shared
+    topic. Records that do not decode are skipped.
+    """
+    from confluent_kafka import Consumer  # tests may use the SDK directly; services go through the bus package
+
+    from pilothouse.bus.errors import PermanentError
+    from pilothouse.bus.serde import Serde
+
+    serde = Serde()
+    consumer = Consumer({**bus_admin.librdkafka(), "group.id": f"test.{uuid.uuid4().hex[:12]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    found: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(found) < want and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            try:
+                record = serde.decode(msg.value()).record
+            except PermanentError:
+                continue
+            if predicate(record):
+                found.append(record)
+    finally:
+        consumer.close()
+    return found
