@@ -142,6 +142,7 @@ class Console:
             Route("/api/incidents/{incident_id}", self.api_incident, methods=["GET"]),
             Route("/api/actions", self.api_actions, methods=["GET"]),
             Route("/api/actions/{action_id}", self.api_action, methods=["GET"]),
+            Route("/api/status", self.api_status, methods=["GET"]),
             Route("/api/hypotheses/{hypothesis_id}/decision", self.api_validate, methods=["POST"]),
             Route("/api/actions/{action_id}/decision", self.api_decide, methods=["POST"]),
             Route("/api/kill-switch", self.api_kill_switch, methods=["POST"]),
@@ -522,6 +523,20 @@ class Console:
             "shadow": ctx["shadow"].model_dump(mode="json") if ctx["shadow"] else None,
             "approvals": [{"approval_id": a.approval_id, "approver_id": a.approver_id, "decision": a.decision,
                            "at": a.at.isoformat()} for a in ctx["approvals"]],
+        })
+
+    async def api_status(self, request: Request) -> Response:
+        if isinstance(a := self._api_account(request), Response):
+            return a
+        led = self.model.ledger
+        return self.json({
+            "kill_switches": {scope: {"engaged": k.engaged, "changed_by": k.changed_by, "reason": k.reason,
+                                      "at": k.occurred_at.isoformat()} for scope, k in self.model.kill_switches.items()},
+            "budgets": {w: {"remaining": p.budget_remaining, "as_of": p.occurred_at.isoformat()}
+                        for w, p in self.model.budgets().items()},
+            "ledger": {"last_sequence": led.last_sequence, "last_entry_hash": led.last_entry_hash,
+                       "checkpoint_tree_size": led.checkpoint_tree_size, "checkpoint_root": led.checkpoint_root,
+                       "entries_after_checkpoint": led.uncheckpointed},
         })
 
     async def _api_decision(self, request: Request, run) -> Response:

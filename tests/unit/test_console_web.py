@@ -210,6 +210,9 @@ def test_admin_flips_the_kill_switch(env):
     assert isinstance(sink.sent[-1], KillSwitchChanged) and sink.sent[-1].changed_by == "ada"
     page = c.get("/status").text
     assert "ENGAGED" in page and "model misbehaving" in page
+    status = c.get("/api/status").json()
+    assert status["kill_switches"]["global"]["engaged"] is True
+    assert status["budgets"]["checkout/24h"]["remaining"] == 22.0
 
 
 def test_changed_action_hash_is_refused(env, world):
