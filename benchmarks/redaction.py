@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
-import csv
 import hashlib
 import ipaddress
 import json
@@ -154,8 +153,10 @@ def synthetic_secret_labels(seed: int = 7, per_class: int = 20) -> list[dict[str
             r(alnum + "!#%", 12)),
         "cookie": lambda: (lambda v: (f"request cookie: sessionid={v}; theme=dark", v))(r(alnum, 32)),
         "cli_password": lambda: (lambda v: (f"exec: mysql -h db -u backup -p{v} orders", v))(r(alnum, 14) + "9"),
-        "sendgrid": lambda: (lambda v: (f"mailer configured with {v}", v))(f"SG.{r(alnum + '-_', 22)}.{r(alnum + '-_', 43)}"),
-        "npm_token": lambda: (lambda v: (f"//registry.npmjs.org/:_authToken={v}", v))("npm_" + r(alnum, 36)),
+        "sendgrid": lambda: (lambda v: (f"mailer configured with {v}", v))(
+            f"SG.{r(alnum + '-_', 22)}.{r(alnum + '-_', 43)}"),
+        "npm_token": lambda: (lambda v: (f"//registry.npmjs.org/:_authToken={v}", v))(
+            "npm_" + r(alnum, 36)),
         "private_key_pem": lambda: (lambda body: (
             "ssh deploy key loaded:\n-----BEGIN RSA PRIVATE KEY-----\n" + body + "\n-----END RSA PRIVATE KEY-----",
             body.splitlines()[0]))("\n".join(r(b64, 64) for _ in range(4))),
@@ -185,7 +186,8 @@ def presidio_records(root: Path) -> list[dict[str, Any]]:
 
 _SEED_IPV4 = re.compile(r"(?<![\d.])((?:\d{1,3}\.){3}\d{1,3})(?![\d.]*\d)")
 _SEED_DASHED = re.compile(r"(?:^|(?<=[\s\[(/=])|(?<=[a-z]-))(\d{1,3}-\d{1,3}-\d{1,3}-\d{1,3})(?=[.\s\]:)]|$)")
-_SEED_IPV6 = re.compile(r"(?i)(?<![\w:])((?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}|(?:[0-9a-f]{1,4}:){1,6}:(?:[0-9a-f]{1,4})?)(?![\w]|:[0-9a-f]{1,4}:)")
+_SEED_IPV6 = re.compile(r"(?i)(?<![\w:])((?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}|(?:[0-9a-f]{1,4}:){1,6}:(?:[0-9a-f]{1,4})?)"
+                        r"(?![\w]|:[0-9a-f]{1,4}:)")
 _SEED_EMAIL = re.compile(r"[\w.+%-]+@[\w-]+(?:\.[\w-]+)*\.[a-zA-Z]{2,}")
 _SEED_USERS = [
     re.compile(r"\buser=([A-Za-z_][\w.-]*)"),

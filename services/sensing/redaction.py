@@ -322,29 +322,34 @@ class _Scope:
 # --------------------------------------------------------------------------------------------------------------------
 # Personal-data recognisers (python `re`; only run on texts the gate let through)
 
-_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}(?:@|%40)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}(?:@|%40)"
+                    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
                     r"[A-Za-z]{2,24}(?![\w-])")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|[01]\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\d.~])({_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET})(?!\.\d|\w)")
-_IPV4_DASHED = re.compile(rf"(?:(?<=[A-Za-z]-)|(?<![\w.-]))({_OCTET})-({_OCTET})-({_OCTET})-({_OCTET})(?![\w-]?\d|-[0-9A-Fa-f])")
+_IPV4_DASHED = re.compile(rf"(?:(?<=[A-Za-z]-)|(?<![\w.-]))({_OCTET})-({_OCTET})-({_OCTET})-({_OCTET})"
+                          r"(?![\w-]?\d|-[0-9A-Fa-f])")
 _DASHED_QUAD = re.compile(rf"{_OCTET}-{_OCTET}-{_OCTET}-{_OCTET}")
 _VERSION_BEFORE = re.compile(r"(?i)(?:\bv(?:ersion)?|\bver|\brelease|\bbuild)[\s:=]*$")
 _IPV6_RUN = re.compile(r"(?<![\w:.])([0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,}(?:\.\d{1,3}){0,3})(?![\w:])")
 _NUM_CAND = re.compile(r"(?<![\w.+/:#@$%-])(\+ ?)?(\(?\d[\d().\- ]*\d\)?)((?: ?(?:x|ext\.?) ?)\d{1,5})?"
                        r"(?![\w@/]|[.:,-]\d|[:-][0-9A-Fa-f]{2}(?![A-Za-z]))")
 _IBAN_CAND = re.compile(r"(?i)(?<![\w-])([a-z]{2}\d{2}(?: ?[a-z0-9]){11,30})(?![\w-])")
-_NINO = re.compile(r"(?<![\w-])((?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D])(?![\w-])")
+_NINO = re.compile(r"(?<![\w-])((?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]"
+                   r" ?\d{2} ?\d{2} ?\d{2} ?[A-D])(?![\w-])")
 _PHONE_WORDS = re.compile(r"(?i)\b(?:phones?|ph|tel|telephone|mobiles?|mob|cell|cellphone|fax|desk|office|call|calling|"
                           r"called|dial|dialed|sms|text|whatsapp|contact|reach|ring)\b")
 # government and bank identifiers that have no checksum we can test: only right after their label
 _ID_LABEL = re.compile(
-    r"(?i)\b(?:(?P<nat>passport|driver'?s?[ -]licen[cs]e|licen[cs]e (?=no\b|number\b|#)|itin|taxpayer id(?:entification)?|"
+    r"(?i)\b(?:(?P<nat>passport|driver'?s?[ -]licen[cs]e|licen[cs]e (?=no\b|number\b|#)|itin|"
+    r"taxpayer id(?:entification)?|"
     r"tax id|national id(?:entity)?|identity card|id card|social security|ssn|nric|aadhaar|pan|tin)"
     r"|(?P<acct>bank account|account|routing|aba|sort code))(?![A-Za-z])"
     r"(?:[ \t]*(?:no\.?|num(?:ber)?|#|is|was|:|=)){0,3}[ \t]*[:#=]?[ \t]*"
     r"(?P<value>(?=[A-Za-z0-9*-]{0,19}\d)[A-Za-z0-9][A-Za-z0-9*-]{4,19})(?![\w-])"
 )
-_ID_GATE_WORDS = r"passport|licen[cs]e|itin|taxpayer|tax id|national id|identity card|id card|social security|ssn|nric|aadhaar|\bpan\b|\btin\b|account|routing|\baba\b|sort code"
+_ID_GATE_WORDS = (r"passport|licen[cs]e|itin|taxpayer|tax id|national id|identity card|id card|social security|"
+                  r"ssn|nric|aadhaar|\bpan\b|\btin\b|account|routing|\baba\b|sort code")
 _SSN_WORDS = re.compile(r"(?i)\b(?:ssn|social security|social sec)\b")
 _DATE_START = re.compile(r"^(\d{4})[-./ ](\d{1,2})[-./ ](\d{1,2})|^(\d{1,2})[-./ ](\d{1,2})[-./ ](\d{2}|\d{4})(?!\d)")
 _NANP = re.compile(r"^(?:1[ .-]?)?(?:\(\d{3}\) ?\d{3}[ .-]\d{4}|\d{3}([ .-])\d{3}\1\d{4})$")
@@ -353,7 +358,8 @@ _USER_VALUE = r"([A-Za-z0-9_][A-Za-z0-9._$@\\-]{0,63})"
 _USER_PATTERNS = [
     re.compile(r"(?i)(?<![\w-])(?:user(?:name)?|login|logname|acct|account|uname)[\"']?(?:=|: ?)[\"']?" + _USER_VALUE),
     re.compile(r"(?i)\b(?:invalid|illegal|unknown) user \"?" + _USER_VALUE),
-    re.compile(r"(?i)\b(?:accepted|failed|postponed) \S+ for (?:invalid user |illegal user )?" + _USER_VALUE + r" from\b"),
+    re.compile(r"(?i)\b(?:accepted|failed|postponed) \S+ for (?:invalid user |illegal user )?" + _USER_VALUE
+               + r" from\b"),
     re.compile(r"(?i)\b(?:for|by|from|to|authenticating|as) user \"?" + _USER_VALUE),
     re.compile(r"(?i)\bsudo:\s+" + _USER_VALUE + r"\s*:"),
     re.compile(r"(?:/home|/Users|\\Users)[/\\]([A-Za-z0-9_][A-Za-z0-9._-]{0,63})"),
@@ -361,13 +367,15 @@ _USER_PATTERNS = [
 _NOT_USERS = frozenset({"unknown", "invalid", "none", "null", "nil", "-", "by", "from", "for", "on", "at", "is", "was",
                         "not", "name", "id"})
 
-_NAME_LABEL = re.compile(r"(?<![\w.])(?:Name|NAME|Full [Nn]ame|First [Nn]ame|Last [Nn]ame|Customer|Patient|Contact)\s*[:=]\s*"
+_NAME_LABEL = re.compile(r"(?<![\w.])(?:Name|NAME|Full [Nn]ame|First [Nn]ame|Last [Nn]ame|Customer|Patient|Contact)"
+                         r"\s*[:=]\s*"
                          r"([A-Z][^\W\d_A-Z]+(?:[ \t][A-Z][^\W\d_A-Z]*\.?){1,3})(?![\w-])")
 _TITLE_NAME = re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\.? ([A-Z][^\W\d_]+(?: [A-Z][^\W\d_]+)?)")
 
 # detect-secrets' keyword deny-list (password, secret, api_key, ...) as key=value / key: value / key "value".
 _KEYWORD_ASSIGN = re.compile(
-    r"(?i)(?<![\w])([\w.-]{0,64}(?:" + "|".join(DS_KEYWORD_DENYLIST) + r")[\w.-]{0,64})[\"'\]]{0,2}[ \t]*(?::=|=>|==?|:)"
+    r"(?i)(?<![\w])([\w.-]{0,64}(?:" + "|".join(DS_KEYWORD_DENYLIST) + r")[\w.-]{0,64})"
+    r"[\"'\]]{0,2}[ \t]*(?::=|=>|==?|:)"
     r"[ \t]*(?:\"([^\"\r\n]{1,512})\"|'([^'\r\n]{1,512})'|`([^`\r\n]{1,512})`|"
     r"((?:!!?\w+[ \t]+)?[^\s\"'`,;&)}\]]{1,512}))"  # an optional YAML tag (!!binary) goes with the value
 )
@@ -382,14 +390,16 @@ _REFERENCE_KEY_SUFFIXES = ("name", "names", "ref", "refs", "keyref", "path", "pa
                            "ttl", "url", "uri", "endpoint", "prompt", "field", "label", "class")
 _PATH_VALUE = re.compile(r"^[A-Za-z][A-Za-z._-]*(?:/[A-Za-z][A-Za-z._-]*)+/?$")
 _PLACEHOLDER_VALUE = re.compile(
-    r"(?i)^(?:null|none|nil|true|false|undefined|empty|n/a|\*+|x{3,}|\.+|-+|<[^>]*>|\[[^\]]*\]|\(\w*\)|\$\{?[\w.:-]+\}?|"
+    r"(?i)^(?:null|none|nil|true|false|undefined|empty|n/a|\*+|x{3,}|\.+|-+|<[^>]*>|\[[^\]]*\]|\(\w*\)|"
+    r"\$\{?[\w.:-]+\}?|"
     r"%\w+%|%\(\w+\)[sd]|%[sd]|\{\{.*\}\}|\{[\w.]*\}|redacted|\[redacted\]|masked|hidden|changeme|required|optional|"
     r"(?:os\.)?getenv\(.*|process\.env\..*|env\(.*|self\.\w+|this\.\w+|[\w.]*\(\).*)$"
 )
 
 # high-entropy strings: quoted values, or unquoted values assigned to a key
 _QUOTED_TOKEN = re.compile(r"([\"'])([A-Za-z0-9+/=_.~-]{10,512})\1")
-_CONFIG_LINE = re.compile(r"(?m)^[ \t]*[\w.-]+[ \t]*[:=][ \t]*([\"']?)([A-Za-z0-9+/=_~-]{10,512})\1[ \t]*(?:#[^\r\n]*)?\r?$")
+_CONFIG_LINE = re.compile(r"(?m)^[ \t]*[\w.-]+[ \t]*[:=][ \t]*([\"']?)([A-Za-z0-9+/=_~-]{10,512})\1[ \t]*"
+                          r"(?:#[^\r\n]*)?\r?$")
 _ASSIGNED_TOKEN = re.compile(r"(?<![\w.-])[A-Za-z_][\w.-]{0,40}\s*[=:]\s*([A-Za-z0-9+/_-]{20,512}={0,2})(?![\w+/=.-])")
 _NON_DIGITS = re.compile(r"\D+")
 _ID_KEY_BEFORE = re.compile(r"(?i)(?:\b|_)(?:id|ids|uuid|guid|fingerprint|hash|digest|checksum|sha\d*|md5|etag|"
@@ -507,7 +517,8 @@ def _classify_number(text: str, start: int, end: int, plus: bool, ext: bool) -> 
         return "PHONE"
     if len(plain) > 1:
         return None
-    if len(groups) >= 3 and 8 <= n <= 12 and (digits[0] == "0" or (plain <= {"-", "."} and all(2 <= x <= 4 for x in lens))):
+    dashed_or_dotted = plain <= {"-", "."} and all(2 <= x <= 4 for x in lens)
+    if len(groups) >= 3 and 8 <= n <= 12 and (digits[0] == "0" or dashed_or_dotted):
         return "PHONE"
     if digits[0] == "0" and len(groups) >= 2 and 9 <= n <= 12:
         return "PHONE"
@@ -683,7 +694,10 @@ class Redactor:
         if obj is None or isinstance(obj, bool):
             return obj
         if isinstance(obj, str | bytes | bytearray | int | float):
-            text = obj if isinstance(obj, str) else self._decode(obj) if isinstance(obj, bytes | bytearray) else repr(obj)
+            if isinstance(obj, str):
+                text = obj
+            else:
+                text = self._decode(obj) if isinstance(obj, bytes | bytearray) else repr(obj)
             out = self._redact_string(text, scope)
             if out != text:
                 scope.fields.append(path)
@@ -831,7 +845,8 @@ class Redactor:
             for block in _KEYWORD_BLOCK.finditer(text):
                 for m in _BLOCK_LINE.finditer(text, block.start(2), block.end(2)):
                     value = m.group(1)
-                    if value.strip() and not _PLACEHOLDER_VALUE.match(value.strip()) and not value.rstrip().endswith(":"):
+                    clean = value.strip()
+                    if clean and not _PLACEHOLDER_VALUE.match(clean) and not clean.endswith(":"):
                         spans.append(_Span(m.start(1), m.end(1), "SECRET", _SECRET, value))
         for m in _KEYWORD_ASSIGN.finditer(text):
             gi = next(g for g in (2, 3, 4, 5) if m.group(g) is not None)

@@ -71,7 +71,8 @@ SECRET_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "kind", "value"), SECRET_CASES, ids=[c[1] + f"-{i}" for i, c in enumerate(SECRET_CASES)])
+@pytest.mark.parametrize(("text", "kind", "value"), SECRET_CASES,
+                         ids=[c[1] + f"-{i}" for i, c in enumerate(SECRET_CASES)])
 def test_secret_classes_are_replaced_by_numbered_placeholders(redactor: Redactor, text: str, kind: str, value: str):
     out, manifest = redactor.redact_text(text)
     assert value not in out
