@@ -195,7 +195,10 @@ def open_appender(bus: BusSettings, *, chain: str, decision_topics: tuple[str, .
                              handlers={t: (lambda r, c: proc.on_event(r, c)) for t in decision_topics},
                              serde=producer.serde, expected_records={k: v for k, v in expected.items() if v},
                              batch_size=batch_size,
-                             extra_consumer_config={"session.timeout.ms": 10000})
+                             # Static membership: a restarted appender takes the partitions back at once
+                             # instead of waiting for the killed member's session to time out.
+                             extra_consumer_config={"session.timeout.ms": 10000,
+                                                    "group.instance.id": f"{transactional_id}.consumer"})
     # init_transactions ran in the constructor: a previous appender's open transaction is aborted, so the tail read
     # below (read_committed) is exactly the chain the new transactions continue.
     start: dict[str, Any] = {}
