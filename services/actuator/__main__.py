@@ -12,7 +12,7 @@ from pilothouse.actuator.adapters.postgres import Store
 from pilothouse.actuator.config import Settings
 from pilothouse.actuator.executors import Executor, ExecutorRegistry, FleetExecutor, HttpExecutor
 from pilothouse.actuator.followup import FollowUpWorker
-from pilothouse.actuator.handlers import ActuatorHandlers, Topics
+from pilothouse.actuator.handlers import ActuatorHandlers, KillSwitchGate, Topics
 from pilothouse.actuator.outbox import OutboxRelay
 from pilothouse.bus.actions import load_actions
 from pilothouse.bus.authorization import load_public_key
@@ -54,7 +54,9 @@ def build(settings: Settings, bus: BusSettings) -> ServiceRuntime:
                             extra_config={"group.instance.id": f"{settings.instance_id}.{purpose}",
                                           "session.timeout.ms": 10000}, **kw)
 
-    kill = loop("kill-switch", settings.topic_kill_switch, handlers.on_kill_switch)
+    # Its own group per instance: every instance reads the whole (compacted) kill-switch topic before executing.
+    kill = loop(f"kill-switch.{settings.instance_id}", settings.topic_kill_switch, handlers.on_kill_switch)
+    handlers.gate = gate = KillSwitchGate(store, kill, settings.topic_kill_switch)
     shadow = loop("shadow", settings.topic_pending, handlers.on_approval_requested)
     # An authorized action is never dead-lettered because a dependency is down: wait for it (bounded backoff).
     execute = loop("execute", settings.topic_authorized, handlers.on_action_authorized, max_retries=10**9)
@@ -62,7 +64,7 @@ def build(settings: Settings, bus: BusSettings) -> ServiceRuntime:
     followup = FollowUpWorker(handlers, poll_s=settings.recovery_poll_s)
 
     runtime = ServiceRuntime("actuator", settings.observability_port, log_level=settings.log_level)
-    runtime.add_worker("kill-switch", kill.run, stop=kill.stop, close=kill.close)
+    runtime.add_worker("kill-switch", gate.run, stop=gate.stop, close=kill.close)
     runtime.add_worker("shadow", shadow.run, stop=shadow.stop, close=shadow.close)
     runtime.add_worker("execute", execute.run, stop=execute.stop, close=execute.close)
     runtime.add_worker("outbox", relay.run, stop=relay.stop, close=relay.close)

@@ -9,6 +9,7 @@ directly: they go into the outbox in that transaction, and the relay publishes t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from pilothouse.actuator.executors import (
 )
 from pilothouse.bus.actions import ActionCatalogue, ActionRejected, action_hash
 from pilothouse.bus.consumer import MessageContext
-from pilothouse.bus.errors import PermanentError, RetryableError
+from pilothouse.bus.errors import PermanentError, PilothouseError, RetryableError
 from pilothouse.bus.records import (
     ActionAuthorized,
     ActionExecuted,
@@ -79,6 +80,64 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class KillSwitchGate:
+    """Fail closed at start-up: no execution until this process has read the kill-switch topic to its end once.
+
+    Without it, an actuator starting on an empty database would execute before it learned that a switch is engaged.
+    ``consumer`` is the kill-switch loop's consumer (its own group per instance, so it is assigned every partition).
+    Caught up means, per partition: empty, or handled up to the high watermark (the Postgres offset), or the consumer
+    positioned past it (the last records may be transaction markers, which are never handed to a handler).
+    The consumer is only touched from the kill-switch loop's own thread (:meth:`run`): librdkafka calls from another
+    thread were seen to block until that thread's poll loop ended.
+    """
+
+    def __init__(self, store: Store, loop: Any, topic: str):
+        self.store = store
+        self.loop = loop
+        self.consumer = loop.raw
+        self.topic = topic
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+
+    def ready(self) -> bool:
+        """True once the kill-switch state has been loaded (then for good: later switches apply as they arrive)."""
+        return self._ready.is_set()
+
+    def run(self) -> None:
+        """The kill-switch worker: consume until idle for 0.5 s, check whether caught up, repeat until stop()."""
+        while not self._stop.is_set():
+            self.loop.run(idle_timeout_s=0.5)
+            if not self._ready.is_set() and not self._stop.is_set():
+                try:
+                    self.refresh()
+                except PilothouseError as e:
+                    log.warning("kill-switch catch-up check failed", extra={"error": str(e)[:300]})
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.loop.stop()
+
+    def refresh(self) -> bool:
+        assignment = [tp for tp in self.consumer.assignment() if tp.topic == self.topic]
+        if not assignment:
+            return False
+        with self.store.transaction() as tx:
+            handled = tx.consumed_offsets(self.topic)
+        positions = {tp.partition: tp.offset for tp in self.consumer.position(assignment)}
+        for tp in assignment:
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            if high <= low or handled.get(tp.partition, -1) >= high or positions.get(tp.partition, -1) >= high:
+                continue
+            return False
+        self._ready.set()
+        log.info("kill-switch state loaded", extra={"topic": self.topic})
+        return True
+
+
+class KillSwitchNotLoaded(RetryableError):
+    """The kill-switch topic has not been read to its end yet: executions wait (fail closed)."""
+
+
 class ActuatorHandlers:
     """The actuator's decisions wired to its ports (store, executors, keys, clock)."""
 
@@ -95,6 +154,7 @@ class ActuatorHandlers:
         clock: Callable[[], datetime] = utcnow,
         owner: str | None = None,
         stale_s: float = 30.0,
+        gate: KillSwitchGate | None = None,
     ):
         self.store = store
         self.registry = registry
@@ -106,6 +166,7 @@ class ActuatorHandlers:
         self.clock = clock
         self.owner = owner or f"run-{uuid.uuid4().hex[:12]}"  # this process: rows of other runs are recovered
         self.stale_s = stale_s
+        self.gate = gate
 
     # ---- outbox ------------------------------------------------------------------------------------------------
     def _enqueue(self, tx: Tx, topic: str, key: str, record: AvroRecord) -> None:
@@ -219,6 +280,8 @@ class ActuatorHandlers:
 
     def on_action_authorized(self, rec: ActionAuthorized, ctx: MessageContext) -> None:
         """Check, re-check against the live target, record the intent, execute once, record the answer."""
+        if self.gate is not None and not self.gate.ready():
+            raise KillSwitchNotLoaded("the kill-switch topic has not been read to its end yet; waiting")
         with self.store.transaction() as tx:
             if tx.consumed(ctx.topic, ctx.partition, ctx.offset):
                 return

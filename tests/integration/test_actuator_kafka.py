@@ -190,3 +190,33 @@ def test_service_shadows_pending_actions_and_executes_authorized_ones(stack_info
         code = act.stop()
         producer.flush(5)
     assert code == 0, (tmp_path / "actuator.log").read_text()[-3000:]
+
+
+def test_kill_switch_engaged_before_start_is_honoured_from_the_first_record(stack_info, bus_settings, new_topic,
+                                                                            fleet, schema, tmp_path):
+    """A fresh actuator (empty database) must not execute before it has read the kill-switch topic to its end."""
+    key = Ed25519PrivateKey.generate()
+    topics = Topics(new_topic)
+    admin = bus_settings("admin")
+    producer = BusProducer(admin)
+    now = datetime.now(timezone.utc)
+    for i in range(50):  # some history before the switch that matters
+        producer.produce(KillSwitchChanged(event_id=str(uuid.uuid4()), correlation_id="c", occurred_at=now,
+                                           scope=f"service:svc-{i}", engaged=i % 2 == 0, changed_by="oncall-1"),
+                         key=f"service:svc-{i}", topic=topics.kill_switch)
+    producer.produce(KillSwitchChanged(event_id=str(uuid.uuid4()), correlation_id="c", occurred_at=now,
+                                       scope="global", engaged=True, changed_by="oncall-1", reason="drill"),
+                     key="global", topic=topics.kill_switch)
+    recs = [authorization(key, params={"service": s, "replicas": 4}) for s in ("cart", "payment", "shipping")]
+    for r in recs:  # already waiting when the actuator starts
+        producer.produce(r, key=r.action_id, topic=topics.authorized)
+    producer.flush(30)
+    act = ActuatorProcess(stack_info=stack_info, topics=topics, fleet=fleet, key=key, schema=schema,
+                          log_path=tmp_path / "actuator.log").start()
+    try:
+        out = read_topic(admin, topics.executions, lambda got: len(got) >= 3)
+    finally:
+        assert act.stop() == 0, (tmp_path / "actuator.log").read_text()[-3000:]
+    assert sorted((r.action_id, r.outcome, r.reason.split(":")[0]) for r in out) == sorted(
+        (r.action_id, "refused", "kill_switch") for r in recs)
+    assert fleet.get("/actions/log")["total_executions"] == 0

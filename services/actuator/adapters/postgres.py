@@ -126,6 +126,11 @@ class Tx:
                         (topic, partition))
         return row is not None and offset < row["next_offset"]
 
+    def consumed_offsets(self, topic: str) -> dict[int, int]:
+        """partition -> next offset to handle, for one topic."""
+        return {r["partition"]: r["next_offset"] for r in
+                self._all("SELECT partition, next_offset FROM {s}.consumed WHERE topic = %s", (topic,))}
+
     def mark_consumed(self, topic: str, partition: int, offset: int) -> None:
         self._exec("INSERT INTO {s}.consumed (topic, partition, next_offset) VALUES (%s, %s, %s) "
                    "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = "
