@@ -220,3 +220,35 @@ def test_kill_switch_engaged_before_start_is_honoured_from_the_first_record(stac
     assert sorted((r.action_id, r.outcome, r.reason.split(":")[0]) for r in out) == sorted(
         (r.action_id, "refused", "kill_switch") for r in recs)
     assert fleet.get("/actions/log")["total_executions"] == 0
+
+
+def test_outbox_relay_publishes_in_order_and_sets_aside_what_cannot_be_published(stack_info, bus_settings,
+                                                                                   new_topic, schema):
+    from pilothouse.actuator.outbox import OutboxRelay
+    from pilothouse.bus.records import ActionExecuted
+
+    topic = new_topic(1)
+    store = Store(stack_info.postgres_dsn, schema)
+    store.migrate()
+    now = datetime.now(timezone.utc)
+
+    def executed(i: int) -> ActionExecuted:
+        return ActionExecuted(event_id=f"ev-{i}-{uuid.uuid4().hex[:6]}", incident_id="i", correlation_id="i",
+                              occurred_at=now, execution_id=f"x-{i}", action_id=f"a-{i}", authorization_id="au",
+                              action_hash="h", outcome="executed", started_at=now, finished_at=now)
+
+    recs = [executed(i) for i in range(5)]
+    with store.transaction() as tx:
+        for i, r in enumerate(recs):
+            # Row 2 names a topic outside the catalogue (a misconfiguration): it must not block rows 3 and 4.
+            target = "pilothouse.nowhere.v1" if i == 2 else topic
+            tx.enqueue(target, r.action_id, type(r).AVRO_NAME, r.event_id, r.model_dump(mode="json"))
+    relay = OutboxRelay(store, BusProducer(bus_settings("admin")))
+    assert relay.run_once() == 5 and relay.sent == 4
+    assert relay.run_once() == 0
+    got = read_topic(bus_settings("admin"), topic, lambda g: len(g) >= 4, timeout_s=30)
+    assert [g.event_id for g in got] == [r.event_id for i, r in enumerate(recs) if i != 2]
+    with store.transaction() as tx:
+        aside = tx._all("SELECT event_id, error FROM {s}.outbox WHERE error IS NOT NULL")
+    assert [a["event_id"] for a in aside] == [recs[2].event_id] and "catalogue" in aside[0]["error"]
+    store.close()
