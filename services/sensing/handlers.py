@@ -240,16 +240,18 @@ class IncidentHandler:
         deps = self.correlator.deps
         services = inc.services
         items = self._evidence(inc, services, self.window(inc), metrics or ([], "not configured"))
-        # Every string leaving sensing passes redaction: evidence built from Prometheus labels or log templates
-        # is scanned again here (alert-derived text was redacted at the gateway; a second pass changes nothing).
-        raw = {"title": inc.title(deps), "evidence": [i.to_dict() for i in items]}
-        red, manifest = self.redactor.redact_record(raw)
-        evidence = [avro.Evidence.model_validate(d) for d in red["evidence"]]
+        # Every string leaving sensing passes redaction. The title and the alert items are built from alerts that
+        # were redacted at the gateway; every other item (Prometheus labels, log templates, change descriptions) is
+        # scanned again here — a second pass over already-redacted text is cheap insurance, not a no-op by design.
+        alert_items = [i.to_dict() for i in items if i.kind == "alert"]
+        other, manifest = self.redactor.redact_record([i.to_dict() for i in items if i.kind != "alert"])
+        evidence = [avro.Evidence.model_validate(d) for d in alert_items + other]
+        title = inc.title(deps)
         edges = [avro.DependencyEdge(caller=a, callee=b) for a, b in deps.edges_among(services)]
         return avro.IncidentUpdated(
             event_id=self._new_id(), incident_id=inc.incident_id, correlation_id=inc.incident_id,
             causation_id=inc.causation_id, occurred_at=_ts(inc.last_seen), producer=PRODUCER,
-            version=inc.version, change=inc.change, state=inc.state, title=red["title"], severity=inc.severity,
+            version=inc.version, change=inc.change, state=inc.state, title=title, severity=inc.severity,
             primary_service=inc.primary_service(deps), services=services, alert_fingerprints=inc.fingerprints,
             alert_count=len(inc.alerts), first_seen=_ts(inc.first_seen), last_seen=_ts(inc.last_seen),
             resolved_at=_ts(inc.resolved_at) if inc.resolved_at is not None else None, evidence=evidence,
