@@ -12,6 +12,7 @@ import sys
 # subcommand -> (module:function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("pilothouse.stack.cli:main", "provision, start, inspect and stop the local stack (up|status|down|env|apply)"),
+    "demo": ("pilothouse.demo:main", "the whole loop on real monitoring: fault -> incident -> ... -> verified"),
     "bench": ("pilothouse.cli:bench", "run a benchmark and write JSON: bench NAME --out FILE (bus, ...)"),
     "eval": ("pilothouse.cli:evaluate", "evaluate root-cause analysis on fault datasets: eval rca --dataset DIR ..."),
     "ingest": ("pilothouse.sensing.normalize:main", "normalise an alert/telemetry payload file offline; check mapping rules"),

@@ -1,0 +1,552 @@
+"""``pilothouse demo``: the whole loop on real monitoring, with a human (or named users) at both gates.
+
+It starts the local stack, the sandbox fleet, the six services, and real Prometheus + Alertmanager scraping the fleet
+and sending webhooks to the sensing gateway — the path a deployment uses. Then it injects a fault and follows it:
+fault → alerts → incident → hypotheses → waiting for validation → pending action → waiting for approval → executed →
+verified → resolved.
+
+Interactive: it prints the console URL and the demo accounts' passwords and waits for people to decide.
+Unattended (tests, CI): ``--validate-as USER --approve-as USER [--approve-as USER] --out FILE`` — the named users log in
+to the console's HTTP API with their own credentials, exactly as a person would (no back door), and policy still
+decides whether their approvals suffice. The JSON report has time_to_detect_s, time_to_hypothesis_s,
+top_hypothesis_correct, time_to_authorization_s, time_to_recovery_s, recovered, max_executions_per_action and
+ledger_verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pilothouse.stack import lifecycle, monitoring, procs
+from pilothouse.stack.config import Settings
+from pilothouse.stack.info import StackInfo
+
+SERVICES = ("ledger", "sensing", "reasoning", "policy", "actuator", "console")
+FLEET_PORT = 19100
+GATEWAY_PORT = 8470
+CONSOLE_PORT = 8420
+OBS_PORTS = {"sensing": 9470, "reasoning": 19130, "policy": 19120, "actuator": 19140, "ledger": 19150,
+             "console": 9420}
+DEMO_USERS = {"responder-1": ["responder"], "responder-2": ["responder"], "approver-1": ["approver"],
+              "approver-2": ["approver"], "admin-1": ["admin", "approver", "responder"]}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A fault to inject, the service that is its root cause, and the catalogue action that fixes it."""
+
+    fault: dict[str, Any]
+    root_cause: str
+    fix: str
+    summary: str
+
+
+SCENARIOS = {
+    "bad-deploy": Scenario({"kind": "bad_deploy", "service": "checkout", "params": {"error_rate": 0.4}},
+                           "checkout", "rollback_deploy", "a new checkout version fails 40% of its requests"),
+    "cpu-saturation": Scenario({"kind": "cpu_saturation", "service": "productcatalog", "params": {"factor": 4}},
+                               "productcatalog", "scale_replicas", "productcatalog needs 4x the CPU per request"),
+    "failing-dependency": Scenario({"kind": "failing_dependency", "service": "redis"}, "redis",
+                                   "toggle_feature_flag", "redis stops accepting connections"),
+    "memory-leak": Scenario({"kind": "memory_leak", "service": "cart", "params": {"leak_mb_per_s": 12}}, "cart",
+                            "restart_service", "cart leaks memory until it is OOM-killed"),
+}
+
+STAGES = ["fault injected", "alerts", "incident", "hypotheses", "waiting for validation", "pending action",
+          "waiting for approval", "authorized", "executed", "verified", "resolved"]
+
+
+class DemoFailed(Exception):
+    """The demo could not complete a stage (the message says which and why)."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# set-up: keys, accounts, processes
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DemoSecrets:
+    """Keys and passwords generated once per data directory (0600 file), reused by later runs."""
+
+    policy_key: str
+    ledger_key: str
+    pseudonym_key: str
+    gateway_token: str
+    session_secret: str
+    passwords: dict[str, str]
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> "DemoSecrets":
+        if path.exists():
+            return cls(**json.loads(path.read_text()))
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+        def raw_key() -> str:
+            k = Ed25519PrivateKey.generate()
+            return base64.b64encode(k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())).decode()
+
+        s = cls(policy_key=raw_key(), ledger_key=raw_key(), pseudonym_key=secrets.token_urlsafe(32),
+                gateway_token=secrets.token_urlsafe(24), session_secret=secrets.token_urlsafe(48),
+                passwords={u: secrets.token_urlsafe(12) for u in DEMO_USERS})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(s.__dict__, f, indent=2)
+        return s
+
+    def public_key(self, which: str) -> tuple[str, str]:
+        """(key_id, base64 raw public key) of the policy or ledger signing key."""
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        from pilothouse.bus.authorization import key_id, load_private_key
+
+        pub = load_private_key(getattr(self, f"{which}_key")).public_key()
+        return key_id(pub), base64.b64encode(pub.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+
+def write_users_file(path: Path, demo: DemoSecrets) -> None:
+    """The console's local accounts with argon2id hashes of the generated passwords."""
+    from argon2 import PasswordHasher
+
+    ph = PasswordHasher()
+    users = [{"id": u, "display": u.replace("-", " ").title(), "roles": roles,
+              "password_hash": ph.hash(demo.passwords[u])} for u, roles in DEMO_USERS.items()]
+    import yaml
+
+    path.write_text(yaml.safe_dump({"users": users}, sort_keys=False))
+    path.chmod(0o600)
+
+
+def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path) -> dict[str, str]:
+    """The environment one service process gets: its own Kafka principal and its settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PILOTHOUSE_")}
+    env.update(info.env(svc))
+    policy_kid, policy_pub = demo.public_key("policy")
+    ledger_kid, ledger_pub = demo.public_key("ledger")
+    dsn = info.postgres_dsn
+    extra = {
+        "sensing": {
+            "PILOTHOUSE_SENSING_GATEWAY_PORT": str(GATEWAY_PORT),
+            "PILOTHOUSE_SENSING_TOKENS": json.dumps({"alertmanager": demo.gateway_token}),
+            "PILOTHOUSE_SENSING_PROMETHEUS_URL": monitoring.prometheus_url(Settings()),
+            "PILOTHOUSE_SENSING_DATA_DIR": str(work / "sensing"),
+            "PILOTHOUSE_SENSING_GROUP_WINDOW_S": "300",
+            "PILOTHOUSE_REDACTION_PSEUDONYM_KEY": demo.pseudonym_key,
+        },
+        "reasoning": {"PILOTHOUSE_LLM_BASE_URL": info.llm_base_url, "PILOTHOUSE_LLM_MODEL": info.llm_model},
+        "policy": {
+            "PILOTHOUSE_POLICY_SIGNING_KEY": demo.policy_key,
+            "PILOTHOUSE_POLICY_OPA_URL": info.opa_url,
+            "PILOTHOUSE_POLICY_POSTGRES_DSN": dsn,
+        },
+        "actuator": {
+            "PILOTHOUSE_ACTUATOR_POSTGRES_DSN": dsn,
+            "PILOTHOUSE_ACTUATOR_TRUSTED_KEYS": json.dumps({policy_kid: policy_pub}),
+            "PILOTHOUSE_ACTUATOR_FLEET_URL": f"http://127.0.0.1:{FLEET_PORT}",
+        },
+        "ledger": {
+            "PILOTHOUSE_LEDGER_POSTGRES_DSN": dsn,
+            "PILOTHOUSE_LEDGER_SIGNING_KEY": demo.ledger_key,
+            "PILOTHOUSE_LEDGER_TRUSTED_KEYS": json.dumps({ledger_kid: ledger_pub}),
+            "PILOTHOUSE_LEDGER_CHECKPOINT_DIR": str(work / "ledger-checkpoints"),
+            "PILOTHOUSE_LEDGER_CHECKPOINT_INTERVAL_S": "5",
+        },
+        "console": {
+            "PILOTHOUSE_CONSOLE_PORT": str(CONSOLE_PORT),
+            "PILOTHOUSE_CONSOLE_USERS_FILE": str(work / "console-users.yaml"),
+            "PILOTHOUSE_CONSOLE_SESSION_SECRET": demo.session_secret,
+            "PILOTHOUSE_CONSOLE_SECURE_COOKIES": "false",
+        },
+    }[svc]
+    env.update(extra)
+    return env
+
+
+def start_processes(settings: Settings, info: StackInfo, demo: DemoSecrets, work: Path, say) -> None:
+    """Start the fleet and the six services (each in its own session, logs under <data>/logs)."""
+    py = sys.executable
+    fleet_dir = work / "fleet"
+    fleet_dir.mkdir(parents=True, exist_ok=True)
+    if not procs.find(settings.run_dir, "fleet"):
+        procs.start("fleet", [py, "-m", "pilothouse.fleet", "--port", str(FLEET_PORT), "--state-dir", str(fleet_dir)],
+                    run_dir=settings.run_dir, log_path=settings.logs_dir / "fleet.log", cwd=work)
+    _wait_http(f"http://127.0.0.1:{FLEET_PORT}/health", "fleet", settings.logs_dir / "fleet.log")
+    say(f"fleet      http://127.0.0.1:{FLEET_PORT}/state")
+    write_users_file(work / "console-users.yaml", demo)
+    for svc in SERVICES:
+        name = f"svc-{svc}"
+        if not procs.find(settings.run_dir, name):
+            procs.start(name, [py, "-m", f"pilothouse.{svc}"], run_dir=settings.run_dir,
+                        log_path=settings.logs_dir / f"{svc}.log", cwd=work, env=service_env(svc, info, demo, work))
+    for svc in SERVICES:
+        _wait_http(f"http://127.0.0.1:{OBS_PORTS[svc]}/health", svc, settings.logs_dir / f"{svc}.log", timeout_s=120)
+        say(f"{svc:<10} healthy (metrics http://127.0.0.1:{OBS_PORTS[svc]}/metrics)")
+    monitoring.start(
+        settings,
+        scrape_targets={"fleet": [f"127.0.0.1:{FLEET_PORT}"],
+                        "pilothouse": [f"127.0.0.1:{p}" for p in OBS_PORTS.values()]},
+        webhook_url=f"http://127.0.0.1:{GATEWAY_PORT}/v1/alerts/alertmanager",
+        webhook_token=demo.gateway_token,
+    )
+    say(f"prometheus {monitoring.prometheus_url(settings)}  alertmanager {monitoring.alertmanager_url(settings)}")
+
+
+def stop_processes(settings: Settings) -> dict[str, str]:
+    """Stop the demo's processes (the stack itself stays up; `pilothouse stack down` stops it)."""
+    out = {}
+    monitoring.stop(settings)
+    for name in [f"svc-{s}" for s in reversed(SERVICES)] + ["fleet"]:
+        out[name] = procs.stop(settings.run_dir, name, timeout_s=30)
+    return out
+
+
+def _wait_http(url: str, name: str, log: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url, timeout=2)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as e:
+            last = type(e).__name__
+        time.sleep(0.5)
+    raise DemoFailed(f"{name} did not become healthy within {timeout_s:.0f}s ({last}); see {log}:\n"
+                     f"{procs.log_tail(log, 15)}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# following the loop on the topics (as the admin principal: read-only observation)
+# ------------------------------------------------------------------------------------------------------------------
+WATCHED = {
+    "pilothouse.sensing.alerts.v1": "alert",
+    "pilothouse.sensing.incidents.v1": "incident",
+    "pilothouse.reasoning.hypotheses.v1": "hypotheses",
+    "pilothouse.reasoning.proposals.v1": "proposal",
+    "pilothouse.console.hypothesis-validations.v1": "validation",
+    "pilothouse.policy.decisions.v1": "decision",
+    "pilothouse.policy.pending-actions.v1": "pending",
+    "pilothouse.actuator.shadow-results.v1": "shadow",
+    "pilothouse.console.approvals.v1": "approval",
+    "pilothouse.policy.authorized-actions.v1": "authorized",
+    "pilothouse.actuator.executions.v1": "executed",
+    "pilothouse.actuator.verifications.v1": "verified",
+}
+
+
+@dataclass
+class Observed:
+    """Everything seen since the fault, in arrival order, with the wall time it was seen."""
+
+    events: list[tuple[float, str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, kind: str, record: Any) -> None:
+        with self.lock:
+            self.events.append((time.time(), kind, record))
+
+    def of(self, kind: str) -> list[tuple[float, Any]]:
+        with self.lock:
+            return [(t, r) for t, k, r in self.events if k == kind]
+
+
+class Watcher(threading.Thread):
+    """Reads every loop topic from 'now' on and records what it sees."""
+
+    def __init__(self, info: StackInfo):
+        super().__init__(name="demo-watcher", daemon=True)
+        from pilothouse.bus.config import BusSettings
+        from pilothouse.bus.serde import Serde
+
+        self.serde = Serde()
+        self.settings = BusSettings(bootstrap_servers=info.kafka.bootstrap_servers, username="admin",
+                                    password=info.password("admin"), client_id="pilothouse-demo")
+        self.observed = Observed()
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        from confluent_kafka import Consumer
+
+        c = Consumer({**self.settings.librdkafka(), "group.id": f"demo.{uuid.uuid4().hex}",
+                      "auto.offset.reset": "latest", "enable.auto.commit": False, "isolation.level": "read_committed"})
+        c.subscribe(list(WATCHED), on_assign=lambda consumer, parts: self.ready.set())
+        while not self._stop.is_set():
+            m = c.poll(0.2)
+            if m is None or m.error():
+                continue
+            try:
+                rec = self.serde.decode(m.value()).record
+            except Exception:  # noqa: BLE001 - the demo only watches; services dead-letter what they cannot read
+                continue
+            self.observed.add(WATCHED[m.topic()], rec)
+        c.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class ConsoleUser:
+    """A person using the console's HTTP API with their own credentials."""
+
+    def __init__(self, base_url: str, username: str, password: str):
+        self.username = username
+        self.client = httpx.Client(base_url=base_url, timeout=15)
+        r = self.client.post("/api/session", json={"username": username, "password": password})
+        if r.status_code != 200:
+            raise DemoFailed(f"{username} cannot log in to the console: {r.status_code} {r.text[:200]}")
+        self.csrf = r.json()["csrf_token"]
+
+    def post(self, path: str, body: dict) -> httpx.Response:
+        return self.client.post(path, json=body, headers={"X-CSRF-Token": self.csrf})
+
+    def get(self, path: str) -> httpx.Response:
+        return self.client.get(path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------------------------
+def wait_for(what: str, predicate, timeout_s: float, poll_s: float = 0.25):
+    """Poll ``predicate`` until it returns something truthy; DemoFailed after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(poll_s)
+    raise DemoFailed(f"timed out after {timeout_s:.0f}s waiting for: {what}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Start everything, inject the scenario's fault and follow it to the end; returns the report."""
+    say = (lambda m: print(m, flush=True)) if not args.quiet else (lambda m: None)
+    scenario = SCENARIOS[args.scenario]
+    settings = Settings()
+    say("== starting the local stack")
+    lifecycle.up(settings, log=lambda m: None)
+    info = StackInfo.load()
+    work = settings.data_dir / "demo"
+    work.mkdir(parents=True, exist_ok=True)
+    demo = DemoSecrets.load_or_create(work / "secrets.json")
+    start_processes(settings, info, demo, work, say)
+    fleet = httpx.Client(base_url=f"http://127.0.0.1:{FLEET_PORT}", timeout=30)
+    console_url = f"http://127.0.0.1:{CONSOLE_PORT}"
+    fleet.post("/faults/clear", json={})
+    wait_for("the fleet to meet its SLOs before the fault",
+             lambda: all(s["slo"]["met"] for s in fleet.get("/state").json()["services"].values()), 120, 1.0)
+
+    watcher = Watcher(info)
+    watcher.start()
+    if not watcher.ready.wait(60):
+        raise DemoFailed("could not subscribe to the loop's topics")
+    time.sleep(1.0)  # let the partition assignment settle at 'latest'
+    obs = watcher.observed
+    report: dict[str, Any] = {"scenario": args.scenario, "fault": scenario.fault, "expected_root_cause":
+                              scenario.root_cause, "console_url": console_url}
+    t0 = time.time()
+    r = fleet.post("/faults", json=scenario.fault)
+    if r.status_code != 201:
+        raise DemoFailed(f"fleet refused the fault: {r.status_code} {r.text[:300]}")
+    say(f"\n== fault injected: {scenario.summary}")
+    say(f"   console: {console_url}   (accounts and passwords: {work / 'secrets.json'})")
+
+    def stage(name: str, detail: str = "") -> None:
+        say(f"[{time.time() - t0:6.1f}s] {name:<24} {detail}")
+
+    tmo = args.stage_timeout
+    wait_for("alerts from Alertmanager", lambda: obs.of("alert"), tmo)
+    stage("alerts", ", ".join(sorted({f"{a.labels.get('alertname', '')}:{a.service}" for _, a in obs.of("alert")}))[:100])
+
+    def incident():
+        for t, inc in obs.of("incident"):
+            if scenario.root_cause in inc.services or inc.primary_service in _callers_or_self(fleet, scenario):
+                return t, inc
+        return None
+
+    t_inc, inc = wait_for("an incident", incident, tmo)
+    report["incident_id"] = inc.incident_id
+    report["time_to_detect_s"] = round(t_inc - t0, 2)
+    stage("incident", f"{inc.incident_id} {inc.title[:60]!r} services={list(inc.services)}")
+
+    def supported():
+        for t, h in obs.of("hypotheses"):
+            if h.incident_id == inc.incident_id and h.outcome == "supported" and h.hypotheses:
+                return t, h
+        return None
+
+    t_hyp, hyps = wait_for("a supported hypothesis", supported, tmo)
+    top = hyps.hypotheses[0]
+    report["time_to_hypothesis_s"] = round(t_hyp - t0, 2)
+    report["top_hypothesis"] = {"root_cause_service": top.root_cause_service, "origin": top.origin,
+                                "confidence": round(top.confidence, 3), "llm_status": hyps.llm_status}
+    report["top_hypothesis_correct"] = top.root_cause_service == scenario.root_cause
+    stage("hypotheses", f"top: {top.root_cause_service} ({top.origin}, confidence {top.confidence:.2f}, "
+                        f"llm {hyps.llm_status})")
+
+    stage("waiting for validation", f"hypothesis {top.hypothesis_id}")
+    if args.validate_as:
+        user = ConsoleUser(console_url, args.validate_as, demo.passwords[args.validate_as])
+        wait_for("the console to show the hypothesis",
+                 lambda: user.get(f"/api/incidents/{inc.incident_id}").status_code == 200, tmo)
+        resp = wait_for("the console to accept the validation", lambda: _accepted(user.post(
+            f"/api/hypotheses/{top.hypothesis_id}/decision",
+            {"verdict": "validated", "comment": "demo: evidence and checks reviewed"})), 60, 1.0)
+        stage("validated", f"by {args.validate_as} ({resp.get('status', 'recorded')})")
+    else:
+        say(f"   open {console_url}/incidents/{inc.incident_id} and validate the hypothesis")
+        wait_for("a human validation", lambda: [v for _, v in obs.of("validation")
+                                                if v.hypothesis_id == top.hypothesis_id], args.human_timeout, 1.0)
+
+    def pending():
+        for t, p in obs.of("pending"):
+            if p.incident_id == inc.incident_id and p.hypothesis_id == top.hypothesis_id:
+                return t, p
+        return None
+
+    t_pend, pend = wait_for("a pending action", pending, tmo)
+    stage("pending action", f"{pend.action_type} {pend.target} params={pend.params_json} "
+                            f"needs {pend.approvers_needed} approver(s)")
+    shadow = [s for _, s in obs.of("shadow") if s.action_id == pend.action_id]
+    if shadow:
+        stage("shadow prediction", shadow[-1].summary[:100])
+
+    stage("waiting for approval", f"action {pend.action_id} hash {pend.action_hash[:12]}…")
+    approvers = list(args.approve_as or [])
+    if approvers:
+        for name in approvers:
+            if [a for _, a in obs.of("authorized") if a.action_id == pend.action_id]:
+                break  # policy already has enough approvals
+            user = ConsoleUser(console_url, name, demo.passwords[name])
+            wait_for("the console to show the pending action",
+                     lambda: user.get(f"/api/actions/{pend.action_id}").status_code == 200, tmo)
+            r = user.post(f"/api/actions/{pend.action_id}/decision",
+                          {"decision": "approve", "action_hash": pend.action_hash, "comment": "demo approval"})
+            stage("approved" if r.status_code < 300 else "approval refused", f"by {name}: {r.status_code} "
+                  f"{(r.json().get('error') or r.json().get('status', '')) if r.content else ''}"[:120])
+            time.sleep(1.0)
+    else:
+        say(f"   open {console_url}/actions/{pend.action_id} and approve (two different approvers if asked)")
+
+    def authorized():
+        for t, a in obs.of("authorized"):
+            if a.action_id == pend.action_id:
+                return t, a
+        return None
+
+    t_auth, auth = wait_for("the authorization", authorized, args.human_timeout if not approvers else tmo)
+    report["time_to_authorization_s"] = round(t_auth - t0, 2)
+    report["approvals"] = list(auth.approval_ids)
+    stage("authorized", f"signed by {auth.key_id}, {len(auth.approval_ids)} approval(s)")
+
+    def executed():
+        return [(t, e) for t, e in obs.of("executed") if e.action_id == pend.action_id]
+
+    execs = wait_for("the execution", executed, tmo)
+    stage("executed", f"{execs[0][1].outcome} {execs[0][1].reason[:80]}")
+
+    def verified():
+        return [(t, v) for t, v in obs.of("verified") if v.action_id == pend.action_id]
+
+    ver = wait_for("the verification", verified, tmo + 120)
+    stage("verified", f"{ver[0][1].outcome} ({', '.join(c.name + ('✓' if c.passed else '✗') for c in ver[0][1].checks)})")
+
+    def slo_met():
+        state = fleet.get("/state").json()["services"]
+        return all(s["slo"]["met"] for s in state.values())
+
+    try:
+        wait_for("the fleet to meet its SLOs again", slo_met, tmo)
+        report["time_to_recovery_s"] = round(time.time() - t0, 2)
+        report["recovered"] = True
+        stage("resolved", "every service meets its SLO")
+    except DemoFailed:
+        report["time_to_recovery_s"] = None
+        report["recovered"] = False
+        stage("NOT resolved", "the fleet still misses an SLO")
+    log = fleet.get("/actions/log").json()
+    report["max_executions_per_action"] = max((e["executions"] for e in log["entries"]), default=0)
+    report["executions"] = {e["key"]: e["executions"] for e in log["entries"]}
+    report["ledger_verified"] = _verify_ledger(service_env("ledger", info, demo, work), say)
+    watcher.stop()
+    return report
+
+
+def _accepted(r: httpx.Response) -> dict | None:
+    if r.status_code < 300:
+        return r.json()
+    if r.status_code in (404, 409):  # not visible to the console yet: try again
+        return None
+    raise DemoFailed(f"console refused: {r.status_code} {r.text[:300]}")
+
+
+def _callers_or_self(fleet: httpx.Client, scenario: Scenario) -> set[str]:
+    services = fleet.get("/catalog").json()["services"]
+    out = {scenario.root_cause}
+    frontier = {scenario.root_cause}
+    while frontier:
+        nxt = {c for s in frontier for c in services.get(s, {}).get("callers", [])} - out
+        out |= nxt
+        frontier = nxt
+    return out
+
+
+def _verify_ledger(env: dict[str, str], say) -> bool:
+    """Run `pilothouse ledger verify` (Kafka + Postgres + checkpoints) with the ledger's settings, once it caught up."""
+    import subprocess
+
+    time.sleep(6)  # one checkpoint interval
+    out = subprocess.run([sys.executable, "-m", "pilothouse", "ledger", "verify"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    say(f"ledger verify: exit {out.returncode}: {(out.stdout or out.stderr).strip().splitlines()[-1:]}")
+    return out.returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: ``pilothouse demo [--scenario NAME] [--validate-as U] [--approve-as U ...] [--out FILE]``."""
+    ap = argparse.ArgumentParser(prog="pilothouse demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="bad-deploy")
+    ap.add_argument("--validate-as", help="console user who validates the top hypothesis (unattended)")
+    ap.add_argument("--approve-as", action="append", help="console user who approves (repeat for two-person)")
+    ap.add_argument("--out", type=Path, help="write the JSON report here")
+    ap.add_argument("--stage-timeout", type=float, default=240.0, help="seconds each automatic stage may take")
+    ap.add_argument("--human-timeout", type=float, default=1800.0, help="seconds to wait for people to decide")
+    ap.add_argument("--stop", action="store_true", help="stop the demo's processes (fleet, services, monitoring)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.stop:
+        print(json.dumps(stop_processes(Settings()), indent=2))
+        return 0
+    for u in [args.validate_as, *(args.approve_as or [])]:
+        if u and u not in DEMO_USERS:
+            print(f"pilothouse demo: unknown demo user {u!r} (known: {', '.join(DEMO_USERS)})", file=sys.stderr)
+            return 2
+    try:
+        report = run(args)
+    except DemoFailed as e:
+        print(f"\ndemo failed: {e}", file=sys.stderr)
+        if args.out:
+            args.out.write_text(json.dumps({"scenario": args.scenario, "error": str(e)}, indent=2) + "\n")
+        return 1
+    text = json.dumps(report, indent=2, default=str)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print("\n" + text)
+    ok = report["recovered"] and report["top_hypothesis_correct"] and report["ledger_verified"] and \
+        report["max_executions_per_action"] <= 1
+    return 0 if ok else 1
