@@ -14,6 +14,7 @@ import uuid
 from pilothouse.bus.config import BusSettings
 from pilothouse.bus.errors import PilothouseError
 from pilothouse.bus.producer import BusProducer
+from pilothouse.bus.runtime import configure_logging
 from pilothouse.bus.service import ServiceRuntime
 from pilothouse.ledger.adapters.checkpoint_file import CheckpointFile
 from pilothouse.ledger.adapters.kafka import CheckpointPublisher, TopicReader, open_appender
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
         bus = BusSettings(client_id="pilothouse-ledger")
+        configure_logging("ledger", settings.log_level)  # start-up (fencing, chain recovery) logs too
         runtime = build(settings, bus, workers=chosen)
     except (PilothouseError, ValueError) as e:
         print(f"pilothouse ledger: cannot start: {type(e).__name__}: {e}", file=sys.stderr)
