@@ -352,3 +352,28 @@ def test_irreversible_action_that_fails_verification_is_reported_not_undone(stor
     assert h.verify_once() == 1
     [v] = outbox(store, "ActionVerified")
     assert v["outcome"] == "failed" and "not reversible" in v["detail"] and not v["rolled_back"]
+
+
+def test_target_down_during_execution_loses_nothing_and_runs_once(store, fleet, key):
+    """The target is unreachable at the moment of the call: the intent stays 'started' and is completed, once,
+    when the target is back (with the same idempotency key)."""
+    h = make_handlers(store, fleet, key, stale_s=0.0)
+    rec = authorization(key)
+    row = {"action_id": rec.action_id, "execution_id": str(uuid.uuid4()), "authorization_id": rec.authorization_id,
+           "event_id": rec.event_id, "incident_id": "inc-1", "correlation_id": "inc-1", "action_hash": rec.action_hash,
+           "action_type": rec.action_type, "target_kind": "service", "target": "cart",
+           "params": {"service": "cart", "replicas": 4}, "executor": "fleet", "owner": h.owner,
+           "authorized_at": rec.issued_at}
+    with store.transaction() as tx:
+        assert tx.insert_intent(row)
+    fleet.stop()
+    assert h.drive(row) is False
+    assert h.recover_once() == 0
+    with store.transaction() as tx:
+        r = tx.execution(rec.action_id)
+    assert r["status"] == "started" and r["attempts"] == 2 and "ConnectError" in r["last_error"]
+    assert executed(store, rec.action_id) == []
+    fleet.start()  # same state directory and port: the fleet resumes from its persisted state
+    assert h.recover_once() == 1
+    [p] = executed(store, rec.action_id)
+    assert p["outcome"] == "executed" and fleet.executions(rec.action_id) == 1 and fleet.replicas("cart") == 4
