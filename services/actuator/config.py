@@ -55,8 +55,7 @@ class Settings(BaseSettings):
 
     max_clock_skew_s: float = Field(default=5.0, gt=0, description="refuse to execute beyond this skew vs Postgres")
     shadow_horizon_s: int = Field(default=120, ge=1, le=1800)
-    verify_poll_s: float = Field(default=2.0, gt=0)
-    recovery_poll_s: float = Field(default=1.0, gt=0)
+    recovery_poll_s: float = Field(default=1.0, gt=0, description="follow-up pass: recovery, then verification")
     relay_poll_s: float = Field(default=0.2, gt=0)
     verify_clock: Literal["target", "wall"] = Field(
         default="target", description="measure the verification window in the target's time (fleet tick) or wall time")

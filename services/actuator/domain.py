@@ -220,6 +220,31 @@ def evaluate_checks(spec: VerifySpec, service_state: dict[str, Any] | None) -> l
     return out
 
 
+def evaluate_window(spec: VerifySpec, samples: list[dict[str, Any] | None]) -> list[CheckResult]:
+    """Evaluate the checks on the mean of the samples taken over the second half of the window (one sample when the
+    window passed between two looks, e.g. with a manual clock). Threshold from the latest sample. One unreadable
+    sample fails the check: unknown is not healthy."""
+    if not samples or len(samples) == 1:
+        return evaluate_checks(spec, samples[0] if samples else None)
+    out = []
+    for c in spec.checks:
+        values = [_number(s.get(c.metric)) if s is not None else None for s in samples]
+        threshold = _number(_lookup(samples[-1], c.threshold_from)) if samples[-1] is not None else None
+        if any(v is None for v in values) or threshold is None:
+            out.append(CheckResult(c.name, False, None, threshold, f"cannot read {c.metric} in every sample"))
+            continue
+        mean = sum(values) / len(values)  # type: ignore[arg-type]
+        ok = _OPS[c.op](mean, threshold)
+        out.append(CheckResult(c.name, ok, mean, threshold, f"mean {c.metric} over {len(values)} samples {mean:g} "
+                                                            f"{c.op} {threshold:g} is {'true' if ok else 'false'}"))
+    return out
+
+
+def in_sampling_half(executed_at_s: float, window_s: int, now_s: float) -> bool:
+    """True in the second half of the window: the action's own transient is over, samples count."""
+    return executed_at_s + window_s / 2 <= now_s < executed_at_s + window_s
+
+
 @dataclass(frozen=True)
 class RollbackPlan:
     action: str

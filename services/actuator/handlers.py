@@ -30,7 +30,8 @@ from pilothouse.actuator.domain import (
     Refused,
     check_authorization,
     decide_verification,
-    evaluate_checks,
+    evaluate_window,
+    in_sampling_half,
     parse_params,
     verification_due,
 )
@@ -416,9 +417,18 @@ class ActuatorHandlers:
         obs = self._observe(executor, cache) if executor else None
         if obs is None:
             return self._finish_verification(row, "skipped", [], window, "the target cannot be observed")
-        if not verification_due(row["target_time_s"] or 0.0, window, obs.time_s):
+        executed_at = row["target_time_s"] or 0.0
+        state = obs.services.get(str(params.get("service")))
+        if not verification_due(executed_at, window, obs.time_s):
+            if in_sampling_half(executed_at, window, obs.time_s):
+                with self.store.transaction() as tx:
+                    # Scalars only (metrics, slo): instance lists and deploy history are not needed.
+                    slim = {k: v for k, v in state.items() if not isinstance(v, list)} if state else None
+                    tx.add_verify_sample(row["action_id"], {"t": obs.time_s, "state": slim})
             return False
-        checks = evaluate_checks(action.verify, obs.services.get(str(params.get("service"))))
+        samples = [s["state"] for s in row.get("verify_samples") or []
+                   if in_sampling_half(executed_at, window, s["t"])]
+        checks = evaluate_window(action.verify, [*samples, state])
         decision = decide_verification(action, params, before, checks, switches)
         if decision.outcome != "roll_back":
             return self._finish_verification(row, decision.outcome, checks, window, decision.detail)

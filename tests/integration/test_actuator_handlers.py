@@ -377,3 +377,20 @@ def test_target_down_during_execution_loses_nothing_and_runs_once(store, fleet, 
     assert h.recover_once() == 1
     [p] = executed(store, rec.action_id)
     assert p["outcome"] == "executed" and fleet.executions(rec.action_id) == 1 and fleet.replicas("cart") == 4
+
+
+def test_verification_samples_the_second_half_of_the_window(store, fleet, key):
+    h, o = make_handlers(store, fleet, key), Offsets()
+    rec = authorization(key, params={"service": "shipping", "replicas": 3})
+    h.on_action_authorized(rec, o.ctx())
+    fleet.post("/advance", {"seconds": 10})
+    assert h.verify_once() == 0  # first half: the action's own transient, not sampled
+    for step in (25, 10, 10):  # ticks +35, +45, +55: sampled
+        fleet.post("/advance", {"seconds": step})
+        assert h.verify_once() == 0
+    with store.transaction() as tx:
+        assert len(tx.execution(rec.action_id)["verify_samples"]) == 3
+    fleet.post("/advance", {"seconds": 6})  # +61: due
+    assert h.verify_once() == 1
+    [v] = outbox(store, "ActionVerified")
+    assert v["outcome"] == "verified" and all("over 4 samples" in c["detail"] for c in v["checks"])

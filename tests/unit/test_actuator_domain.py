@@ -232,3 +232,20 @@ def test_prediction_summary_carries_the_verdict():
         "violations_without_action": ["checkout"], "violations_with_action": []}})
     assert after is True and "recovers" in text and "checkout" in text
     assert summarise_prediction({})[1] is None
+
+
+def test_window_checks_use_the_mean_of_the_samples():
+    from pilothouse.actuator.domain import evaluate_window, in_sampling_half
+
+    spec = CAT.get("toggle_feature_flag").verify  # error_ratio <= slo.error_ratio_max
+    slo = {"error_ratio_max": 0.01}
+    # One bad tick among good ones does not fail the check; a bad mean does.
+    spiky = [{"error_ratio": 0.001, "slo": slo}, {"error_ratio": 0.025, "slo": slo}, {"error_ratio": 0.001, "slo": slo}]
+    [c] = evaluate_window(spec, spiky)
+    assert c.passed and c.observed == pytest.approx(0.009) and "3 samples" in c.detail
+    [bad] = evaluate_window(spec, [{"error_ratio": 0.02, "slo": slo}, {"error_ratio": 0.03, "slo": slo}])
+    assert not bad.passed and bad.observed == pytest.approx(0.025)
+    [gap] = evaluate_window(spec, [{"error_ratio": 0.001, "slo": slo}, None])
+    assert not gap.passed and "every sample" in gap.detail
+    assert [c.passed for c in evaluate_window(spec, [])] == [False]
+    assert not in_sampling_half(100, 60, 129) and in_sampling_half(100, 60, 130) and not in_sampling_half(100, 60, 160)

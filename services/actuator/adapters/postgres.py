@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS {s}.executions (
     authorized_at timestamptz, response jsonb, target_time_s double precision,
     verify_status text CHECK (verify_status IN ('pending', 'rolling_back', 'done')),
     verify_checks jsonb, rollback jsonb);
+ALTER TABLE {s}.executions ADD COLUMN IF NOT EXISTS verify_samples jsonb NOT NULL DEFAULT '[]';
 CREATE INDEX IF NOT EXISTS executions_open ON {s}.executions (status) WHERE status = 'started';
 CREATE INDEX IF NOT EXISTS executions_verify ON {s}.executions (verify_status)
     WHERE verify_status IN ('pending', 'rolling_back');
@@ -181,6 +182,12 @@ class Tx:
     def claim_verifications(self, limit: int = 50) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM {s}.executions WHERE verify_status IN ('pending', 'rolling_back') "
                          "ORDER BY finished_at LIMIT %s FOR UPDATE SKIP LOCKED", (limit,))
+
+    def add_verify_sample(self, action_id: str, sample: dict[str, Any], keep: int = 120) -> None:
+        """Append one observation taken during the verification window (bounded: the latest ``keep``)."""
+        self._exec("UPDATE {s}.executions SET verify_samples = (SELECT COALESCE(jsonb_agg(x ORDER BY n), '[]') FROM "
+                   "(SELECT x, n FROM jsonb_array_elements(verify_samples || %s) WITH ORDINALITY AS t(x, n) "
+                   "ORDER BY n DESC LIMIT %s) AS last) WHERE action_id = %s", (Jsonb([sample]), keep, action_id))
 
     def start_rollback(self, action_id: str, checks: list[dict[str, Any]], plan: dict[str, Any]) -> None:
         self._exec("UPDATE {s}.executions SET verify_status = 'rolling_back', verify_checks = %s, rollback = %s "
