@@ -66,7 +66,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _lat(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "p50_ms": round(_pct(values, 0.5) * 1000, 2), "p95_ms": round(_pct(values, 0.95) * 1000, 2),
+    return {"n": len(values), "p50_ms": round(_pct(values, 0.5) * 1000, 2),
+            "p95_ms": round(_pct(values, 0.95) * 1000, 2),
             "p99_ms": round(_pct(values, 0.99) * 1000, 2), "max_ms": round(max(values) * 1000, 2) if values else None,
             "mean_ms": round(statistics.fmean(values) * 1000, 2) if values else None}
 

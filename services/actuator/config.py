@@ -1,11 +1,9 @@
-"""Settings of the actuator (environment ``PILOTHOUSE_ACTUATOR_*``; Kafka comes from BusSettings, ``PILOTHOUSE_KAFKA_*``).
+"""Settings of the actuator (environment ``PILOTHOUSE_ACTUATOR_*``; Kafka: BusSettings, ``PILOTHOUSE_KAFKA_*``).
 
 Read once, in ``__main__``. Credentials are SecretStr so they never appear in a repr or a log line.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,10 +55,9 @@ class Settings(BaseSettings):
     shadow_horizon_s: int = Field(default=120, ge=1, le=1800)
     recovery_poll_s: float = Field(default=1.0, gt=0, description="follow-up pass: recovery, then verification")
     relay_poll_s: float = Field(default=0.2, gt=0)
-    verify_clock: Literal["target", "wall"] = Field(
-        default="target", description="measure the verification window in the target's time (fleet tick) or wall time")
 
-    group_prefix: str = Field(default="pilothouse.actuator", pattern=r"^(pilothouse\.actuator(\.[A-Za-z0-9_-]+)*|test\.[A-Za-z0-9._-]+)$",
+    group_prefix: str = Field(default="pilothouse.actuator",
+                              pattern=r"^(pilothouse\.actuator(\.[A-Za-z0-9_-]+)*|test\.[A-Za-z0-9._-]+)$",
                               description="consumer groups are <prefix>.<purpose>; the broker's ACLs allow the "
                                           "actuator pilothouse.actuator.* only (test.* is for tests as admin)")
     instance_id: str = Field(default="actuator-0", pattern=r"^[A-Za-z0-9._-]{1,100}$",

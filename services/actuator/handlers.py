@@ -277,7 +277,8 @@ class ActuatorHandlers:
             tx.mark_consumed(ctx.topic, ctx.partition, ctx.offset)
         OUTCOMES.labels("refused").inc()
         log.warning("authorization refused", extra={"action_id": rec.action_id, "check": why.check,
-                                                    "reason": why.reason[:300], "authorization_id": rec.authorization_id})
+                                                    "reason": why.reason[:300],
+                                                    "authorization_id": rec.authorization_id})
 
     def on_action_authorized(self, rec: ActionAuthorized, ctx: MessageContext) -> None:
         """Check, re-check against the live target, record the intent, execute once, record the answer."""

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pilothouse.actuator.adapters.postgres import Store
 from pilothouse.bus.producer import BusProducer
 from tests.integration.test_actuator_handlers import authorization
-from tests.integration.test_actuator_kafka import ActuatorProcess, Topics, fleet, read_topic, schema, wait_for  # noqa: F401
+from tests.integration.test_actuator_kafka import (  # noqa: F401 - fleet and schema are fixtures
+    ActuatorProcess, Topics, fleet, read_topic, schema, wait_for)
 
 N_ACTIONS = 300
 SERVICES = ("frontend", "checkout", "recommendation", "cart", "payment", "email", "shipping", "currency",

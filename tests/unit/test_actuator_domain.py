@@ -54,7 +54,10 @@ def keys(key):
     return {key_id(key.public_key()): key.public_key()}
 
 
-def check(rec, keys, *, now=NOW, clock=None, switches=KillSwitches()):
+NO_SWITCHES = KillSwitches()
+
+
+def check(rec, keys, *, now=NOW, clock=None, switches=NO_SWITCHES):
     return check_authorization(rec, catalogue=CAT, keys=keys, now=now, clock=clock or ok_clock(now), max_skew_s=5.0,
                                kill_switches=switches)
 
