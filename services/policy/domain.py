@@ -289,6 +289,16 @@ class Approval(_Model):
     expires_at: UtcTime
 
 
+class Rejection(_Model):
+    """A human's "reject" of the action: a veto (``rejected_by_human``) whatever approvals exist."""
+
+    rejection_id: Id
+    rejecter: Principal
+    action_hash: Hex64 = Field(description="hash of the action the person rejected")
+    rejected_at: UtcTime
+    comment: str = Field(default="", max_length=2000)
+
+
 class PolicyInput(_Model):
     """The ``input`` document of both entrypoints. Time comes from ``now`` only, so decisions replay exactly."""
 
@@ -300,6 +310,7 @@ class PolicyInput(_Model):
     budget: Budget
     controls: Controls = Field(default_factory=Controls)
     approvals: list[Approval] = Field(default_factory=list, max_length=MAX_APPROVALS)
+    rejections: list[Rejection] = Field(default_factory=list, max_length=MAX_APPROVALS)
 
     @model_validator(mode="after")
     def _unique_approval_ids(self) -> PolicyInput:
@@ -472,6 +483,71 @@ def approval_from_record(recorded: ApprovalRecorded) -> Approval | None:
         })
     except ValidationError as e:
         raise PolicyInputInvalid(f"ApprovalRecorded {recorded.approval_id} refused: {e}") from e
+
+
+def rejection_from_record(recorded: ApprovalRecorded) -> Rejection | None:
+    """A veto from the console's record (``decision == "reject"``); None for an approval."""
+    if recorded.decision != "reject":
+        return None
+    principal = {"id": recorded.approver_id, "kind": "human", "roles": recorded.approver_roles,
+                 "display_name": recorded.approver_display}
+    try:
+        return Rejection.model_validate({
+            "rejection_id": recorded.approval_id, "rejecter": principal, "action_hash": recorded.action_hash,
+            "rejected_at": recorded.occurred_at, "comment": recorded.comment[:2000],
+        })
+    except ValidationError as e:
+        raise PolicyInputInvalid(f"ApprovalRecorded {recorded.approval_id} refused: {e}") from e
+
+
+#: IncidentUpdated.severity -> the input's severity. Unknown is scored like sev1: fail towards caution.
+SEVERITY_FROM_INCIDENT: dict[str, str] = {
+    "critical": "sev1", "error": "sev2", "warning": "sev3", "info": "sev4", "unknown": "sev1",
+}
+UNKNOWN_INCIDENT_SEVERITY = "sev1"
+
+
+def budget_window(now: datetime, length: timedelta) -> tuple[datetime, datetime]:
+    """The budget window containing ``now``: fixed windows of ``length`` aligned to the Unix epoch (UTC)."""
+    if length <= timedelta(0):
+        raise PolicyInputInvalid("budget window length must be positive")
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    n = (now.astimezone(UTC) - epoch) // length
+    start = epoch + n * length
+    return start, start + length
+
+
+def target_service(target_kind: str, target: str, incident_primary_service: str | None) -> str:
+    """The service an action's target belongs to: the target itself for ``service`` targets, otherwise the
+    incident's primary service (an instance of it), or the target name when the incident is not known yet."""
+    if target_kind == "service" or not incident_primary_service:
+        return target
+    return incident_primary_service
+
+
+def kill_switch_from_scopes(engaged: frozenset[str] | set[str]) -> KillSwitch:
+    """The input's kill-switch state from engaged scopes (``global``, ``service:<name>``)."""
+    services = sorted({s.split(":", 1)[1] for s in engaged if s.startswith("service:") and len(s) > len("service:")})
+    return KillSwitch.model_validate({"global": "global" in engaged, "services": services[:MAX_KILLED_SERVICES]})
+
+
+def parse_freeze_windows(data: Any) -> list[FreezeWindow]:
+    """Freeze windows from a settings document: a list, or ``{"freeze_windows": [...]}``."""
+    if isinstance(data, dict):
+        data = data.get("freeze_windows", [])
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise PolicyInputInvalid("freeze windows must be a list of {name, start, end, environments, services}")
+    try:
+        return [FreezeWindow.model_validate(w) for w in data]
+    except ValidationError as e:
+        raise PolicyInputInvalid(f"freeze window refused: {e}") from e
+
+
+def relevant_freezes(windows: list[FreezeWindow], now: datetime) -> list[FreezeWindow]:
+    """Windows that have not ended yet, soonest first, bounded to what the input accepts."""
+    return sorted((w for w in windows if w.end > now), key=lambda w: (w.start, w.name))[:MAX_FREEZE_WINDOWS]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -211,3 +211,25 @@ test_reused_approval_id_counts_once if {
 	d.accepted_approvals == ["ap-alice"]
 	refused_codes(d) == {"duplicate_approval_id"}
 }
+
+rejection(id, kind) := {
+	"rejection_id": sprintf("rej-%v", [id]),
+	"rejecter": {"id": id, "kind": kind, "roles": ["approver"]},
+	"action_hash": fixtures.alice.action_hash,
+	"rejected_at": "2026-11-25T11:59:00Z",
+	"comment": "not during peak",
+}
+
+test_human_reject_vetoes_sufficient_approvals if {
+	d := decide({"rejections": [rejection("carol", "human")]}, [fixtures.alice])
+	d.outcome == "deny"
+	not d.allow
+	"rejected_by_human" in d.reason_codes
+	d.accepted_approvals == []
+}
+
+test_service_principal_cannot_veto if {
+	d := decide({"rejections": [rejection("svc:reasoning", "human")]}, [fixtures.alice])
+	d.outcome == "allow"
+	not "rejected_by_human" in d.reason_codes
+}

@@ -176,6 +176,17 @@ blocks contains {"code": "budget_window_stale", "message": msg} if {
 }
 
 # ---------------------------------------------------------------------------------------------------------------
+# A human's "reject" is a veto: no number of approvals outweighs it (only humans can veto; a service cannot).
+# ---------------------------------------------------------------------------------------------------------------
+
+blocks contains {"code": "rejected_by_human", "message": msg} if {
+	some r in object.get(input, "rejections", [])
+	id := identity.normalise(r.rejecter.id)
+	identity.is_human_with_id(r.rejecter, id)
+	msg := sprintf("%v rejected this action (veto): %v", [id, object.get(r, "comment", "")])
+}
+
+# ---------------------------------------------------------------------------------------------------------------
 # Kill switches, concurrency caps and change freezes.
 # ---------------------------------------------------------------------------------------------------------------
 
