@@ -185,6 +185,10 @@ def _downstream(edges: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
 
 DEFAULT_CONFIG = EngineConfig()
 
+# Public names for the hypothesis checks in domain.py (same classification and graph closure as the ranking).
+feature_of = _feature_of
+transitive_callees = _downstream
+
 
 def rank_root_causes(
     evidence: Iterable[EvidenceLike], edges: Iterable[tuple[str, str] | EdgeLike] = (), *,
