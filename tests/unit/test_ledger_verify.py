@@ -17,6 +17,7 @@ from pilothouse.ledger.domain import (
     ProblemKind,
     VerifyResult,
     compute_entry_hash,
+    serial_scan,
     verify,
 )
 
@@ -269,3 +270,31 @@ def test_a_topic_of_only_tombstones() -> None:
     kafka = [KafkaTombstone(e.entry_key, i) for i, e in enumerate(ENTRIES[:3])]
     p = _first(verify(kafka, None, CPS, KEYS))
     assert (p.kind, p.chain, p.sequence) == (ProblemKind.TOMBSTONE, "main", 0)
+
+
+# ---- the parallel scanner gives exactly the serial result ------------------------------------------------------------
+@pytest.mark.parametrize("damage", [None, "boundary_link", "inside", "tombstone_at_boundary", "reorder", "junk"])
+@pytest.mark.parametrize("workers", [2, 3])
+def test_parallel_scan_equals_serial(damage, workers) -> None:
+    from pilothouse.ledger.parallel import scanner
+
+    items: list = list(ENTRIES)
+    n = len(items)
+    cut = -(-n // workers)  # the first range boundary
+    if damage == "boundary_link":
+        items[cut] = items[cut]._replace(prev_hash="f" * 64)
+    elif damage == "inside":
+        items[cut + 1] = items[cut + 1]._replace(recorded_offset=10**6)
+    elif damage == "tombstone_at_boundary":
+        items[cut] = KafkaTombstone(items[cut].entry_key, cut)
+    elif damage == "reorder":
+        items[cut - 1], items[cut] = items[cut], items[cut - 1]
+    elif damage == "junk":
+        items[cut] = "junk"
+    scan = scanner(workers, min_entries=0)
+    assert scan(items, "main") == serial_scan(items, "main")
+    assert scan(items, "main", False) == serial_scan(items, "main", False) == len(serial_scan(items, "main"))
+    for roots in (True, False):
+        parallel = verify(items, None, CPS, KEYS, scanner=scan, recompute_roots=roots)
+        serial = verify(items, None, CPS, KEYS, recompute_roots=roots)
+        assert parallel == serial and (damage is None) == parallel.ok
