@@ -119,7 +119,8 @@ def response_schema(*, evidence_ids: Sequence[str] | None, services: Sequence[st
                         "service": choice(services, 63),
                         "kind": {"type": "string", "enum": list(CLAIM_KINDS)},
                         "signal_class": {"type": "string", "enum": list(SIGNAL_CLASSES)},
-                        "evidence_ids": {"type": "array", "minItems": 1, "maxItems": 3,
+                        # the server must cite; the client lets an uncited claim through to be dropped with a reason
+                        "evidence_ids": {"type": "array", "minItems": 1 if evidence_ids else 0, "maxItems": 3,
                                          "items": choice(evidence_ids, 40)},
                         "text": {"type": "string", "maxLength": 100},
                     }}},
