@@ -1,6 +1,12 @@
 """``pilothouse eval rca``: run labelled fault cases through the same evidence + engine code and score the ranking.
 
-    pilothouse eval rca --dataset DIR --format nezha|rcaeval --out FILE [--with-llm] [--baseline reference|pre-window]
+    pilothouse eval rca --dataset DIR --format nezha|rcaeval --out FILE [--baseline reference|pre-window]
+                        [--with-llm [--llm-cases N] [--llm-base-url URL] [--llm-model NAME]]
+
+``--with-llm`` runs the reasoning service's own model step on each case (the same prompt, client, budgets and
+checks: claim verification, counterfactual checks, code-computed confidence) and reports, under ``with_llm``, the
+AC@k of the checked hypothesis list, how often the model's first hypothesis was right, model latency, tokens, and
+how many model claims were verified or dropped (and why).
 
 Reports AC@1, AC@3, AC@5, Avg@5 (overall and per fault type), abstentions and time per case (evidence extraction
 plus ranking; loading files is reported apart). Dataset layouts:
@@ -440,8 +446,82 @@ def _stats(xs: Sequence[float]) -> dict[str, float]:
             "p99": round(_pct(xs, 99), 3), "max": round(max(xs), 3)}
 
 
-def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG) -> dict:
+@dataclass(slots=True)
+class _LlmTally:
+    """What the model-in-the-loop run saw, for the report."""
+
+    ranks: list[int | None] = field(default_factory=list)
+    model_top1: list[bool] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+    overhead_ms: list[float] = field(default_factory=list)
+    status: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    claims_kept: int = 0
+    claims_dropped: int = 0
+    hypotheses_supported: int = 0
+    proposals_dropped: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _with_llm(case: Case, ranking: Ranking, ev: list[EvidenceItem], step, tally: _LlmTally) -> dict:
+    """Run the reasoning service's model step and checks on one case; rank = position in the checked list."""
+    from pilothouse.bus.actions import load_actions
+    from pilothouse.reasoning.domain import assess
+
+    edges = sorted(case.edges)
+    services = sorted(case.services)
+    t0 = time.perf_counter()
+    # The evidence here is built from the dataset's numbers and metric names (no free text from people or
+    # logs), which is why it counts as redacted for the prompt.
+    outcome = step.run(case.case_id, title=f"fault case {case.case_id}", evidence=ev, edges=edges,
+                       services=services, ranking=ranking, redaction_scanned=True)
+    t1 = time.perf_counter()
+    a = assess(case.case_id, ev, edges, services, load_actions(), model=outcome.hypotheses,
+               model_name=outcome.model, ranking=ranking)
+    t2 = time.perf_counter()
+    model_ms = outcome.result.latency_ms if outcome.result else (t1 - t0) * 1000.0 - outcome.prompt_s * 1000.0
+    tally.latency_ms.append(model_ms)
+    tally.overhead_ms.append((t2 - t1) * 1000.0 + outcome.prompt_s * 1000.0)
+    tally.status[outcome.status] = tally.status.get(outcome.status, 0) + 1
+    tally.tokens += outcome.result.tokens if outcome.result else 0
+    order = list(dict.fromkeys([h.root_cause_service for h in a.hypotheses] + ranking.top(len(ranking.candidates))))
+    rank = order.index(case.root_cause) + 1 if case.root_cause in order else None
+    tally.ranks.append(rank)
+    tally.model_top1.append(bool(outcome.hypotheses) and outcome.hypotheses[0].root_cause_service == case.root_cause)
+    llm_h = [h for h in a.hypotheses if h.origin == "llm"]
+    tally.claims_kept += sum(len(h.claims) for h in llm_h)
+    tally.claims_dropped += sum(len(h.dropped_claims) for h in llm_h)
+    tally.hypotheses_supported += sum(1 for h in llm_h if h.status == "supported")
+    tally.proposals_dropped += len(a.dropped_proposals)
+    for h in llm_h:
+        for d in h.dropped_claims:
+            key = re.sub(r"ev-[0-9a-f]+|[0-9.+-]+", "#", d.reason)[:80]
+            tally.drop_reasons[key] = tally.drop_reasons.get(key, 0) + 1
+    return {"llm_status": outcome.status, "llm_detail": outcome.detail[:200], "rank_with_llm": rank,
+            "model_hypotheses": [h.root_cause_service for h in outcome.hypotheses],
+            "model_ms": round(model_ms, 1)}
+
+
+def _llm_report(t: _LlmTally) -> dict:
+    n = len(t.ranks)
+    return {
+        "cases": n, **{k: v for k, v in _summary(t.ranks).items() if k != "cases"},
+        "model_first_hypothesis_correct": sum(t.model_top1) / n if n else 0.0,
+        "llm_status": t.status, "tokens_total": t.tokens,
+        "model_latency_ms": _stats(t.latency_ms) if t.latency_ms else {},
+        "reasoning_overhead_ms_excluding_model": _stats(t.overhead_ms) if t.overhead_ms else {},
+        "model_claims_verified": t.claims_kept, "model_claims_dropped": t.claims_dropped,
+        "model_claim_drop_reasons": dict(sorted(t.drop_reasons.items(), key=lambda kv: -kv[1])[:10]),
+        "model_hypotheses_supported": t.hypotheses_supported, "proposals_dropped": t.proposals_dropped,
+    }
+
+
+def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG, *, llm_step=None,
+             llm_cases: int | None = None) -> dict:
+    """Score the engine on ``cases``; with ``llm_step`` (a reasoning ModelStep) also the model-in-the-loop
+    ranking on the first ``llm_cases`` cases (all when None)."""
     ranks: list[int | None] = []
+    tally = _LlmTally()
     by_type: dict[str, list[int | None]] = {}
     times: list[CaseTiming] = []
     abstained = 0
@@ -469,6 +549,8 @@ def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG) -> di
             ],
             "ms": round(timing.wall_ms, 2),
         })
+        if llm_step is not None and (llm_cases is None or len(tally.ranks) < llm_cases):
+            details[-1].update(_with_llm(case, ranking, ev, llm_step, tally))
     if not ranks:
         raise DatasetError("the dataset yielded no cases")
     out = _summary(ranks)
@@ -487,34 +569,63 @@ def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG) -> di
         "data_notes": sorted(notes),
         "details": details,
     })
+    if llm_step is not None:
+        out["with_llm"] = _llm_report(tally)
     return out
+
+
+def _model_step(args: argparse.Namespace):
+    """The reasoning service's model step, configured from PILOTHOUSE_LLM_* / PILOTHOUSE_REASONING_* and flags.
+
+    Per-incident and per-minute budgets are lifted (an evaluation is a deliberate, bounded batch)."""
+    from pilothouse.bus.actions import load_actions
+    from pilothouse.reasoning.adapters.llm import CircuitBreaker, LlmClient
+    from pilothouse.reasoning.config import LlmSettings, Settings
+    from pilothouse.reasoning.handlers import ModelStep
+
+    over = {k: v for k, v in (("base_url", args.llm_base_url), ("model", args.llm_model),
+                              ("timeout_s", args.llm_timeout_s)) if v}
+    llm = LlmSettings(**over)
+    settings = Settings(max_llm_calls_per_minute=10**6, max_llm_tokens_per_hour=10**12,
+                        max_llm_tokens_per_incident=10**9)
+    client = LlmClient(llm.base_url, llm.model, api_key=llm.api_key.get_secret_value() if llm.api_key else None,
+                       timeout_s=llm.timeout_s, max_retries=llm.max_retries, backoff_s=llm.backoff_s,
+                       breaker=CircuitBreaker(llm.circuit_failures, llm.circuit_reset_s))
+    return ModelStep(settings, llm, client, load_actions())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pilothouse eval rca``. Returns 0 on success, 2 on bad usage or unusable dataset."""
     p = argparse.ArgumentParser(prog="pilothouse eval rca",
-                                description="Score deterministic root-cause ranking on a labelled dataset.")
+                                description="Score root-cause ranking on a labelled dataset (engine; optionally "
+                                            "with the LLM in the loop).")
     p.add_argument("--dataset", required=True, type=Path, help="dataset directory")
     p.add_argument("--format", required=True, choices=("nezha", "rcaeval"), dest="fmt")
     p.add_argument("--out", required=True, type=Path, help="JSON report to write")
-    p.add_argument("--with-llm", action="store_true", help="also ask the configured LLM (needs an LLM server)")
+    p.add_argument("--with-llm", action="store_true",
+                   help="also run the reasoning service's model step + checks (PILOTHOUSE_LLM_* or --llm-*)")
+    p.add_argument("--llm-base-url", help="OpenAI-compatible base URL (default: PILOTHOUSE_LLM_BASE_URL)")
+    p.add_argument("--llm-model", help="model name (default: PILOTHOUSE_LLM_MODEL)")
+    p.add_argument("--llm-cases", type=int, default=None,
+                   help="ask the model about the first N cases only (a CPU model takes ~30 s per case)")
+    p.add_argument("--llm-timeout-s", type=float, default=None, help="per-call timeout (default from settings)")
     p.add_argument("--baseline", choices=("reference", "pre-window"), default="reference",
                    help="nezha: normal-period reference (construct_data) or the hour before each fault")
     p.add_argument("--no-traces", action="store_true", help="nezha: ignore trace files (metrics only)")
     args = p.parse_args(argv)
+    step = None
     if args.with_llm:
-        if not os.environ.get(LLM_ENV):
+        if not (args.llm_base_url or os.environ.get(LLM_ENV)):
             print(f"--with-llm: no LLM configured ({LLM_ENV} is not set); run without it or start the local "
                   "stack's LLM server", file=sys.stderr)
-        else:
-            print("--with-llm: LLM-assisted ranking is not implemented in this evaluator yet", file=sys.stderr)
-        return 2
+            return 2
+        step = _model_step(args)
     try:
         if args.fmt == "nezha":
             cases = iter_nezha_cases(args.dataset, baseline=args.baseline, with_traces=not args.no_traces)
         else:
             cases = iter_rcaeval_cases(args.dataset)
-        report = evaluate(cases)
+        report = evaluate(cases, llm_step=step, llm_cases=args.llm_cases)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -522,6 +633,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               "traces": not args.no_traces, **report}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if "with_llm" in report:
+        w = report["with_llm"]
+        print(f"with LLM ({w['cases']} cases): AC@1={w['ac_at_1']:.3f} AC@3={w['ac_at_3']:.3f} "
+              f"model-first-correct={w['model_first_hypothesis_correct']:.3f} status={w['llm_status']} "
+              f"model p50={w['model_latency_ms'].get('p50', 0):.0f} ms; claims verified/dropped="
+              f"{w['model_claims_verified']}/{w['model_claims_dropped']}")
     pft = " ".join(f"{k}={v['ac_at_1']:.2f}" for k, v in report["per_fault_type"].items())
     print(f"cases={report['cases']} AC@1={report['ac_at_1']:.3f} AC@3={report['ac_at_3']:.3f} "
           f"AC@5={report['ac_at_5']:.3f} Avg@5={report['avg_at_5']:.3f} abstained={report['abstained']} "

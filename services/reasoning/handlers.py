@@ -201,7 +201,7 @@ class ReasoningHandlers:
                                       edges=edges, services=services, ranking=ranking,
                                       redaction_scanned=incident.redaction.scanned)
         t2 = time.perf_counter()
-        if outcome.status != "ok":
+        if outcome.status not in ("ok", "disabled"):
             log.warning("model step gave no hypotheses; engine only",
                         extra={"incident_id": incident.incident_id, "llm_status": outcome.status,
                                "detail": outcome.detail})

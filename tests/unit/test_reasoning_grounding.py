@@ -292,3 +292,24 @@ def test_handler_is_idempotent_on_incident_version_and_skips_stale(model) -> Non
                             hypothesis_id=first[0].record.hypotheses[0].hypothesis_id, verdict="validated",
                             validator_id="oncall-1")
     assert h.on_validation(v) == [] and h.validations[v.hypothesis_id] == "validated"
+
+
+def test_eval_rca_with_a_scripted_llm_reports_model_figures(model, tmp_path: Path) -> None:
+    from pilothouse.evaluation import main as eval_main
+
+    nezha = FIXTURES.parent / "rca" / "nezha_slice"
+    # the model always blames cartservice with an invented citation: verification drops it, the engine still wins
+    model.script = [("json", {"hypotheses": [{
+        "root_cause_service": "cartservice", "fault_kind": "memory_leak", "summary": "wrong",
+        "claims": [{"service": "cartservice", "kind": "metric_up", "signal_class": "memory",
+                    "evidence_ids": ["ev-doesnotexist"], "text": "x"}], "predictions": [], "actions": []}]})]
+    out = tmp_path / "r.json"
+    rc = eval_main(["--dataset", str(nezha), "--format", "nezha", "--out", str(out), "--with-llm",
+                    "--llm-base-url", model.url, "--llm-model", "scripted-1", "--llm-timeout-s", "5"])
+    assert rc == 0
+    r = json.loads(out.read_text())["with_llm"]
+    assert r["cases"] == 2 and r["llm_status"] == {"ok": 2} and len(model.requests) == 2
+    assert r["model_first_hypothesis_correct"] == 0.0
+    assert r["model_claims_dropped"] == 2 and r["model_claims_verified"] == 0
+    assert r["ac_at_1"] == 1.0  # the unsupported model guess did not outrank the checked engine hypothesis
+    assert r["model_latency_ms"]["max"] > 0
