@@ -1,10 +1,11 @@
 """``pilothouse bench actuator --out FILE``: authorized actions executed per second on the sandbox fleet, and the
 authorization -> execution latency, with the raw fleet HTTP call rate measured in the same run as the baseline.
 
-Phases, all against one fleet subprocess (manual clock) and the stack's Postgres (a uuid-named schema, dropped after):
+Phases, each against a fresh fleet subprocess (manual clock) and the stack's Postgres (uuid-named schemas, dropped):
 
 * ``baseline_fleet_calls_per_s`` — sequential ``POST /actions/scale_replicas`` with fresh idempotency keys: the
-  target's own ceiling for one client (each call persists the fleet state with fsync before it answers).
+  target's own ceiling for one client (each call persists the fleet state with fsync before it answers). Every
+  phase runs on a fresh fleet with the same number of actions (its cost per call grows with its journal).
 * ``handlers`` — ``ActuatorHandlers.on_action_authorized`` called directly (no Kafka): signature + clock + catalogue
   checks, dry-run precheck, intent row, execute, outcome + outbox row; sequential.
 * ``service`` — the real service wiring (``pilothouse.actuator.__main__.build``) in this process: authorizations
@@ -219,59 +220,74 @@ def service_phase(info, fleet_url: str, key: Ed25519PrivateKey, seq: _Seq, burst
                 pass
 
 
+class _FreshFleet:
+    """A fleet subprocess on a fresh state directory: the fleet rewrites its state and idempotency journal (fsync)
+    on every action, so its per-call cost grows with the journal. Every phase gets its own, equally empty fleet."""
+
+    def __enter__(self) -> str:
+        self._dir = tempfile.TemporaryDirectory()
+        port = _free_port()
+        self._proc = subprocess.Popen([sys.executable, "-m", "pilothouse.fleet", "--port", str(port), "--state-dir",
+                                       self._dir.name, "--clock", "manual"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or self._proc.poll() is not None:
+                    self.__exit__()
+                    raise RuntimeError("fleet did not start") from None
+                time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.terminate()
+        self._proc.wait(15)
+        self._dir.cleanup()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: ``pilothouse bench actuator --out FILE [--baseline-calls N] [--handler-actions N] [--burst N]
-    [--paced N]``. Needs the local stack (Kafka, Postgres)."""
+    """CLI entry: ``pilothouse bench actuator --out FILE [--actions N] [--paced N]``. Needs the local stack
+    (Kafka, Postgres)."""
     ap = argparse.ArgumentParser(prog="pilothouse bench actuator")
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--baseline-calls", type=int, default=200)
-    ap.add_argument("--handler-actions", type=int, default=200)
-    ap.add_argument("--burst", type=int, default=300)
-    ap.add_argument("--paced", type=int, default=100)
+    ap.add_argument("--actions", type=int, default=300, help="actions per phase (baseline calls, handlers, burst)")
+    ap.add_argument("--paced", type=int, default=100, help="actions sent at half the burst rate, for latency")
     args = ap.parse_args(argv)
 
     from pilothouse.stack.info import StackInfo
 
     info = StackInfo.load()
     key = Ed25519PrivateKey.generate()
-    seq = _Seq()
     schema = f"bench_{uuid.uuid4().hex[:10]}"
-    with tempfile.TemporaryDirectory() as state:
-        port = _free_port()
-        fleet = subprocess.Popen([sys.executable, "-m", "pilothouse.fleet", "--port", str(port), "--state-dir", state,
-                                  "--clock", "manual"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+    n = args.actions
+    with _FreshFleet() as url:
+        base = baseline(url, _Seq(), n)
+    with _FreshFleet() as url:
+        # Its own schema: the handler phase's outbox rows name topics that do not exist (nothing relays them).
+        hstore = Store(info.postgres_dsn, schema + "_h")
+        try:
+            hstore.migrate()
+            hp = handlers_phase(hstore, url, key, _Seq(), n)
+        finally:
+            hstore.drop()
+            hstore.close()
+    with _FreshFleet() as url:
         store = Store(info.postgres_dsn, schema)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("fleet did not start") from None
-                    time.sleep(0.2)
             store.migrate()
-            base = baseline(url, seq, args.baseline_calls)
-            # Its own schema: the handler phase's outbox rows name topics that do not exist (nothing relays them).
-            hstore = Store(info.postgres_dsn, schema + "_h")
-            try:
-                hstore.migrate()
-                hp = handlers_phase(hstore, url, key, seq, args.handler_actions)
-            finally:
-                hstore.drop()
-                hstore.close()
-            sp = service_phase(info, url, key, seq, args.burst, args.paced, schema)
-            base_after = baseline(url, seq, args.baseline_calls)  # noisy machine: bracket the measured phases
+            sp = service_phase(info, url, key, _Seq(), n, args.paced, schema)
         finally:
-            fleet.terminate()
-            fleet.wait(15)
             store.drop()
             store.close()
+    with _FreshFleet() as url:
+        base_after = baseline(url, _Seq(), n)  # noisy shared machine: bracket the measured phases
     base_mean = (base + base_after) / 2
     result = {
         "benchmark": "actuator",
+        "actions_per_phase": n,
         "baseline_fleet_calls_per_s": round(base_mean, 1),
         "baseline_runs": [round(base, 1), round(base_after, 1)],
         "handlers": {**hp, "ratio_to_baseline": round(hp["actions_per_s"] / base_mean, 3)},

@@ -37,7 +37,9 @@ class OutboxRelay:
         self.poll_s = poll_s
         self.max_backoff_s = max_backoff_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self.sent = 0
+        store.on_outbox_commit.append(self._wake.set)  # in-process writers wake the relay at once
 
     def run_once(self) -> int:
         """One batch; returns how many records were published (0: nothing to do)."""
@@ -83,10 +85,12 @@ class OutboxRelay:
                 self._stop.wait(self.max_backoff_s)
                 continue
             if n == 0:
-                self._stop.wait(self.poll_s)
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def close(self) -> None:
         self.producer.flush(10.0)

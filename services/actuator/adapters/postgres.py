@@ -94,9 +94,10 @@ class OutboxRow:
 class Tx:
     """One open transaction (use :meth:`Store.transaction`)."""
 
-    def __init__(self, conn: psycopg.Connection, schema: str):
+    def __init__(self, conn: psycopg.Connection, schema: str, local: threading.local | None = None):
         self.c = conn
         self.s = schema
+        self._local = local
 
     def _one(self, q: str, args: tuple = ()) -> dict[str, Any] | None:
         with self.c.cursor(row_factory=dict_row) as cur:
@@ -222,6 +223,8 @@ class Tx:
     def enqueue(self, topic: str, key: str, record_type: str, event_id: str, payload: dict[str, Any]) -> None:
         self._exec("INSERT INTO {s}.outbox (topic, key, record_type, event_id, payload) VALUES (%s, %s, %s, %s, %s)",
                    (topic, key, record_type, event_id, Jsonb(payload)))
+        if self._local is not None:
+            self._local.enqueued = True  # wake the relay once the outermost transaction has committed
 
     def unsent(self, limit: int) -> list[OutboxRow]:
         rows = self._all("SELECT id, topic, key, record_type, payload FROM {s}.outbox WHERE sent_at IS NULL "
@@ -248,6 +251,7 @@ class Store:
         self._local = threading.local()
         self._all_conns: list[psycopg.Connection] = []
         self._lock = threading.Lock()
+        self.on_outbox_commit: list = []  # callables run after a commit that added outbox rows (wake the relay)
 
     def _conn(self) -> psycopg.Connection:
         conn = getattr(self._local, "conn", None)
@@ -272,13 +276,21 @@ class Store:
         conn = self._conn()
         try:
             with conn.transaction():
-                yield Tx(conn, self.schema)
+                yield Tx(conn, self.schema, self._local)
         except psycopg.OperationalError as e:
             raise StoreUnavailable(f"Postgres: {e}") from e
         except psycopg.errors.SerializationFailure as e:
             raise StoreUnavailable(f"Postgres serialization failure: {e}") from e
         except psycopg.Error as e:
             raise StoreError(f"Postgres refused: {type(e).__name__}: {e}") from e
+        finally:
+            outermost = conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            enqueued = getattr(self._local, "enqueued", False)
+            if outermost:
+                self._local.enqueued = False
+        if outermost and enqueued:  # only after a successful commit (an exception skips this line)
+            for notify in self.on_outbox_commit:
+                notify()
 
     def drop(self) -> None:
         """Drop the whole schema (tests)."""
