@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import random
+import resource
 import statistics
 import time
 import uuid
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pilothouse.ledger import merkle
+from pilothouse.ledger.parallel import scanner
 from pilothouse.ledger.domain import (
     CheckpointSigner,
     LedgerChain,
@@ -72,13 +74,19 @@ def build_ledger(n: int, kind: str, checkpoint_every: int, signer: CheckpointSig
     return entries, cps
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of its reaped children (the parallel scanner's workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, float, list[float]]:
-    """(best CPU seconds, wall seconds of that run, all CPU times)."""
+    """(best CPU seconds incl. child processes, wall seconds of that run, all CPU times)."""
     runs = []
     for _ in range(repeat):
-        w0, c0 = time.perf_counter(), time.process_time()
+        w0, c0 = time.perf_counter(), _cpu()
         fn()
-        runs.append((time.process_time() - c0, time.perf_counter() - w0))
+        runs.append((_cpu() - c0, time.perf_counter() - w0))
     best = min(runs)
     return best[0], best[1], [r[0] for r in runs]
 
@@ -107,6 +115,13 @@ def bench_verify(n: int, kind: str, repeat: int, signer: CheckpointSigner) -> di
         "kafka_only_with_checkpoints": lambda: verify(entries, None, cps, keys),
         "postgres_only_with_checkpoints": lambda: verify(None, rows, cps, keys),
         "kafka_only_no_checkpoints": lambda: verify(entries, None, [], keys),
+        # Two forked processes hash halves of the chain (inherited copy-on-write, stitched by link). "cpu" counts the
+        # parent's and the workers' CPU; "wall" is what a user waits for. On a shared 2-core machine the workers
+        # compete with everything else, so wall time is the honest number to look at.
+        "kafka_and_postgres_with_checkpoints_2_processes":
+            lambda: verify(entries, rows, cps, keys, scanner=scanner(2, min_entries=0)),
+        "kafka_and_postgres_head_hash_only_2_processes":
+            lambda: verify(entries, rows, cps, keys, recompute_roots=False, scanner=scanner(2, min_entries=0)),
     }
     for name, fn in modes.items():
         assert fn().ok, name  # a benchmark of a verifier that fails proves nothing
@@ -223,15 +238,20 @@ def _png(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     v = result["verify"]["webhook"]
-    names = ["baseline_sha256_chain_per_s"] + [k for k in v if isinstance(v[k], dict)]
-    vals = [v[names[0]]] + [v[k]["entries_per_s_cpu"] for k in names[1:]]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.barh([n.replace("_", " ") for n in names], [x / 1000 for x in vals],
-            color=["grey"] + ["tab:blue"] * (len(names) - 1))
+    names = [k for k in v if isinstance(v[k], dict)]
+    base = v["baseline_sha256_chain_per_s"]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    ys = list(range(len(names)))
+    ax.barh([y + 0.2 for y in ys], [v[k]["entries_per_s_cpu"] / 1000 for k in names], height=0.4,
+            color="tab:blue", label="per CPU-second (all processes)")
+    ax.barh([y - 0.2 for y in ys], [v[k]["entries_per_s_wall"] / 1000 for k in names], height=0.4,
+            color="tab:orange", label="per wall-clock second")
+    ax.set_yticks(ys, [n.replace("_", " ") for n in names], fontsize=8)
+    ax.axvline(base / 1000, color="grey", linestyle=":", label="bare SHA-256 chain, same bytes (CPU)")
     ax.axvline(500, color="tab:red", linestyle="--", label="target 500k/s")
-    ax.set_xlabel("thousand entries per CPU-second (~1 KB Alertmanager webhook payloads)")
+    ax.set_xlabel("thousand entries per second (~1 KB Alertmanager webhook payloads)")
     ax.set_title("ledger verify vs bare SHA-256 chain over the same bytes (same run)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -254,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "ledger", "python": platform.python_version(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
-        "verify": {}, "notes": "verify rates are per CPU-second of this process (shared machine); mirror is wall-clock",
+        "verify": {}, "notes": "verify rates: entries_per_s_cpu per CPU-second of this process and its worker processes (shared "
+                 "machine), entries_per_s_wall per wall-clock second; mirror is wall-clock",
     }
     for kind in args.sizes.split(","):
         result["verify"][kind] = bench_verify(args.entries, kind, args.repeat, signer)
@@ -264,8 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     result["loadavg_end"] = os.getloadavg()
     main_mode = result["verify"].get("webhook", next(iter(result["verify"].values())))
     result["summary"] = {
+        # per CPU-second, one core: chain + Kafka/Postgres comparison + signatures + every signed Merkle root rebuilt
         "verify_entries_per_s": main_mode["kafka_and_postgres_with_checkpoints"]["entries_per_s_cpu"],
+        # per CPU-second, one core: the same, checkpoints confirmed by their signed head hash (no Merkle rebuild;
+        # `ledger prove` still checks the root it proves against)
         "verify_entries_per_s_head_hash_only": main_mode["kafka_and_postgres_head_hash_only"]["entries_per_s_cpu"],
+        "verify_entries_per_s_wall_1_process": main_mode["kafka_and_postgres_with_checkpoints"]["entries_per_s_wall"],
+        "verify_entries_per_s_wall_2_processes":
+            main_mode["kafka_and_postgres_with_checkpoints_2_processes"]["entries_per_s_wall"],
+        "verify_entries_per_s_head_hash_only_wall_2_processes":
+            main_mode["kafka_and_postgres_head_hash_only_2_processes"]["entries_per_s_wall"],
         "verify_ratio_to_sha256_chain": main_mode["kafka_and_postgres_with_checkpoints"]["ratio_to_baseline"],
         "baseline_sha256_chain_per_s": main_mode["baseline_sha256_chain_per_s"],
         "mirror_entries_per_s": result["mirror"].get("mirror_entries_per_s"),
