@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "ledger", "python": platform.python_version(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
-        "verify": {}, "notes": "verify rates: entries_per_s_cpu per CPU-second of this process and its worker processes (shared "
+        "verify": {},
+        "notes": "verify rates: entries_per_s_cpu per CPU-second of this process and its worker processes (shared "
                  "machine), entries_per_s_wall per wall-clock second; mirror is wall-clock",
     }
     for kind in args.sizes.split(","):

@@ -42,8 +42,10 @@ class PostgresInfo(_Model):
     host: str
     port: int
     database: str
-    user: str
+    user: str  # the cluster's bootstrap role (initdb -U): a superuser, owner of the database
     password: SecretStr
+    # Non-superuser login roles the stack creates (e.g. the ledger mirror's writer) -> their passwords.
+    roles: dict[str, SecretStr] = {}
 
 
 class OpaInfo(_Model):
@@ -109,6 +111,7 @@ class StackInfo(_Model):
         data = self.model_dump(mode="json")
         data["kafka"]["users"] = {u: p.get_secret_value() for u, p in self.kafka.users.items()}
         data["postgres"]["password"] = self.postgres.password.get_secret_value()
+        data["postgres"]["roles"] = {r: p.get_secret_value() for r, p in self.postgres.roles.items()}
         return data
 
     # ---- accessors ----------------------------------------------------------------------------------------------
@@ -154,6 +157,26 @@ class StackInfo(_Model):
         pg = self.postgres
         return (
             f"postgresql://{quote(pg.user, safe='')}:{quote(pg.password.get_secret_value(), safe='')}"
+            f"@{pg.host}:{pg.port}/{quote(pg.database, safe='')}"
+        )
+
+    @property
+    def postgres_admin_dsn(self) -> str:
+        """libpq URI as the cluster's superuser (migrations, tamper tests); the same role as `postgres_dsn`."""
+        return self.postgres_dsn
+
+    def postgres_dsn_for(self, role: str) -> str:
+        """libpq URI for one of the stack's non-superuser roles; StackError naming the known roles if unknown."""
+        pg = self.postgres
+        try:
+            password = pg.roles[role].get_secret_value()
+        except KeyError:
+            raise StackError(
+                f"unknown Postgres role {role!r}; known: {', '.join(sorted(pg.roles)) or 'none'} "
+                "(run `pilothouse stack up` to create the stack's roles)"
+            ) from None
+        return (
+            f"postgresql://{quote(role, safe='')}:{quote(password, safe='')}"
             f"@{pg.host}:{pg.port}/{quote(pg.database, safe='')}"
         )
 

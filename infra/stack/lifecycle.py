@@ -75,6 +75,7 @@ def load_or_create_info(settings: Settings, principals: tuple[str, ...]) -> tupl
                 database=postgres.DATABASE,
                 user=postgres.ROLE,
                 password=new_password(),
+                roles={r: new_password() for r in postgres.ROLES},
             ),
             opa=OpaInfo(url=opa.url(settings)),
             llm=_llm_info(settings),
@@ -82,11 +83,13 @@ def load_or_create_info(settings: Settings, principals: tuple[str, ...]) -> tupl
         info.save()
         return info, True
     missing = [p for p in principals if p not in current.kafka.users]
+    missing_roles = [r for r in postgres.ROLES if r not in current.postgres.roles]
     llm_info = _llm_info(settings)
-    if not missing and llm_info == current.llm:
+    if not missing and not missing_roles and llm_info == current.llm:
         return current, False
     data = current.to_plain()  # rebuild through validation (model_copy would skip it)
     data["kafka"]["users"].update({p: new_password() for p in missing})
+    data["postgres"]["roles"].update({r: new_password() for r in missing_roles})
     data["llm"] = llm_info.model_dump()
     info = StackInfo.model_validate(data)
     info.save()

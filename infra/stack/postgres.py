@@ -32,6 +32,10 @@ PREFERRED_MAJOR = 15
 PG_FIX = "apt-get install -y postgresql"
 DATABASE = "pilothouse"
 ROLE = "pilothouse"
+# Non-superuser login roles: the ledger mirror writes as this one (INSERT/SELECT only on its append-only tables,
+# granted by `PostgresLedgerMirror.migrate(writer_role=...)`), so it cannot disable the append-only triggers.
+LEDGER_WRITER_ROLE = "pilothouse_ledger_writer"
+ROLES = (LEDGER_WRITER_ROLE,)
 
 
 def find_bindir() -> Path:
@@ -183,6 +187,7 @@ def wait_ready(settings: Settings, info: StackInfo, proc) -> None:
                 exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
                 if not exists:
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+                ensure_roles(conn, info)
                 return
         except psycopg.OperationalError as e:
             last = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -193,6 +198,21 @@ def wait_ready(settings: Settings, info: StackInfo, proc) -> None:
                 ) from e
         time.sleep(0.3)
     raise ComponentFailed(f"postgres not ready after {READY_TIMEOUT_S:.0f}s ({last}); see {p['log']}")
+
+
+def ensure_roles(conn: psycopg.Connection, info: StackInfo) -> None:
+    """Create (or re-password) the stack's non-superuser login roles; each may connect to the database, no more."""
+    for role, password in info.postgres.roles.items():
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        attributes = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+        conn.execute(
+            sql.SQL("{} ROLE {} " + attributes + " PASSWORD {}").format(
+                sql.SQL("ALTER" if exists else "CREATE"), sql.Identifier(role), sql.Literal(password.get_secret_value())
+            )
+        )
+        conn.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(DATABASE), sql.Identifier(role))
+        )
 
 
 def health(settings: Settings, info: StackInfo | None) -> dict:

@@ -47,7 +47,8 @@ def build(settings: Settings, bus: BusSettings, *, workers: tuple[str, ...] = ("
         if dsn is None and "mirror" in workers:
             raise PilothouseError("the mirror needs PILOTHOUSE_LEDGER_POSTGRES_DSN")
         if dsn is not None:
-            with mirror_store("migrate") as m:
+            owner = settings.postgres_admin_dsn.get_secret_value() if settings.postgres_admin_dsn else dsn
+            with PostgresLedgerMirror(owner, schema=settings.postgres_schema) as m:
                 m.migrate(writer_role=settings.postgres_writer_role)
 
     if "appender" in workers:

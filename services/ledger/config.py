@@ -41,8 +41,12 @@ class Settings(BaseSettings):
     postgres_dsn: SecretStr | None = Field(
         default=None, description="libpq URI of the mirror database (the mirror worker and `ledger verify` need it)")
     postgres_schema: str = Field(default="pilothouse_ledger", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    postgres_admin_dsn: SecretStr | None = Field(
+        default=None, description="owner/superuser DSN used only to migrate the schema at start-up (default: "
+                                  "postgres_dsn); lets the workers run as a writer role that cannot touch triggers")
     postgres_writer_role: str | None = Field(
-        default=None, description="grant the append-only privileges to this role at migration (if not the owner)")
+        default=None, description="grant the append-only privileges to this role at migration (if not the owner), "
+                                  "e.g. the stack's pilothouse_ledger_writer")
 
     chain: str = Field(default="main", pattern=_NAME)
     signing_key: SecretStr | None = Field(

@@ -1,7 +1,7 @@
 """Tamper evidence on the Kafka side of the ledger, against the real broker: a tombstone, a gap (a skipped sequence,
-a missing head; DeleteRecords is refused on the compacted topic), and forged checkpoints on the checkpoints topic — each caught
-by ``pilothouse ledger verify`` (exit 1, first bad sequence) and, for the entries topic, by the mirror, which stops
-there without mirroring or skipping the bad record.
+a missing head; DeleteRecords is refused on the compacted topic), and forged checkpoints on the checkpoints topic —
+each caught by ``pilothouse ledger verify`` (exit 1, first bad sequence) and, for the entries topic, by the mirror,
+which stops there without mirroring or skipping the bad record.
 
 Each test writes its own chain as the admin principal to uuid-named ``test.*`` topics (the ledger principal cannot
 write there; the real ledger topic is never touched).

@@ -359,3 +359,36 @@ def test_audit_command(mirror: PostgresLedgerMirror, schema: str, admin_dsn: str
     report = json.loads(capsys.readouterr().out)
     assert report["first"]["kind"] == "truncated" and report["first"]["sequence"] == 280
     assert main(["--dsn", DSN, "--schema", schema, "--public-key", "nokey"]) == 2
+
+
+def test_the_stacks_writer_role_mirrors_but_cannot_change_rows_or_triggers(schema: str, admin_dsn: str) -> None:
+    """`pilothouse stack up` creates the writer role with `ensure_roles`; here with a uuid name, on the real server."""
+    from pilothouse.stack import postgres as stack_postgres  # noqa: PLC0415 - the stack is optional for this module
+    from pilothouse.stack.info import StackInfo  # noqa: PLC0415
+
+    info = StackInfo.load()
+    role = "ledger_writer_" + uuid.uuid4().hex[:8]
+    data = info.to_plain()
+    data["postgres"]["roles"] = {role: uuid.uuid4().hex}
+    test_info = StackInfo.model_validate(data)
+    try:
+        with psycopg.connect(info.postgres_admin_dsn, autocommit=True) as c:
+            stack_postgres.ensure_roles(c, test_info)
+            stack_postgres.ensure_roles(c, test_info)  # idempotent (re-passwords)
+            assert c.execute("SELECT rolsuper, rolcreaterole, rolbypassrls FROM pg_roles WHERE rolname = %s",
+                             (role,)).fetchone() == (False, False, False)
+        PostgresLedgerMirror(info.postgres_admin_dsn, schema=schema).migrate(writer_role=role)
+        writer_dsn = test_info.postgres_dsn_for(role)
+        with PostgresLedgerMirror(writer_dsn, schema=schema) as writer:
+            writer.write_batch(TOPIC, _records(ENTRIES[:20]))
+            assert len(writer.read_entries()) == 20
+        t = sql.SQL("{}.ledger_entries").format(sql.Identifier(schema))
+        for q in (sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(t),
+                  sql.SQL("UPDATE {} SET producer = 'x' WHERE sequence = 3").format(t)):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                _exec(writer_dsn, q)
+    finally:
+        _exec(admin_dsn, sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        _exec(admin_dsn, sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(
+            sql.Identifier(info.postgres.database), sql.Identifier(role)))
+        _exec(admin_dsn, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -126,7 +126,8 @@ def test_follower_signs_tree_heads_that_verify_and_stops_at_tamper_evidence() ->
     f.signed_size = cp.tree_size
     assert not f.due(every=20, last_signed_at_ms=1000, now=2000, interval_ms=10**9)  # nothing new
     assert cp.root_hash == MerkleTree(bytes.fromhex(e.entry_hash) for e in entries[:20]).root().hex()
-    assert cp.head_hash == entries[19].entry_hash and check_checkpoint_signature(cp, {SIGNER.key_id: SIGNER.public_key}) is None
+    assert cp.head_hash == entries[19].entry_hash
+    assert check_checkpoint_signature(cp, {SIGNER.key_id: SIGNER.public_key}) is None
     f.follow(entries[20])
     assert not f.due(every=20, last_signed_at_ms=1000, now=1500, interval_ms=1000)
     assert f.due(every=20, last_signed_at_ms=1000, now=2000, interval_ms=1000)  # time-based, one new entry
