@@ -23,7 +23,7 @@ class LlmSettings(BaseSettings):
     base_url: str = "http://127.0.0.1:18080/v1"
     model: str = "smollm2-135m"
     api_key: SecretStr | None = None
-    timeout_s: float = Field(default=45.0, gt=0, le=120,
+    timeout_s: float = Field(default=45.0, gt=0, le=600,
                             description="per HTTP attempt (connect + read); the local CPU model needs ~30 s")
     max_retries: int = Field(default=0, ge=0, le=5,
                              description="retries after a timeout/5xx/429/connection error (vLLM on a GPU: 2)")
