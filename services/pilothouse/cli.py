@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reject": ("pilothouse.decide_cli:reject", "reject a pending action or hypothesis (via the console API)"),
     "validate": ("pilothouse.decide_cli:validate", "validate a hypothesis: gate 1 (via the console API)"),
     "redact": ("pilothouse.sensing.redaction:main", "redact log lines or JSON records: redact [FILE] [--json]"),
+    "ledger": ("pilothouse.ledger.cli:main", "verify the ledger (Kafka + Postgres + checkpoints) or prove an entry"),
     "policy": ("pilothouse.policy.adapters.opa:main", "ask OPA for a decision on an input file; policy input schema"),
     "fleet": ("pilothouse.fleet.cli:main", "run the sandbox fleet (the simulated microservices the demo acts on)"),
     "catalogue": ("pilothouse.catalogue_cli:main", "apply the topic catalogue to any broker (deployment init job)"),

@@ -36,9 +36,10 @@ from pilothouse.stack.info import StackInfo
 
 SERVICES = ("ledger", "sensing", "reasoning", "policy", "actuator", "console")
 FLEET_PORT = 19100
+LEDGER_WRITER = "pilothouse_ledger_writer"
 GATEWAY_PORT = 8470
 CONSOLE_PORT = 8420
-OBS_PORTS = {"sensing": 9470, "reasoning": 19130, "policy": 19120, "actuator": 19140, "ledger": 19150,
+OBS_PORTS = {"sensing": 9470, "reasoning": 19130, "policy": 19135, "actuator": 19140, "ledger": 19150,
              "console": 9420}
 DEMO_USERS = {"responder-1": ["responder"], "responder-2": ["responder"], "approver-1": ["approver"],
               "approver-2": ["approver"], "admin-1": ["admin", "approver", "responder"]}
@@ -135,7 +136,7 @@ def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path) -> dic
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILOTHOUSE_")}
     env.update(info.env(svc))
     policy_kid, policy_pub = demo.public_key("policy")
-    ledger_kid, ledger_pub = demo.public_key("ledger")
+    _, ledger_pub = demo.public_key("ledger")
     dsn = info.postgres_dsn
     extra = {
         "sensing": {
@@ -158,9 +159,11 @@ def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path) -> dic
             "PILOTHOUSE_ACTUATOR_FLEET_URL": f"http://127.0.0.1:{FLEET_PORT}",
         },
         "ledger": {
-            "PILOTHOUSE_LEDGER_POSTGRES_DSN": dsn,
+            "PILOTHOUSE_LEDGER_POSTGRES_DSN": info.postgres_dsn_for(LEDGER_WRITER),
+            "PILOTHOUSE_LEDGER_POSTGRES_ADMIN_DSN": info.postgres_admin_dsn,
+            "PILOTHOUSE_LEDGER_POSTGRES_WRITER_ROLE": LEDGER_WRITER,
             "PILOTHOUSE_LEDGER_SIGNING_KEY": demo.ledger_key,
-            "PILOTHOUSE_LEDGER_TRUSTED_KEYS": json.dumps({ledger_kid: ledger_pub}),
+            "PILOTHOUSE_LEDGER_TRUSTED_KEYS": json.dumps({"pilothouse-ledger": ledger_pub}),
             "PILOTHOUSE_LEDGER_CHECKPOINT_DIR": str(work / "ledger-checkpoints"),
             "PILOTHOUSE_LEDGER_CHECKPOINT_INTERVAL_S": "5",
         },
