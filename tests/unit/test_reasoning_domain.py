@@ -303,3 +303,9 @@ def test_real_nezha_evidence_gives_a_checked_hypothesis() -> None:
     a = assess("nezha#0", items, [tuple(x) for x in case["edges"]], case["services"], CAT)
     assert a.hypotheses[0].root_cause_service == case["root_cause"]
     assert all(c.verified for h in a.hypotheses for c in h.claims)
+
+
+def test_an_incident_without_evidence_is_inconclusive_and_says_what_is_missing() -> None:
+    a = assess("inc#empty", [], EDGES, SERVICES, CAT)
+    assert a.outcome == "inconclusive" and a.hypotheses == () and a.proposals == ()
+    assert any("traces" in d for d in a.deciding_data)
