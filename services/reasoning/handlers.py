@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import orjson
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from pilothouse.bus.actions import ActionCatalogue
 from pilothouse.bus.consumer import MessageContext
@@ -36,6 +36,7 @@ LLM_CALLS = Counter("pilothouse_reasoning_llm_calls_total", "Model steps, by out
 HANDLED = Counter("pilothouse_reasoning_incidents_total", "Incident versions, by result", ["result"])
 LLM_SECONDS = Histogram("pilothouse_reasoning_llm_seconds", "Model call wall time (all attempts)",
                         buckets=(0.5, 1, 2, 5, 10, 20, 30, 45, 60))
+CIRCUIT_OPEN = Gauge("pilothouse_reasoning_llm_circuit_open", "1 while the LLM circuit breaker is open or probing")
 OVERHEAD_SECONDS = Histogram("pilothouse_reasoning_overhead_seconds", "Reasoning time per incident, model excluded",
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
 
@@ -91,6 +92,15 @@ class ModelStep:
         if refusal is not None:
             LLM_CALLS.labels("over_budget").inc()
             return ModelOutcome("unavailable", detail=f"over budget: {refusal}")
+        try:
+            return self._call(incident_id, title=title, evidence=evidence, edges=edges, services=services,
+                              ranking=ranking)
+        finally:
+            CIRCUIT_OPEN.set(0 if self.client.breaker.state == "closed" else 1)
+
+    def _call(self, incident_id: str, *, title: str, evidence: Sequence[EvidenceLike],
+              edges: Sequence[tuple[str, str]], services: Sequence[str], ranking: Ranking) -> ModelOutcome:
+        assert self.client is not None
         t0 = time.perf_counter()
         prompt = build_prompt(title=title, evidence=evidence, edges=edges, services=services, ranking=ranking,
                               catalogue=self.catalogue, max_evidence=self.settings.max_prompt_evidence,
