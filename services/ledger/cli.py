@@ -21,23 +21,26 @@ import argparse
 import base64
 import json
 import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from pilothouse.bus.config import BusSettings
-from pilothouse.bus.errors import PilothouseError
+from pilothouse.bus.errors import PilothouseError, RetryableError
 from pilothouse.ledger.adapters.audit import _kafka_dump, load_public_key
 from pilothouse.ledger.adapters.checkpoint_file import CheckpointFile
 from pilothouse.ledger.adapters.postgres import PostgresLedgerMirror
 from pilothouse.ledger.config import Settings
 from pilothouse.ledger.domain import (
     Checkpoint,
-    EntryInvalid,
     LedgerEntry,
     Problem,
+    StreamingVerifier,
     VerifyResult,
     key_id_for,
     verify,
@@ -128,6 +131,104 @@ def read_sources(settings: Settings, args: argparse.Namespace) -> Sources:
     return src
 
 
+STREAM_CHUNK = 10_000
+
+
+def _kafka_chunks(reader: Any, size: int, timeout_s: float) -> Iterator[list[Any]]:
+    """Decoded ledger-topic records (tombstones and undecodable ones included) in chunks of ``size``, to the end."""
+    deadline = time.monotonic() + timeout_s
+    buf: list[Any] = []
+    while not reader.at_end:
+        if time.monotonic() > deadline:
+            raise RetryableError(f"could not read {reader.topic} to its end within {timeout_s:.0f}s")
+        buf += [reader.entry(r) for r in reader.poll(min(size, 5000), 0.5)]
+        while len(buf) >= size:
+            yield buf[:size]
+            del buf[:size]
+    if buf:
+        yield buf
+
+
+def stream_verify(settings: Settings, args: argparse.Namespace,
+                  keys: dict[str, Ed25519PublicKey]) -> tuple[VerifyResult | None, str | None, Sources]:
+    """The bounded-memory fast path: chunks of Kafka entries with the Postgres rows at the same positions.
+
+    Returns (result, None) when everything verified, or (None, why) when something did not check out — then the
+    full verifier must run to name the first bad sequence. Checkpoints are read first (they are small).
+    """
+    from pilothouse.bus.producer import BusProducer  # noqa: PLC0415 - only when Kafka is read
+    from pilothouse.ledger.adapters.kafka import TopicReader, read_all  # noqa: PLC0415
+
+    src = Sources()
+    loaded = CheckpointFile(settings.checkpoint_dir).load()
+    src.checkpoints.update(loaded.checkpoints)
+    src.rejected += [f"checkpoint file line {n}: {why}" for n, why in loaded.rejected]
+    src.read["checkpoint_file"] = {"path": str(CheckpointFile(settings.checkpoint_dir).path),
+                                   "checkpoints": len(loaded.checkpoints)}
+    mirror: PostgresLedgerMirror | None = None
+    rows_iter: Iterator[list[tuple[Any, ...]]] | None = None
+    pending: list[tuple[Any, ...]] = []
+    reader = None
+    try:
+        if not args.no_postgres:
+            if settings.postgres_dsn is None:
+                raise _Cannot("no Postgres DSN: pass --dsn, set PILOTHOUSE_LEDGER_POSTGRES_DSN, or use --no-postgres")
+            mirror = PostgresLedgerMirror(settings.postgres_dsn.get_secret_value(), schema=settings.postgres_schema)
+            table_cps = mirror.read_checkpoints()
+            src.checkpoints.update(table_cps)
+            rows_iter = mirror.iter_entries(STREAM_CHUNK)
+            pending = next(rows_iter, [])  # the snapshot is taken now: Kafka, read after, holds at least as much
+            src.read["postgres"] = {"rows": 0, "checkpoints": len(table_cps)}
+        if not args.no_kafka:
+            bus = BusSettings(client_id="pilothouse-ledger-verify")
+            producer = BusProducer(bus)
+            raw_cps, cp_reader = read_all(bus, settings.topic_checkpoints, producer,
+                                          group_prefix=settings.group_prefix, timeout_s=args.timeout)
+            topic_cps = 0
+            for r in raw_cps:
+                cp = cp_reader.checkpoint(r)
+                if isinstance(cp, Checkpoint):
+                    src.checkpoints.add(cp)
+                    topic_cps += 1
+                else:
+                    src.rejected.append(f"checkpoints topic {cp.reason}")
+            reader = TopicReader(bus, settings.topic_entries, producer=producer, start=lambda p, low, high: low,
+                                 group_id=f"{settings.group_prefix}.read.{uuid.uuid4().hex[:12]}")
+            src.read["kafka"] = {"entries_topic": settings.topic_entries, "records": 0,
+                                 "checkpoints_topic": settings.topic_checkpoints, "checkpoints": topic_cps}
+        sv = StreamingVerifier(settings.chain, src.checkpoints, keys, recompute_roots=not args.no_roots,
+                               mirror_may_lag=args.mirror_may_lag)
+
+        def take(k: int) -> list[tuple[Any, ...]]:
+            nonlocal pending
+            while rows_iter is not None and len(pending) < k:
+                more = next(rows_iter, None)
+                if more is None:
+                    break
+                pending += more
+            out, pending = pending[:k], pending[k:]
+            src.read["postgres"]["rows"] += len(out)
+            return out
+
+        more_rows = False
+        if reader is not None:
+            for chunk in _kafka_chunks(reader, STREAM_CHUNK, args.timeout):
+                src.read["kafka"]["records"] += len(chunk)
+                if not sv.feed(chunk, take(len(chunk)) if rows_iter is not None else None):
+                    break
+            more_rows = rows_iter is not None and sv.failed is None and bool(take(1))
+        elif rows_iter is not None:
+            while rows := take(STREAM_CHUNK):
+                if not sv.feed(rows):
+                    break
+        return sv.finish(secondary_has_more=more_rows), sv.failed, src
+    finally:
+        if reader is not None:
+            reader.close()
+        if mirror is not None:
+            mirror.close()
+
+
 def _problem(p: Problem | None) -> dict[str, Any] | None:
     if p is None:
         return None
@@ -146,9 +247,18 @@ def run_verify(settings: Settings, args: argparse.Namespace) -> tuple[VerifyResu
 
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    result, src = run_verify(settings, args)
+    mode = "full"
+    result: VerifyResult | None = None
+    if not args.full and args.kafka_jsonl is None:
+        keys = trusted_keys(settings, args.public_key)
+        if not keys:
+            raise _Cannot("no trusted public key: pass --public-key NAME=KEY or set PILOTHOUSE_LEDGER_TRUSTED_KEYS")
+        result, why, src = stream_verify(settings, args, keys)
+        mode = "streaming" if result is not None else f"full (the streaming pass stopped: {why})"
+    if result is None:
+        result, src = run_verify(settings, args)
     ok = result.ok and not src.rejected
-    report = {"ok": ok, "read": src.read, "entries": result.entries,
+    report = {"ok": ok, "mode": mode, "read": src.read, "entries": result.entries,
               "checkpoints_verified": result.checkpoints_verified, "first": _problem(result.first),
               "problems": [str(p) for p in result.problems], "rejected_checkpoint_records": src.rejected}
     print(json.dumps(report, indent=2))
@@ -246,6 +356,9 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-roots", action="store_true",
                    help="confirm checkpoints by their signed head hash only (skip rebuilding the Merkle tree)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to read each topic to its end")
+    p.add_argument("--full", action="store_true",
+                   help="load everything and diagnose (default: a bounded-memory streaming pass first, the full "
+                        "verifier only if it finds something)")
 
 
 def main(argv: list[str] | None = None) -> int:

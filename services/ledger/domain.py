@@ -521,7 +521,7 @@ def check_batch(
 
 
 def scan_range(items: Sequence[Any], chain: str, lo: int, hi: int, prev: str,
-               want_digests: bool = True) -> tuple[list[bytes] | int, str]:
+               want_digests: bool = True, first_seq: int | None = None) -> tuple[list[bytes] | int, str]:
     """Hot loop: check ``items[lo:hi]`` in order as sequences lo, lo+1, ... linked from ``prev``; return the leaf
     hashes of the valid prefix (or, with ``want_digests=False``, just its length — the Merkle tree is not needed)
     and the last valid entry hash. The prefix's length says where the first failure is.
@@ -531,11 +531,12 @@ def scan_range(items: Sequence[Any], chain: str, lo: int, hi: int, prev: str,
     (inside the hash too) is compared with the payload by :func:`check_entry` — when an entry is built, mirrored,
     appended or diagnosed — not here. Exposed so that a caller may run ranges in parallel (see
     :mod:`pilothouse.ledger.parallel`) and stitch them: range k must start from range k-1's last hash.
+    ``first_seq``: the sequence number of ``items[lo]`` when the list is a chunk of the chain (default ``lo``).
     """
     dumps = orjson.dumps
     prefix = b"\x00" + _FORMAT_LINE
     nl = _NL
-    expected = lo
+    start = expected = lo if first_seq is None else first_seq
     part = items[lo:hi] if (lo or hi != len(items)) else items
     if not want_digests:  # hexdigest compare, nothing kept: ~10% faster
         for e in part:
@@ -549,7 +550,7 @@ def scan_range(items: Sequence[Any], chain: str, lo: int, hi: int, prev: str,
                 break
             prev = ehash
             expected += 1
-        return expected - lo, prev
+        return expected - start, prev
     digests: list[bytes] = []
     append = digests.append
     for e in part:
@@ -800,3 +801,88 @@ def verify(
             verified_cps += 1
     problems.sort(key=lambda p: (-1 if p.sequence is None else p.sequence, p.chain))
     return VerifyResult(tuple(problems), counts, verified_cps)
+
+
+class StreamingVerifier:
+    """Verify one chain chunk by chunk in bounded memory: the fast path for a large, healthy ledger.
+
+    Feed the primary source (Kafka) in order, each chunk with the secondary source's (Postgres) rows at the same
+    positions; memory is one chunk plus 32 bytes per entry when Merkle roots are rebuilt (nothing per entry with
+    ``recompute_roots=False``). It only ever says "verified" — with exactly what :func:`verify` would report for a
+    healthy ledger — or that it cannot (``finish()`` returns None, ``failed`` says why): then run :func:`verify` over
+    the full data, which names the first bad sequence and what is wrong. Tamper evidence is rare; its diagnosis may
+    cost memory, a clean audit must not.
+    """
+
+    def __init__(self, chain: str, checkpoints: Iterable[Checkpoint] = (),
+                 public_keys: Mapping[str, Ed25519PublicKey] | None = None, *, recompute_roots: bool = True,
+                 mirror_may_lag: bool = False, scanner: Scanner | None = None) -> None:
+        self.chain = chain
+        self.failed: str | None = None
+        self.count = 0
+        self.secondary_count = 0
+        self._secondary_seen = False
+        self._secondary_ended = False
+        self._mirror_may_lag = mirror_may_lag
+        self._prev = GENESIS_PREV_HASH
+        keys = public_keys or {}
+        self._signed: list[Checkpoint] = []
+        for cp in checkpoints:
+            if cp.chain != chain:
+                continue
+            if check_checkpoint_signature(cp, keys) is not None:
+                self.failed = f"checkpoint {cp.tree_size} signed at {cp.signed_at} has a bad or untrusted signature"
+            self._signed.append(cp)
+        self._signed.sort(key=lambda c: c.tree_size)
+        self._sizes = sorted({cp.tree_size for cp in self._signed})
+        self._need_roots = recompute_roots or any(not cp.head_hash for cp in self._signed)
+        self._digests: list[bytes] = []
+        self._heads: dict[int, str] = {}
+
+    def feed(self, primary: Sequence[Any], secondary: Sequence[Any] | None = None) -> bool:
+        """Check the next chunk; False once anything did not check out (stop reading, fall back to verify())."""
+        if self.failed is not None:
+            return False
+        got, last = scan_range(primary, self.chain, 0, len(primary), self._prev, self._need_roots, self.count)
+        n = got if isinstance(got, int) else len(got)
+        if n != len(primary):
+            self.failed = f"entry at sequence {self.count + n} did not verify"
+            return False
+        lo, hi = self.count, self.count + n
+        for size in self._sizes:
+            if lo < size <= hi:
+                self._heads[size] = primary[size - lo - 1][_HASH]
+        if isinstance(got, list):
+            self._digests += got
+        if secondary is not None:
+            self._secondary_seen = True
+            k = len(secondary)
+            if (self._secondary_ended and k) or k > n or list(secondary) != list(primary[:k]):
+                self.failed = f"the secondary source differs from the primary near sequence {self.count}"
+                return False
+            self._secondary_ended = k < n
+            self.secondary_count += k
+        self.count = hi
+        self._prev = last
+        return True
+
+    def finish(self, secondary_has_more: bool = False) -> VerifyResult | None:
+        """The result if the whole ledger verified on the fast path, else None (see ``failed``)."""
+        if self.failed is None and secondary_has_more:
+            self.failed = "the secondary source has entries beyond the primary's end"
+        if self.failed is None and self._secondary_seen and self.secondary_count < self.count:
+            largest = self._sizes[-1] if self._sizes else 0
+            if not self._mirror_may_lag or largest > self.secondary_count:
+                self.failed = f"the secondary source has {self.secondary_count} entries, the primary {self.count}"
+        if self.failed is None and self._sizes and self._sizes[-1] > self.count:
+            self.failed = f"a checkpoint covers {self._sizes[-1]} entries, the source has {self.count}"
+        if self.failed is not None:
+            return None
+        roots = _roots_at(self._digests, self._sizes) if self._need_roots else {}
+        for cp in self._signed:
+            root = roots.get(cp.tree_size)
+            if (cp.head_hash and (cp.tree_size == 0 or self._heads.get(cp.tree_size) != cp.head_hash)) or (
+                    root is not None and root.hex() != cp.root_hash):
+                self.failed = f"checkpoint {cp.tree_size} does not match the chain"
+                return None
+        return VerifyResult((), {self.chain: self.count} if self.count or self._signed else {}, len(self._signed))

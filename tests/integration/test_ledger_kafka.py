@@ -100,8 +100,12 @@ def test_clean_chain_on_kafka_verifies(ledger, capsys) -> None:
     ledger.checkpoint(chain.checkpoint(SIGNER, 1_764_000_100_000))
     rc, report = _verify(capsys)
     assert rc == 0, report
+    assert report["mode"] == "streaming"  # the bounded-memory pass verified it; nothing loaded whole
     assert report["entries"] == {"main": 12} and report["checkpoints_verified"] >= 1
-    assert report["read"]["kafka"]["checkpoints"] == 1
+    assert report["read"]["kafka"]["checkpoints"] == 1 and report["read"]["kafka"]["records"] == 12
+    rc, full = _verify(capsys, "--full")
+    assert rc == 0 and full["mode"] == "full" and full["entries"] == report["entries"]
+    assert full["checkpoints_verified"] == report["checkpoints_verified"]
 
 
 def test_tombstone_is_tamper_evidence_for_verify_and_the_mirror(ledger, capsys, stack_info) -> None:
@@ -111,7 +115,7 @@ def test_tombstone_is_tamper_evidence_for_verify_and_the_mirror(ledger, capsys, 
     rc, report = _verify(capsys)
     assert rc == 1
     assert report["first"]["kind"] == ProblemKind.TOMBSTONE.value and report["first"]["sequence"] == 4
-    assert report["first"]["source"] == "kafka"
+    assert report["first"]["source"] == "kafka" and report["mode"].startswith("full (the streaming pass stopped")
 
     # The mirror copies the 10 entries, then stops at the tombstone: nothing skipped, nothing accepted silently.
     schema = "ledger_k_" + uuid.uuid4().hex[:10]

@@ -169,6 +169,7 @@ def test_one_entry_per_event_mirrored_checkpointed_verified_and_proven(env, caps
     rc, report = _cli(capsys, "verify", "--timeout", "30")
     assert rc == 0, report
     assert report["entries"] == {"main": 61} and report["checkpoints_verified"] >= 1
+    assert report["mode"] == "streaming" and report["read"]["postgres"]["rows"] == 61
     # the same checkpoints were found in all three places
     assert report["read"]["kafka"]["checkpoints"] == report["read"]["postgres"]["checkpoints"] \
         == report["read"]["checkpoint_file"]["checkpoints"] >= 1

@@ -298,3 +298,56 @@ def test_parallel_scan_equals_serial(damage, workers) -> None:
         parallel = verify(items, None, CPS, KEYS, scanner=scan, recompute_roots=roots)
         serial = verify(items, None, CPS, KEYS, recompute_roots=roots)
         assert parallel == serial and (damage is None) == parallel.ok
+
+
+# ---- the streaming verifier: same verdict on a healthy ledger, "cannot" on anything else ----------------------------
+def _stream(items, rows, cps, *, chunk: int, roots: bool = True, lag: bool = False):
+    from pilothouse.ledger.domain import StreamingVerifier
+
+    sv = StreamingVerifier("main", cps, KEYS, recompute_roots=roots, mirror_may_lag=lag)
+    for i in range(0, max(len(items), 1), chunk):
+        if not sv.feed(items[i:i + chunk], None if rows is None else rows[i:i + chunk]):
+            break
+    return sv.finish(secondary_has_more=rows is not None and len(rows) > len(items)), sv
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10, 64])
+@pytest.mark.parametrize("roots", [True, False])
+def test_streaming_verifier_agrees_with_verify_on_a_healthy_ledger(chunk: int, roots: bool) -> None:
+    for rows in (ROWS, None, ROWS[:35]):
+        lag = rows is not None and len(rows) < len(ENTRIES)
+        cps = [cp for cp in CPS if cp.tree_size <= 30] if lag else CPS  # a lagging mirror under no checkpoint
+        got, sv = _stream(ENTRIES, rows, cps, chunk=chunk, roots=roots, lag=lag)
+        assert got == verify(ENTRIES, rows, cps, KEYS, recompute_roots=roots, mirror_may_lag=lag), sv.failed
+        assert got is not None and got.ok
+
+
+@pytest.mark.parametrize("damage", ["tombstone", "gap", "postgres_row", "postgres_short", "postgres_long",
+                                    "forged_cp", "cp_beyond_end", "rehashed_under_cp"])
+def test_streaming_verifier_hands_any_problem_to_verify(damage: str) -> None:
+    items: list = list(ENTRIES)
+    rows: list = list(ROWS)
+    cps = list(CPS)
+    if damage == "tombstone":
+        items[13] = KafkaTombstone(items[13].entry_key, 13)
+    elif damage == "gap":
+        del items[21]
+    elif damage == "postgres_row":
+        rows[5] = tuple(ENTRIES[5]._replace(producer="x"))
+    elif damage == "postgres_short":
+        rows = rows[:25]  # a checkpoint covers 30 and 40
+    elif damage == "postgres_long":
+        items = items[:30]
+        cps = cps[:3]
+    elif damage == "forged_cp":
+        cps[1] = type(cps[1])(**{**cps[1].to_dict(), "root_hash": "ab" * 32})
+    elif damage == "cp_beyond_end":
+        items, rows = items[:35], rows[:35]
+    else:  # another, internally consistent chain under the original checkpoints
+        chain = LedgerChain("main")
+        items = [chain.record({"event_id": f"x-{i}"}, event_id=f"x{i}", occurred_at=i, producer="ledger",
+                              recorded_topic="t", recorded_type="t") for i in range(N)]
+        rows = [tuple(e) for e in items]
+    got, sv = _stream(items, rows, cps, chunk=8)
+    assert got is None and sv.failed
+    assert not verify(items, rows, cps, KEYS).ok  # ... and verify names it

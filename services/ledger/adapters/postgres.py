@@ -20,7 +20,7 @@ where, so the bad record is neither written nor skipped (a restart meets it agai
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
@@ -363,6 +363,25 @@ class PostgresLedgerMirror:
         return [Checkpoint(*r) for r in rows]
 
     # ---- reading ----------------------------------------------------------------------------------------------------
+    def iter_entries(self, batch: int = 10_000) -> Iterator[list[tuple[Any, ...]]]:
+        """Rows in insertion order, ``batch`` at a time, from one snapshot (a server-side cursor): bounded memory.
+
+        The snapshot is taken when the first batch is asked for; read what must be older (Kafka) after that.
+        """
+        conn = self._connection()
+        query = self._q_read.format(cols=self._cols, s=sql.Identifier(self.schema), where=sql.SQL(""))
+        try:
+            with conn.transaction(), conn.cursor(name=f"ledger_read_{id(self):x}") as cur:
+                cur.itersize = batch
+                cur.execute(query)
+                while True:
+                    rows = cur.fetchmany(batch)
+                    if not rows:
+                        return
+                    yield rows
+        except psycopg.Error as e:
+            raise self._translate(e, "reading ledger entries failed") from e
+
     def read_entries(self, chain: str | None = None) -> list[tuple[Any, ...]]:
         """Rows in insertion order, columns in :class:`LedgerEntry` order: the Postgres rows :func:`verify` takes."""
         conn = self._connection()
