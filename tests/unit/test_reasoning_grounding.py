@@ -313,3 +313,17 @@ def test_eval_rca_with_a_scripted_llm_reports_model_figures(model, tmp_path: Pat
     assert r["model_claims_dropped"] == 2 and r["model_claims_verified"] == 0
     assert r["ac_at_1"] == 1.0  # the unsupported model guess did not outrank the checked engine hypothesis
     assert r["model_latency_ms"]["max"] > 0
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PILOTHOUSE_REASONING_GROUP_ID": "someone.else"}, "group_id"),
+    ({"PILOTHOUSE_LLM_TIMEOUT_S": "40", "PILOTHOUSE_LLM_MAX_RETRIES": "2"}, "exceeds transaction_budget_s"),
+])
+def test_the_service_refuses_to_start_on_bad_settings(env, message) -> None:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pilothouse.reasoning"], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
