@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     engine_hypotheses: int = Field(default=3, ge=1, le=10, description="top engine candidates turned into hypotheses")
     support_bar: float = Field(default=0.5, gt=0, lt=1, description="confidence a supported hypothesis needs")
 
-    group_id: str = Field(default="pilothouse.reasoning", pattern=r"^pilothouse\.reasoning|^test\.")
+    group_id: str = Field(default="pilothouse.reasoning.incidents", pattern=r"^pilothouse\.reasoning\.|^test\.")
     transactional_id: str = Field(default="pilothouse.reasoning.tx-0", pattern=r"^pilothouse\.reasoning\.|^test\.")
     topic_incidents: str = TOPIC_INCIDENTS
     topic_validations: str = TOPIC_VALIDATIONS
