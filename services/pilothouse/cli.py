@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # bench NAME -> module under benchmarks/ (import name pilothouse.benchmarks.NAME)
-BENCHMARKS = ("bus", "redaction", "policy", "ledger", "sensing", "actuator", "reasoning")
+BENCHMARKS = ("all", "bus", "redaction", "policy", "ledger", "sensing", "actuator", "reasoning", "e2e")
 
 
 def _load(target: str):
@@ -54,7 +54,7 @@ def bench(argv: list[str]) -> int:
         print(f"pilothouse bench: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(f"pilothouse.benchmarks.{name}")
+        module = importlib.import_module(f"pilothouse.benchmarks.{'suite' if name == 'all' else name}")
     except ModuleNotFoundError as e:
         if e.name == f"pilothouse.benchmarks.{name}":
             print(f"pilothouse bench: benchmark {name!r} is not available in this version", file=sys.stderr)

@@ -131,7 +131,8 @@ def write_users_file(path: Path, demo: DemoSecrets) -> None:
     path.chmod(0o600)
 
 
-def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path) -> dict[str, str]:
+def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path,
+                overrides: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
     """The environment one service process gets: its own Kafka principal and its settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILOTHOUSE_")}
     env.update(info.env(svc))
@@ -175,10 +176,12 @@ def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path) -> dic
         },
     }[svc]
     env.update(extra)
+    env.update((overrides or {}).get(svc, {}))
     return env
 
 
-def start_processes(settings: Settings, info: StackInfo, demo: DemoSecrets, work: Path, say) -> None:
+def start_processes(settings: Settings, info: StackInfo, demo: DemoSecrets, work: Path, say,
+                    overrides: dict[str, dict[str, str]] | None = None) -> None:
     """Start the fleet and the six services (each in its own session, logs under <data>/logs)."""
     py = sys.executable
     fleet_dir = work / "fleet"
@@ -193,7 +196,8 @@ def start_processes(settings: Settings, info: StackInfo, demo: DemoSecrets, work
         name = f"svc-{svc}"
         if not procs.find(settings.run_dir, name):
             procs.start(name, [py, "-m", f"pilothouse.{svc}"], run_dir=settings.run_dir,
-                        log_path=settings.logs_dir / f"{svc}.log", cwd=work, env=service_env(svc, info, demo, work))
+                        log_path=settings.logs_dir / f"{svc}.log", cwd=work,
+                        env=service_env(svc, info, demo, work, overrides))
     for svc in SERVICES:
         _wait_http(f"http://127.0.0.1:{OBS_PORTS[svc]}/health", svc, settings.logs_dir / f"{svc}.log", timeout_s=120)
         say(f"{svc:<10} healthy (metrics http://127.0.0.1:{OBS_PORTS[svc]}/metrics)")
@@ -346,7 +350,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = settings.data_dir / "demo"
     work.mkdir(parents=True, exist_ok=True)
     demo = DemoSecrets.load_or_create(work / "secrets.json")
-    start_processes(settings, info, demo, work, say)
+    overrides = {"reasoning": {"PILOTHOUSE_REASONING_LLM_ENABLED": "false"}} if args.no_llm else None
+    if args.restart:
+        stop_processes(settings)
+    start_processes(settings, info, demo, work, say, overrides)
     fleet = httpx.Client(base_url=f"http://127.0.0.1:{FLEET_PORT}", timeout=30)
     console_url = f"http://127.0.0.1:{CONSOLE_PORT}"
     fleet.post("/faults/clear", json={})
@@ -484,9 +491,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log = fleet.get("/actions/log").json()
     report["max_executions_per_action"] = max((e["executions"] for e in log["entries"]), default=0)
     report["executions"] = {e["key"]: e["executions"] for e in log["entries"]}
+    report["stage_times_ms"] = _stage_times(obs, inc, hyps, top, pend, auth)
     report["ledger_verified"] = _verify_ledger(service_env("ledger", info, demo, work), say)
     watcher.stop()
     return report
+
+
+def _ms(ts) -> int:
+    return int(ts.timestamp() * 1000)
+
+
+def _stage_times(obs: Observed, inc, hyps, top, pend, auth) -> dict[str, int | None]:
+    """Producer timestamps (ms) of each stage, from the records themselves (all producers share this clock)."""
+    alerts = [a for _, a in obs.of("alert") if a.service in inc.services]
+    validation = [v for _, v in obs.of("validation") if v.hypothesis_id == top.hypothesis_id]
+    executed = [e for _, e in obs.of("executed") if e.action_id == pend.action_id]
+    verified = [v for _, v in obs.of("verified") if v.action_id == pend.action_id]
+    opened = min((i.occurred_at for _, i in obs.of("incident") if i.incident_id == inc.incident_id),
+                 default=inc.occurred_at)
+    return {
+        "first_alert_received": min((_ms(a.received_at) for a in alerts), default=None),
+        "incident_opened": _ms(opened),
+        "hypotheses_proposed": _ms(hyps.occurred_at),
+        "hypothesis_validated": _ms(validation[0].occurred_at) if validation else None,
+        "approval_requested": _ms(pend.occurred_at),
+        "authorized": _ms(auth.occurred_at),
+        "executed": _ms(executed[0].occurred_at) if executed else None,
+        "verified": _ms(verified[0].occurred_at) if verified else None,
+    }
 
 
 def _accepted(r: httpx.Response) -> dict | None:
@@ -529,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage-timeout", type=float, default=240.0, help="seconds each automatic stage may take")
     ap.add_argument("--human-timeout", type=float, default=1800.0, help="seconds to wait for people to decide")
     ap.add_argument("--stop", action="store_true", help="stop the demo's processes (fleet, services, monitoring)")
+    ap.add_argument("--restart", action="store_true", help="restart the demo's processes first (new settings)")
+    ap.add_argument("--no-llm", action="store_true", help="reasoning without the model (deterministic engine only)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.stop:
