@@ -143,13 +143,20 @@ class CorrelationWorker:
             except PermanentError as e:
                 await self._dead_letter(msg, e)
                 continue
-            outcome = self.handler.correlate(record, self.tables, sequence=msg.offset)
-            OUTCOMES.labels(outcome.kind).inc()
-            if outcome.kind == "ignored":
-                log.info("alert ignored", extra={"event_id": record.event_id, "reason": outcome.reason})
-            if outcome.emits and outcome.incident is not None:
-                metrics = await self._metrics_for(outcome.incident)
-                update = self.handler.incident_record(outcome.incident, metrics=metrics)
+            try:
+                outcome = self.handler.correlate(record, self.tables, sequence=msg.offset)
+                OUTCOMES.labels(outcome.kind).inc()
+                if outcome.kind == "ignored":
+                    log.info("alert ignored", extra={"event_id": record.event_id, "reason": outcome.reason})
+                update = None
+                if outcome.emits and outcome.incident is not None:
+                    metrics = await self._metrics_for(outcome.incident)
+                    update = self.handler.incident_record(outcome.incident, metrics=metrics)
+            except Exception as e:  # noqa: BLE001 - a bug on one record must not stop the stream or lose it
+                log.exception("correlation failed", extra={"offset": msg.offset})
+                await self._dead_letter(msg, e, prefix="handler crashed: ")
+                continue
+            if update is not None:
                 # Handed to the producer, ack not awaited: Faust flushes the producer before it commits this
                 # offset, so an update is on the broker before its alert counts as processed. (send_soon, the
                 # buffered variant, held updates back until the stream ran dry: p50 latency rose ~5x.)
@@ -184,12 +191,13 @@ class CorrelationWorker:
             self._metric_cache.pop(next(iter(self._metric_cache)))
         return result
 
-    async def _dead_letter(self, msg: Any, error: Exception) -> None:
-        headers = {
+    async def _dead_letter(self, msg: Any, error: Exception, prefix: str = "") -> None:
+        headers = {k: v.encode() for k, v in {
             "pilothouse.dlq.original_topic": msg.topic, "pilothouse.dlq.original_partition": str(msg.partition),
-            "pilothouse.dlq.original_offset": str(msg.offset), "pilothouse.dlq.reason": str(error)[:2000],
+            "pilothouse.dlq.original_offset": str(msg.offset), "pilothouse.dlq.reason": (prefix + str(error))[:2000],
             "pilothouse.dlq.error_class": type(error).__name__, "pilothouse.dlq.consumer_group": self.settings.app_id,
-        }
+            "pilothouse.dlq.failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }.items()}
         fut = await self.app.topic(msg.topic + ".dlq", value_serializer="raw", key_serializer="raw").send(
             key=msg.key, value=msg.value, headers=headers)
         await fut  # a dead letter is acknowledged before its offset can be committed

@@ -198,3 +198,43 @@ def test_sigkill_mid_stream_neither_loses_nor_duplicates_incidents(stack_info, b
                 os.killpg(worker.pid, signal.SIGKILL)
         reader.close()
         producer.flush(5)
+
+
+@pytest.mark.timeout(180)
+def test_a_poison_pill_is_dead_lettered_and_the_stream_goes_on(stack_info, bus_settings, new_topic, tmp_path):
+    alerts_topic, telemetry_topic, incidents_topic = new_topic(1), new_topic(1), new_topic(1)
+    run = uuid.uuid4().hex[:8]
+    env = _env(stack_info, {
+        "PILOTHOUSE_SENSING_ALERTS_TOPIC": alerts_topic,
+        "PILOTHOUSE_SENSING_TELEMETRY_TOPIC": telemetry_topic,
+        "PILOTHOUSE_SENSING_INCIDENTS_TOPIC": incidents_topic,
+        "PILOTHOUSE_SENSING_APP_ID": f"pilothouse-sensing-test-{run}",
+    }, tmp_path / "data")
+    producer = BusProducer(bus_settings("admin"))
+    good = _alerts(1, run)[0]
+    producer.produce_bytes(alerts_topic, b"\xc3\x01" + b"\x00" * 8 + b"garbage", key=b"poison")
+    producer.produce(good, key=good.fingerprint, topic=alerts_topic)
+    producer.flush(10)
+    reader = IncidentReader(bus_settings, incidents_topic)
+    worker = _start(env, tmp_path / "worker.log")
+    try:
+        assert _wait_for(lambda: len(reader.records) >= 1, 90, worker), (tmp_path / "worker.log").read_text()[-3000:]
+        assert reader.records[0].alert_fingerprints == [good.fingerprint]
+        dlq = Consumer({**bus_settings("admin").librdkafka(), "group.id": f"test.{uuid.uuid4().hex[:12]}",
+                        "auto.offset.reset": "earliest"})
+        dlq.subscribe([alerts_topic + ".dlq"])
+        msg, deadline = None, time.monotonic() + 30
+        while msg is None and time.monotonic() < deadline:
+            m = dlq.poll(0.5)
+            msg = m if m is not None and not m.error() else None
+        dlq.close()
+        assert msg is not None and msg.key() == b"poison"
+        headers = {k: v.decode() for k, v in msg.headers()}
+        assert headers["pilothouse.dlq.original_topic"] == alerts_topic
+        assert headers["pilothouse.dlq.original_offset"] == "0"
+        assert "unknown schema fingerprint" in headers["pilothouse.dlq.reason"]
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(30)
+        reader.close()
