@@ -247,6 +247,8 @@ def run_verify(settings: Settings, args: argparse.Namespace) -> tuple[VerifyResu
 
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.no_postgres and (args.no_kafka and args.kafka_jsonl is None):
+        raise _Cannot("nothing to verify: both Kafka and Postgres were left out")
     mode = "full"
     result: VerifyResult | None = None
     if not args.full and args.kafka_jsonl is None:
