@@ -1,10 +1,8 @@
-"""``pilothouse ledger verify``: audit the Postgres mirror against the signed checkpoints (file and/or table).
+"""Postgres-only audit (kept for scripts that call it): the Postgres rows, the checkpoint file and table, optionally a
+dump of the ledger topic (``--kafka-jsonl``: one decoded entry per line, ``null`` for a tombstone).
 
-Reads the rows of ``<schema>.ledger_entries`` (insertion order), the checkpoints from the append-only file outside
-Postgres and from ``<schema>.ledger_checkpoints``, and runs :func:`pilothouse.ledger.domain.verify`. The trusted public
-keys are given on the command line (never read from the database being audited). Kafka is not read here yet: that
-comes with the bus package; pass ``--kafka-jsonl`` to compare with a dump of the ledger topic (one decoded entry per
-line, ``null`` for a tombstone).
+``pilothouse ledger verify`` (:mod:`pilothouse.ledger.cli`) supersedes it: it reads the ledger and checkpoints topics
+from the broker as well, streams in bounded memory, and reuses :func:`load_public_key` and the dump reader from here.
 
 Exit status: 0 verified, 1 tamper evidence found (the report says the first bad sequence and what), 2 cannot audit.
 """
