@@ -243,6 +243,108 @@ def bench_mirror(n: int, batch: int, kind: str, signer: CheckpointSigner) -> dic
     return out
 
 
+def bench_service(n: int, kind: str) -> dict[str, Any]:
+    """The service on the real stack (admin principal, uuid ``test.*`` topics, a uuid schema), wall-clock:
+    appender (decision events -> entries in Kafka transactions), mirror (topic -> Postgres), end-to-end verify
+    (read + decode both sources + check). Skipped with the reason when the stack is not up."""
+    try:
+        from pilothouse.stack.info import StackInfo  # noqa: PLC0415 - the stack is optional here
+
+        info = StackInfo.load()
+    except Exception as e:  # noqa: BLE001 - reported as the reason for skipping
+        return {"skipped": f"no stack ({type(e).__name__}: {e})"}
+    import threading  # noqa: PLC0415
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    import psycopg  # noqa: PLC0415
+    from psycopg import sql  # noqa: PLC0415
+
+    from pilothouse.bus import admin as bus_admin  # noqa: PLC0415
+    from pilothouse.bus.config import BusSettings  # noqa: PLC0415
+    from pilothouse.bus.producer import BusProducer  # noqa: PLC0415
+    from pilothouse.bus.records import KillSwitchChanged  # noqa: PLC0415
+    from pilothouse.ledger.adapters.kafka import TopicReader, open_appender  # noqa: PLC0415
+    from pilothouse.ledger.adapters.postgres import PostgresLedgerMirror  # noqa: PLC0415
+    from pilothouse.ledger.workers import AppenderWorker, MirrorWorker  # noqa: PLC0415
+
+    u = uuid.uuid4().hex[:10]
+    names = {"decisions": f"test.bench.{u}.decisions", "entries": f"test.bench.{u}.entries"}
+    admin_cfg = info.kafka_config("admin")
+
+    class _T:
+        def __init__(self, name: str, config: dict[str, str]) -> None:
+            self.name, self.partitions, self.config = name, 1, config
+
+    bus_admin.apply_topics(bus_admin.new_admin_client(admin_cfg),
+                           [_T(names["decisions"], {}), _T(names["decisions"] + ".dlq", {}),
+                            _T(names["entries"], {"cleanup.policy": "compact", "retention.ms": "-1"})],
+                           bus_admin.ApplyReport())
+    bus = BusSettings(bootstrap_servers=info.kafka.bootstrap_servers, username="admin",
+                      password=info.password("admin"), client_id="bench-ledger")
+    producer = BusProducer(bus)
+    reason = "x" * {"alert": 300, "webhook": 900, "webhook12": 3400}.get(kind, 900)  # payload of about that size
+    out: dict[str, Any] = {"events": n, "payload": kind}
+    schema = "ledger_bench_svc_" + u
+    try:
+        ds = [producer.produce(KillSwitchChanged(event_id=f"ev-{u}-{i}", correlation_id=f"c-{i}",
+                                                 occurred_at=datetime.now(UTC), scope="global", engaged=i % 2 == 0,
+                                                 changed_by="bench", reason=reason), key="global",
+                               topic=names["decisions"]) for i in range(n)]
+        producer.wait(ds, timeout=120)
+        w0 = time.perf_counter()
+        proc = open_appender(bus, chain="main", decision_topics=(names["decisions"],), topic_entries=names["entries"],
+                             group_id=f"test.bench.{u}.appender", transactional_id=f"test.bench.{u}.appender",
+                             producer=producer, window=100_000, batch_size=500)
+        out["appender_startup_s"] = round(time.perf_counter() - w0, 3)
+        worker = AppenderWorker(proc)
+        t = threading.Thread(target=worker.run)
+        w0 = time.perf_counter()
+        t.start()
+        while proc.appender.head.next_sequence < n and time.perf_counter() - w0 < 300:
+            time.sleep(0.05)
+        out["appender_events_per_s"] = round(n / (time.perf_counter() - w0))
+        worker.stop()
+        t.join(60)
+        worker.close()
+
+        with PostgresLedgerMirror(info.postgres_dsn, schema=schema) as m:
+            m.migrate()
+        mirror = MirrorWorker(lambda offs: TopicReader(bus, names["entries"], group_id=f"test.bench.{u}.mirror",
+                                                       producer=producer, start=lambda p, lo, hi: offs.get(p, 0)),
+                              PostgresLedgerMirror(info.postgres_dsn, schema=schema), topic=names["entries"], batch=500)
+        t = threading.Thread(target=mirror.run)
+        w0 = time.perf_counter()
+        t.start()
+        while mirror.written < n and time.perf_counter() - w0 < 300:
+            time.sleep(0.05)
+        out["mirror_end_to_end_entries_per_s"] = round(n / (time.perf_counter() - w0))
+        mirror.stop()
+        t.join(60)
+        mirror.close()
+
+        w0, c0 = time.perf_counter(), time.process_time()
+        with PostgresLedgerMirror(info.postgres_dsn, schema=schema) as m:
+            rows_iter = m.iter_entries(10_000)
+            first = next(rows_iter, [])
+            reader = TopicReader(bus, names["entries"], group_id=f"test.bench.{u}.verify", producer=producer,
+                                 start=lambda p, lo, hi: lo)
+            entries = [reader.entry(r) for r in reader.read_to_end(120)]
+            reader.close()
+            rows = first + [r for chunk in rows_iter for r in chunk]
+        sv = StreamingVerifier("main")
+        for i in range(0, len(entries), 10_000):
+            sv.feed(entries[i:i + 10_000], rows[i:i + 10_000])
+        result = sv.finish()
+        assert result is not None and result.entries == {"main": n}, sv.failed
+        out["verify_end_to_end_entries_per_s"] = round(n / (time.perf_counter() - w0))
+        out["verify_end_to_end_client_cpu_us_per_entry"] = round((time.process_time() - c0) / n * 1e6, 1)
+    finally:
+        bus_admin.delete_topics(admin_cfg, [names["decisions"], names["decisions"] + ".dlq", names["entries"]])
+        with psycopg.connect(info.postgres_dsn, autocommit=True) as c:
+            c.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    return out
+
+
 def _png(result: dict[str, Any], path: Path) -> None:
     import matplotlib  # noqa: PLC0415
 
@@ -279,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sizes", default="alert,webhook,webhook12", help="payload kinds for verify")
     ap.add_argument("--no-mirror", action="store_true")
+    ap.add_argument("--service-events", type=int, default=5000, help="events through the service on the stack")
+    ap.add_argument("--no-service", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "bench-out" / "ledger.json")
     ap.add_argument("--png", type=Path, default=None, help="bar chart (default: next to --out)")
     args = ap.parse_args(argv)
@@ -295,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     result["merkle"] = bench_merkle(args.merkle_leaves, 2000)
     result["mirror"] = {"skipped": "--no-mirror"} if args.no_mirror else bench_mirror(
         args.mirror_entries, args.batch, "webhook", signer)
+    result["service"] = {"skipped": "--no-service"} if args.no_service else bench_service(args.service_events,
+                                                                                          "webhook")
     result["loadavg_end"] = os.getloadavg()
     main_mode = result["verify"].get("webhook", next(iter(result["verify"].values())))
     result["summary"] = {
@@ -311,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         "verify_ratio_to_sha256_chain": main_mode["kafka_and_postgres_with_checkpoints"]["ratio_to_baseline"],
         "baseline_sha256_chain_per_s": main_mode["baseline_sha256_chain_per_s"],
         "mirror_entries_per_s": result["mirror"].get("mirror_entries_per_s"),
+        "service_appender_events_per_s": result["service"].get("appender_events_per_s"),
+        "service_mirror_end_to_end_entries_per_s": result["service"].get("mirror_end_to_end_entries_per_s"),
+        "service_verify_end_to_end_entries_per_s": result["service"].get("verify_end_to_end_entries_per_s"),
         "merkle_inclusion_proof_gen_us_per_entry": result["merkle"]["inclusion_proof_gen_us_per_entry"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
