@@ -6,7 +6,10 @@ Starts its own ``opa run --server`` on policies/, then, on one reused connection
   HTTP round trip, Rego evaluation, decision validation and the replay record (input hash, decision id);
 * **baseline** (same run, same rate, same input documents): a POST of the same input to a trivial OPA path
   (``pilothouse/config/bundle_revision``), i.e. transport + JSON parsing without policy evaluation;
-* **no_reuse** (short, informative): the decision with a new client (new TCP connection) per request.
+* **no_reuse** (short, informative): the decision with a new client (new TCP connection) per request;
+* **sdk_client** (the "before" of the adapter's hot path, same run): the same decisions through opa-python-client
+  (requests) with the input serialised twice (JSON body + canonical hash), as the adapter did before it kept its
+  own HTTP/1.1 connection.
 
 Open loop: request *i* is due at ``t0 + i / rate``; latency is measured from the due time, so a stall shows up as
 latency of the requests that queued behind it (no coordinated omission). Writes JSON (and a PNG of the latency CDFs).
@@ -28,8 +31,17 @@ from typing import Any
 
 import numpy as np
 
+from opa_client import OpaClient
+
 from pilothouse.policy.adapters.opa import OpaPolicyEngine, find_opa_binary, local_opa_server
-from pilothouse.policy.domain import PolicyInput, action_hash, parse_policy_input
+from pilothouse.policy.domain import (
+    Decision,
+    PolicyInput,
+    action_hash,
+    input_digest,
+    parse_policy_input,
+    record_decision,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = REPO / "policies"
@@ -185,6 +197,22 @@ def run(rate: float, seconds: float, warmup: int, no_reuse_count: int) -> dict[s
         }
 
         no_reuse = summarise([open_loop(decide_new_connection, min(rate, 100.0), no_reuse_count)])
+
+        sdk = OpaClient(host="127.0.0.1", port=port, timeout=5, retries=0)
+        sdk._session.trust_env = False
+
+        def decide_sdk(i: int) -> None:
+            entrypoint, policy_input = inputs[i % len(inputs)]
+            document = policy_input.to_opa()
+            package, _, rule = f"pilothouse/{entrypoint}/decision".rpartition("/")
+            body = sdk.query_rule(document, package_path=package, rule_name=rule)
+            record_decision(policy_input, Decision.model_validate(body["result"]), digest=input_digest(document))
+
+        client0, server0 = time.process_time(), process_cpu_s(engine.server_pid)
+        sdk_client = summarise([open_loop(decide_sdk, rate, per_round)])
+        sdk_client["client_cpu_us_per_call"] = (time.process_time() - client0) / sdk_client["count"] * 1e6
+        sdk_client["opa_cpu_us_per_call"] = (process_cpu_s(engine.server_pid) - server0) / sdk_client["count"] * 1e6
+        sdk.close_connection()
         revision = engine.bundle_revision()
 
     return {
@@ -197,6 +225,8 @@ def run(rate: float, seconds: float, warmup: int, no_reuse_count: int) -> dict[s
         "decision": decision,
         "baseline_trivial_opa_query": baseline,
         "no_connection_reuse": no_reuse,
+        "sdk_client_before": sdk_client,
+        "ratio_client_cpu_sdk_to_adapter": sdk_client["client_cpu_us_per_call"] / decision["client_cpu_us_per_call"],
         "opa_reported": opa_side,
         "ratio_p50_decision_to_baseline": decision["p50_ms"] / baseline["p50_ms"],
         "ratio_p99_decision_to_baseline": decision["p99_ms"] / baseline["p99_ms"],
@@ -224,6 +254,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ("decision", "decide() via adapter"),
         ("baseline_trivial_opa_query", "trivial OPA query (baseline)"),
         ("no_connection_reuse", f"decide(), new connection each, at {min(result['offered_per_s'], 100.0):.0f}/s"),
+        ("sdk_client_before", "before: opa-python-client (requests)"),
     ):
         values = np.sort(result[key]["_latencies_ms"])
         ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=label)
@@ -256,11 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         png = args.out.with_suffix(".png")
         plot(result, png)
         result["plot"] = str(png)
-    for key in ("decision", "baseline_trivial_opa_query", "no_connection_reuse"):
+    for key in ("decision", "baseline_trivial_opa_query", "no_connection_reuse", "sdk_client_before"):
         result[key].pop("_latencies_ms", None)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True), encoding="utf-8")
     print(json.dumps({k: result[k] for k in ("offered_per_s", "decisions_per_s", "p50_ms", "p99_ms",
-                                              "ratio_p50_decision_to_baseline", "ratio_service_p50_decision_to_baseline")}))
+                                              "ratio_p50_decision_to_baseline", "ratio_service_p50_decision_to_baseline",
+                                              "ratio_client_cpu_sdk_to_adapter")}))
     return 0
 
 
