@@ -122,7 +122,10 @@ def start(settings: Settings, *, scrape_targets: dict[str, list[str]], webhook_u
     root = write_configs(settings, scrape_targets=scrape_targets, webhook_url=webhook_url, webhook_token=webhook_token)
     stop(settings)
     (root / "prometheus-data").mkdir(exist_ok=True)
-    (root / "alertmanager-data").mkdir(exist_ok=True)
+    # A fresh notification log: Alertmanager would otherwise remember groups it notified in an earlier run and stay
+    # silent about the same alert for repeat_interval.
+    shutil.rmtree(root / "alertmanager-data", ignore_errors=True)
+    (root / "alertmanager-data").mkdir()
     procs.start(ALERTMANAGER, [
         am_bin, f"--config.file={root / 'alertmanager.yml'}", f"--storage.path={root / 'alertmanager-data'}",
         f"--web.listen-address={settings.host}:{ALERTMANAGER_PORT}", "--cluster.listen-address=",
