@@ -403,15 +403,19 @@ class Correlator:
         inc.change = change
         inc.causation_id = alert.event_id
         store.put_incident(inc)
-        self._index(inc, store)
+        # Only this alert's entries can have changed, except on reopen (the incident's services point back to it).
+        # Replays repair everything (_replayed indexes the whole incident).
+        self._index(inc, store, None if change == "reopened" else alert.key)
         return Outcome(change, inc, reason)
 
-    def _index(self, inc: Incident, store: CorrelationStore) -> None:
-        for key in inc.alerts:
+    def _index(self, inc: Incident, store: CorrelationStore, only_key: str | None = None) -> None:
+        keys = [only_key] if only_key is not None else list(inc.alerts)
+        for key in keys:
             if store.get_alert_index(key) != inc.incident_id:
                 store.put_alert_index(key, inc.incident_id)
         if inc.state == "open":
-            for service in inc.services:
+            services = [inc.alerts[only_key].service] if only_key is not None else inc.services
+            for service in filter(None, services):
                 scoped = f"{inc.scope}\x1f{service}"
                 if store.get_service_index(scoped) != inc.incident_id:
                     store.put_service_index(scoped, inc.incident_id)
