@@ -17,6 +17,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from prometheus_client import Counter, Gauge
+
 from pilothouse.bus.errors import RetryableError
 from pilothouse.ledger.adapters.checkpoint_file import CheckpointFile
 from pilothouse.ledger.adapters.kafka import AppenderProcessor, CheckpointPublisher, TopicReader
@@ -25,6 +27,13 @@ from pilothouse.ledger.domain import Checkpoint, CheckpointSigner, LedgerIntegri
 from pilothouse.ledger.handlers import ChainFollower, now_ms
 
 log = logging.getLogger("pilothouse.ledger")
+
+MIRRORED = Counter("pilothouse_ledger_entries_mirrored_total", "Ledger entries written to Postgres by the mirror")
+SIGNED = Counter("pilothouse_ledger_checkpoints_signed_total", "Checkpoints signed (file, topic, Postgres)")
+FOLLOWED = Gauge("pilothouse_ledger_checkpointer_tree_size", "Entries the checkpointer has checked so far")
+SIGNED_SIZE = Gauge("pilothouse_ledger_signed_tree_size", "Tree size of the latest signed checkpoint")
+TAMPER = Counter("pilothouse_ledger_tamper_evidence_total", "Tamper evidence met (tombstone, gap, broken link, ...)",
+                 ["worker", "kind"])
 
 
 class _Stoppable:
@@ -96,8 +105,14 @@ class MirrorWorker(_Stoppable):
         attempt = 0
         while not self._stop.is_set():
             if not pending:
-                pending = [MirrorRecord(r.partition, r.offset, reader.entry(r))
-                           for r in reader.poll(self.batch, 0.5)]
+                try:
+                    pending = [MirrorRecord(r.partition, r.offset, reader.entry(r))
+                               for r in reader.poll(self.batch, 0.5)]
+                except RetryableError as e:
+                    attempt += 1
+                    log.warning("mirror cannot read the ledger topic", extra={"error": str(e), "attempt": attempt})
+                    self._backoff(attempt)
+                    continue
                 if not pending:
                     continue
             try:
@@ -110,11 +125,14 @@ class MirrorWorker(_Stoppable):
                 continue
             except LedgerIntegrityError as e:
                 self.written += e.accepted
+                MIRRORED.inc(e.accepted)
+                TAMPER.labels("mirror", e.problem.kind.value).inc()
                 log.critical("tamper evidence on the ledger topic: mirroring stopped", extra={
                     "problem": str(e.problem), "first_bad_sequence": e.problem.sequence})
                 raise
             attempt = 0
             self.written += result.written
+            MIRRORED.inc(result.written)
             pending = []
 
     def close(self) -> None:
@@ -163,6 +181,7 @@ class CheckpointWorker(_Stoppable):
                 for r in self.reader.poll(1000, 0.5):
                     self.follower.follow(self.reader.entry(r))
                     self._check_against_last()
+                FOLLOWED.set(self.follower.size)
                 if not caught_up and self.reader.at_end:
                     caught_up = True
                     if self.last is not None and self.follower.size < self.last.tree_size:
@@ -177,6 +196,7 @@ class CheckpointWorker(_Stoppable):
                 self._flush()
                 attempt = 0
             except LedgerIntegrityError as e:
+                TAMPER.labels("checkpointer", e.problem.kind.value).inc()
                 log.critical("tamper evidence on the ledger topic: no more checkpoints are signed",
                              extra={"problem": str(e.problem), "first_bad_sequence": e.problem.sequence})
                 raise
@@ -200,6 +220,8 @@ class CheckpointWorker(_Stoppable):
         self.last = cp
         self.follower.signed_size = cp.tree_size
         self.signed += 1
+        SIGNED.inc()
+        SIGNED_SIZE.set(cp.tree_size)
         self._unsent.append(cp)
         log.info("checkpoint signed", extra={"chain": cp.chain, "tree_size": cp.tree_size, "root": cp.root_hash})
 

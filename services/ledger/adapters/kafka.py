@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from prometheus_client import Counter, Gauge
+
 from pilothouse.bus.catalogue import load_catalogue
 from pilothouse.bus.config import BusSettings
 from pilothouse.bus.consumer import ConsumerLoop, MessageContext
@@ -31,6 +33,10 @@ from pilothouse.ledger.domain import Checkpoint, KafkaTombstone, LedgerEntry
 from pilothouse.ledger.handlers import Appender, to_checkpoint_record
 
 log = logging.getLogger("pilothouse.ledger")
+
+APPENDED = Counter("pilothouse_ledger_entries_appended_total", "Ledger entries committed by the appender")
+DUPLICATES = Counter("pilothouse_ledger_duplicate_events_total", "Redelivered decision events given no second entry")
+HEAD = Gauge("pilothouse_ledger_next_sequence", "Next sequence number of the chain (entries committed)")
 
 ENTRY_RECORD = "pilothouse.ledger.LedgerEntry"
 CHECKPOINT_RECORD = "pilothouse.ledger.CheckpointSigned"
@@ -121,8 +127,9 @@ class TopicReader:
         out: list[RawRecord] = []
         while not self.at_end:
             if time.monotonic() > deadline:
+                assigned = sorted(self._eof) or "none: does the topic exist, and may this principal read it?"
                 raise RetryableError(f"could not read {self.topic} to its end within {timeout_s:.0f}s "
-                                     f"(assigned: {sorted(self._eof)}; read {len(out)} records)")
+                                     f"(partitions assigned: {assigned}; read {len(out)} records)")
             out += self.poll(batch, 0.5)
         return out
 
@@ -171,6 +178,7 @@ class AppenderProcessor(TransactionalProcessor):
         if self.appender is None:
             raise PermanentError("the appender has not recovered the chain head yet")
         self.appender.begin_batch()
+        before, dups = self.appender.head.next_sequence, self.appender.duplicates_skipped
         try:
             super().process_batch(msgs)
         except BaseException:
@@ -178,6 +186,9 @@ class AppenderProcessor(TransactionalProcessor):
             self.appender.rollback()
             raise
         self.appender.commit()
+        APPENDED.inc(self.appender.head.next_sequence - before)
+        DUPLICATES.inc(self.appender.duplicates_skipped - dups)
+        HEAD.set(self.appender.head.next_sequence)
 
     def on_event(self, record: AvroRecord, ctx: MessageContext) -> list[Output]:
         if self.appender is None:
