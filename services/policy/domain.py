@@ -570,6 +570,24 @@ def bus_stage_and_outcome(decision: Decision) -> tuple[str, str]:
     return _BUS_OUTCOMES[(decision.entrypoint, decision.outcome)]
 
 
+#: Reason codes that annotate a decision without blocking it (policies/README.md, "Reason codes").
+NOTE_CODES = frozenset({"read_only_auto_allowed", "approval_required", "budget_low", "freeze_window_active",
+                        "approvals_sufficient", "approvals_pending", "approvals_refused"})
+
+
+def held_at_gate1(decision: Decision) -> bool:
+    """A proposal denied only because no human validated its hypothesis yet: the service holds it (``waiting``)
+    and decides again when a validation arrives, instead of denying it for good."""
+    return (decision.entrypoint == "proposal" and decision.outcome == "deny"
+            and set(decision.reason_codes) - NOTE_CODES == {"hypothesis_not_validated"})
+
+
+def service_stage_and_outcome(decision: Decision) -> tuple[str, str]:
+    """What the policy service publishes for a decision: :func:`bus_stage_and_outcome`, except that a proposal
+    held at Gate 1 is ``("proposal", "waiting")``."""
+    return ("proposal", "waiting") if held_at_gate1(decision) else bus_stage_and_outcome(decision)
+
+
 class AuthorizationTerms(_Model):
     """The policy-owned fields of an ``ActionAuthorized`` record; the handler adds the envelope and the action, then
     signs with :func:`pilothouse.bus.authorization.sign` (the actuator verifies with its ``verify``)."""

@@ -54,7 +54,8 @@ from pilothouse.policy.domain import (
     approval_from_record,
     authorization_terms,
     budget_window,
-    bus_stage_and_outcome,
+    held_at_gate1,
+    service_stage_and_outcome,
     kill_switch_from_scopes,
     parse_policy_input,
     rejection_from_record,
@@ -248,10 +249,10 @@ class PolicyHandlers:
         record = self.engine.decide("proposal", policy_input)
         decision = record.decision
         outputs: list[Output] = []
-        if decision.outcome == "deny" and _held_at_gate1(decision.reason_codes):
+        if held_at_gate1(decision):
             # Only Gate 1 is missing: keep the proposal and decide again when a validation arrives.
             tx.update_proposal(action_id, status="held_gate1", decision_id=record.decision_id)
-            outputs.append(self._decided(proposed, policy_input, record, causation, stage_outcome=("proposal", "waiting")))
+            outputs.append(self._decided(proposed, policy_input, record, causation))
             return outputs
         if decision.outcome == "deny":
             tx.update_proposal(action_id, status="denied", decision_id=record.decision_id)
@@ -361,10 +362,10 @@ class PolicyHandlers:
             "rejections": rejections_doc[:32],
         })
 
-    def _decided(self, proposed: ActionProposed, policy_input: PolicyInput, record: DecisionRecord, causation: str,
-                 *, stage_outcome: tuple[str, str] | None = None) -> Output:
+    def _decided(self, proposed: ActionProposed, policy_input: PolicyInput, record: DecisionRecord,
+                 causation: str) -> Output:
         d = record.decision
-        stage, outcome = stage_outcome or bus_stage_and_outcome(d)
+        stage, outcome = service_stage_and_outcome(d)
         reasons = list(d.reasons) + [
             f"approval_refused: {r.approval_id} by {r.approver_id}: {'; '.join(r.reasons)}" for r in d.refused_approvals
         ]
@@ -420,17 +421,6 @@ class PolicyHandlers:
         log.info("authorized", extra={"action_id": proposed.action_id, "decision_id": record.decision_id,
                                       "approvals": terms.approval_ids})
         return Output(signed, key=proposed.action_id, topic=self.topics.authorized)
-
-
-def _held_at_gate1(codes: Sequence[str]) -> bool:
-    """Denied only because no human validated the hypothesis yet (notes like approval_required do not block)."""
-    blocking = set(codes) - NOTE_CODES
-    return blocking == {"hypothesis_not_validated"}
-
-
-#: Reason codes that annotate a decision without blocking it (policies/README.md, "Reason codes").
-NOTE_CODES = frozenset({"read_only_auto_allowed", "approval_required", "budget_low", "freeze_window_active",
-                        "approvals_sufficient", "approvals_pending", "approvals_refused"})
 
 
 def _proposer_kind(proposed_by: str) -> str:

@@ -326,8 +326,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_opa_server(policies: Path, *, binary: Path | None = None, ready_timeout_s: float = 30.0) -> Iterator[OpaPolicyEngine]:
-    """Run ``opa run --server --addr 127.0.0.1:<free port> <policies>`` and yield an engine connected to it."""
+def local_opa_server(policies: Path, *, binary: Path | None = None, ready_timeout_s: float = 30.0,
+                     watch: bool = False) -> Iterator[OpaPolicyEngine]:
+    """Run ``opa run --server --addr 127.0.0.1:<free port> <policies>`` and yield an engine connected to it.
+    ``watch``: also ``--watch``, so that edited policy and data files are reloaded without a restart."""
     opa = binary or find_opa_binary()
     if opa is None:
         raise PolicyEngineUnavailable("no opa binary: build it with `pilothouse stack up` or put opa on PATH")
@@ -335,7 +337,7 @@ def local_opa_server(policies: Path, *, binary: Path | None = None, ready_timeou
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             [str(opa), "run", "--server", "--addr", f"127.0.0.1:{port}", "--log-level", "error", "--skip-version-check",
-             str(policies)],
+             *(["--watch"] if watch else []), str(policies)],
             stdout=log,
             stderr=subprocess.STDOUT,
             # OPA allocates ~1.5-2.7k objects per decision; collecting 4x less often cut its CPU per decision by

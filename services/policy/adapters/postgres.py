@@ -164,8 +164,10 @@ class Tx:
         return [r["action_id"] for r in rows]
 
     def in_flight(self, target_key: str, exclude_action_id: str, now: datetime) -> int:
-        """Other actions on the same target authorized (and not expired) or executing but not yet verified."""
+        """Other state-changing actions on the same target authorized (and not expired) or executing but not yet
+        verified. Read-only diagnostics never count: looking does not compete with changing."""
         row = self._one("SELECT count(*) AS n FROM {s}.proposals WHERE target_key = %s AND action_id <> %s AND "
+                        "NOT (record ->> 'read_only')::boolean AND "
                         "(status = 'executing' OR (status = 'authorized' AND authorization_expires_at > %s))",
                         (target_key, exclude_action_id, now))
         return int(row["n"]) if row else 0
@@ -287,3 +289,27 @@ class Store:
                 with contextlib.suppress(Exception):
                     c.close()
             self._all_conns.clear()
+
+
+def recorded_decisions(dsn: str, schema: str, *, ledger: bool = False, limit: int = 100_000) -> list[dict[str, Any]]:
+    """PolicyDecided records (as JSON objects) from Postgres, oldest first, for ``pilothouse policy replay``.
+
+    ``ledger=False``: the policy service's own outputs (``<schema>.processed``). ``ledger=True``: the ledger's
+    Postgres mirror (``<schema>.ledger_entries``, payload of the recorded PolicyDecided events)."""
+    if not _SCHEMA_RE.match(schema):
+        raise StoreError(f"invalid schema name {schema!r}")
+    if ledger:
+        q = (f"SELECT payload_json::jsonb AS d FROM {schema}.ledger_entries "
+             "WHERE recorded_type = 'pilothouse.policy.PolicyDecided' ORDER BY id LIMIT %s")
+    else:
+        q = (f"SELECT o.value -> 'record' AS d FROM {schema}.processed p, jsonb_array_elements(p.outputs) o "
+             "WHERE o.value ->> 'type' = 'pilothouse.policy.PolicyDecided' ORDER BY p.processed_at LIMIT %s")
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(q, (limit,))
+            rows = [r["d"] for r in cur.fetchall()]
+    except psycopg.OperationalError as e:
+        raise StoreUnavailable(f"cannot read decisions from Postgres: {e}") from e
+    except psycopg.Error as e:
+        raise StoreError(f"cannot read decisions from {schema}: {type(e).__name__}: {e}") from e
+    return rows
