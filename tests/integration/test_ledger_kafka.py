@@ -220,3 +220,35 @@ def test_a_validly_signed_checkpoint_over_other_entries_is_caught(ledger, capsys
     assert rc == 1
     assert report["first"]["kind"] == ProblemKind.CHECKPOINT_ROOT_MISMATCH.value
     assert report["first"]["sequence"] == 0  # nothing before the checkpoint can be vouched for
+
+
+def test_the_ledger_principal_may_do_what_the_service_does_and_nothing_else(bus_settings, monkeypatch, capsys,
+                                                                               stack_info, tmp_path) -> None:
+    """Against the real catalogue topics, read-only: the ledger principal reads the ledger and checkpoints topics
+    with `pilothouse.ledger.*` groups and may own `pilothouse.ledger.*` transactional ids; a foreign id is refused."""
+    from pilothouse.bus.errors import NotAuthorized
+    from pilothouse.bus.transactions import TransactionalProcessor
+    from pilothouse.ledger.config import TOPIC_ENTRIES
+
+    ledger_bus = bus_settings("ledger")
+    ok = TransactionalProcessor(ledger_bus, group_id=f"pilothouse.ledger.acl-test.{uuid.uuid4().hex[:8]}",
+                                transactional_id=f"pilothouse.ledger.acl-test.{uuid.uuid4().hex[:8]}",
+                                handlers={TOPIC_ENTRIES: lambda r, c: []})
+    ok.close()
+    with pytest.raises(NotAuthorized, match="TRANSACTIONAL_ID_AUTHORIZATION_FAILED"):
+        TransactionalProcessor(ledger_bus, group_id=f"pilothouse.ledger.acl-test.{uuid.uuid4().hex[:8]}",
+                               transactional_id=f"pilothouse.policy.acl-test.{uuid.uuid4().hex[:8]}",
+                               handlers={TOPIC_ENTRIES: lambda r, c: []})
+    for k, v in {"PILOTHOUSE_KAFKA_BOOTSTRAP_SERVERS": ledger_bus.bootstrap_servers,
+                 "PILOTHOUSE_KAFKA_USERNAME": "ledger", "PILOTHOUSE_KAFKA_PASSWORD": stack_info.password("ledger"),
+                 "PILOTHOUSE_LEDGER_CHECKPOINT_DIR": str(tmp_path / "none"),
+                 "PILOTHOUSE_LEDGER_TRUSTED_KEYS": json.dumps(
+                     {"ledger-kafka-test": base64.b64encode(SIGNER.public_key.public_bytes_raw()).decode()})}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("PILOTHOUSE_LEDGER_TOPIC_ENTRIES", "PILOTHOUSE_LEDGER_TOPIC_CHECKPOINTS",
+              "PILOTHOUSE_LEDGER_GROUP_PREFIX", "PILOTHOUSE_LEDGER_SIGNING_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    rc = cli.main(["verify", "--no-postgres", "--timeout", "30"])
+    report = json.loads(capsys.readouterr().out)
+    # Whatever other tests left on the shared ledger topic, the principal could read both topics to their end.
+    assert rc in (0, 1) and report["read"]["kafka"]["entries_topic"] == TOPIC_ENTRIES
