@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from hashlib import sha256
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pilothouse.bus.catalogue import DLQ_SUFFIX
 from pilothouse.bus.consumer import MessageContext
 from pilothouse.bus.records import AvroRecord
 from pilothouse.bus.records import CheckpointSigned as CheckpointRecord
@@ -42,6 +44,7 @@ from pilothouse.ledger.domain import (
 from pilothouse.ledger.merkle import CompactRange
 
 PRODUCER = "ledger"
+DEAD_LETTERED = "pilothouse.ledger.DeadLettered"  # recorded_type of the entry for a record sent to a .dlq topic
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Entry event ids are derived, not random: the same recorded event at the same place in the same chain always gets
 # the same id, so a retried transaction produces byte-identical entries.
@@ -163,6 +166,33 @@ class Appender:
         self.head = advance(self.head, entry)
         self._recorded[record.event_id] = entry.sequence
         self._batch_ids.append(record.event_id)
+        self._batch_outputs[where] = out
+        return out
+
+    def on_dead_letter(self, ctx: MessageContext, *, reason: str, value: bytes | None) -> list[Output]:
+        """A decision-topic record that went to its dead-letter topic instead: recorded too, so the audit trail has no
+        silent hole (which record, where it went, why, and the SHA-256 of its bytes — not the bytes themselves)."""
+        where = (ctx.topic, ctx.partition, ctx.offset)
+        cached = self._batch_outputs.get(where)
+        if cached is not None:
+            return cached
+        event_id = f"dead-letter:{ctx.topic}:{ctx.partition}:{ctx.offset}"
+        if event_id in self._recorded:
+            self._batch_outputs[where] = []
+            return []
+        event = {"event_id": event_id, "dead_lettered_to": ctx.topic + DLQ_SUFFIX, "reason": reason[:2000],
+                 "value_sha256": None if value is None else sha256(value).hexdigest(),
+                 "value_bytes": None if value is None else len(value),
+                 "key": None if ctx.key is None else ctx.key.decode("utf-8", "replace")}
+        entry = build_entry(
+            self.head, event, event_id=str(uuid.uuid5(_ENTRY_NS, f"{self.head.chain}:{self.head.next_sequence}:"
+                                                                 f"{event_id}")),
+            occurred_at=self._clock(), producer=PRODUCER, recorded_topic=ctx.topic, recorded_type=DEAD_LETTERED,
+            recorded_partition=ctx.partition, recorded_offset=ctx.offset)
+        out = [Output(record=to_entry_record(entry), key=entry.entry_key, topic=self.topic_entries)]
+        self.head = advance(self.head, entry)
+        self._recorded[event_id] = entry.sequence
+        self._batch_ids.append(event_id)
         self._batch_outputs[where] = out
         return out
 

@@ -12,6 +12,7 @@ Runs as the admin principal on uuid-named ``test.*`` topics, each test in its ow
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -145,20 +146,27 @@ def test_one_entry_per_event_mirrored_checkpointed_verified_and_proven(env, caps
     t.start()
     try:
         _wait(lambda: len(_rows(env)) == 60, 60, "60 mirrored entries")
-        # A redelivered event (same event_id, e.g. a producer's retry) gets no second entry; a new one does.
+        # A redelivered event (same event_id, e.g. a producer's retry) gets no second entry; a new one does; bytes
+        # that are no record go to the topic's .dlq and the ledger records that they did (no silent hole).
         _send(env, [_kill_switch(99, event_id=first[3].event_id), _kill_switch(100)])
-        _wait(lambda: len(_rows(env)) == 61, 30, "61 mirrored entries")
-        time.sleep(2.0)  # time for a (wrong) 62nd entry to show up, and for the interval checkpoint
-        _wait(lambda: _checkpointed(env) == 61, 30, "a checkpoint over 61 entries")
+        env.producer.wait([env.producer.produce_bytes(env.decisions[0], b"not avro", key=b"junk")])
+        _wait(lambda: len(_rows(env)) == 62, 30, "62 mirrored entries")
+        time.sleep(2.0)  # time for a (wrong) 63rd entry to show up, and for the interval checkpoint
+        _wait(lambda: _checkpointed(env) == 62, 30, "a checkpoint over 62 entries")
     finally:
         runtime.stop()
         t.join(60)
     assert not t.is_alive()
 
     entries = _kafka_entries(env)
-    assert [x.sequence for x in entries] == list(range(61))
+    assert [x.sequence for x in entries] == list(range(62))
     recorded = [x.recorded_event_id for x in entries]
-    assert len(set(recorded)) == 61 and set(recorded) >= {r.event_id for r in first}
+    assert len(set(recorded)) == 62 and set(recorded) >= {r.event_id for r in first}
+    (dead,) = [x for x in entries if x.recorded_type == "pilothouse.ledger.DeadLettered"]
+    info = json.loads(dead.payload_json)
+    assert info["dead_lettered_to"] == env.decisions[0] + ".dlq" and "unknown framing" in info["reason"]
+    assert info["value_sha256"] == hashlib.sha256(b"not avro").hexdigest() and info["key"] == "junk"
+    assert dead.recorded_topic == env.decisions[0]
     decision = next(x for x in entries if x.recorded_type == "pilothouse.policy.PolicyDecided")
     payload = json.loads(decision.payload_json)
     assert payload["decision_id"].startswith("dec-") and payload["bundle_revision"] == "rev-7"
@@ -168,15 +176,15 @@ def test_one_entry_per_event_mirrored_checkpointed_verified_and_proven(env, caps
 
     rc, report = _cli(capsys, "verify", "--timeout", "30")
     assert rc == 0, report
-    assert report["entries"] == {"main": 61} and report["checkpoints_verified"] >= 1
-    assert report["mode"] == "streaming" and report["read"]["postgres"]["rows"] == 61
+    assert report["entries"] == {"main": 62} and report["checkpoints_verified"] >= 1
+    assert report["mode"] == "streaming" and report["read"]["postgres"]["rows"] == 62
     # the same checkpoints were found in all three places
     assert report["read"]["kafka"]["checkpoints"] == report["read"]["postgres"]["checkpoints"] \
         == report["read"]["checkpoint_file"]["checkpoints"] >= 1
 
     rc, proof = _cli(capsys, "prove", first[40].event_id, "--timeout", "30")
     assert rc == 0 and proof["ok"] and proof["recorded_event_id"] == first[40].event_id
-    assert proof["tree_size"] == 61 and len(proof["proof"]) == 6
+    assert proof["tree_size"] == 62 and len(proof["proof"]) == 6
 
     # A superuser rewrites one mirrored row (bypassing the append-only trigger): verify names that sequence.
     with psycopg.connect(env.dsn, autocommit=True) as c:

@@ -168,3 +168,17 @@ def test_settings_refuse_bad_keys_and_foreign_group_prefixes(monkeypatch) -> Non
         Settings(trusted_keys={"k": base64.b64encode(b"x" * 31).decode()})
     s = Settings(signing_key=base64.b64encode(bytes(32)).decode())
     assert "AAAA" not in repr(s)  # the seed never shows in a repr
+
+
+def test_a_dead_lettered_record_is_recorded_once_with_its_hash_not_its_bytes() -> None:
+    a = _appender()
+    a.begin_batch()
+    (first,) = a.on_event(_event(0), _ctx(0))
+    (out,) = a.on_dead_letter(_ctx(1), reason="unknown framing (first bytes 6e6f)", value=b"not avro")
+    assert a.on_dead_letter(_ctx(1), reason="again", value=b"not avro") == [out]  # the retried batch: same entry
+    a.commit()
+    assert a.on_dead_letter(_ctx(1), reason="redelivered", value=b"not avro") == []  # recorded already
+    entry = _entries([out])[0]
+    assert entry.sequence == 1 and entry.recorded_type == "pilothouse.ledger.DeadLettered"
+    assert entry.recorded_event_id == f"dead-letter:{TOPIC}:0:1" and verify(_entries([first, out]), None).ok
+    assert "not avro" not in entry.payload_json and '"dead_lettered_to":"' + TOPIC + '.dlq"' in entry.payload_json
