@@ -260,3 +260,17 @@ def test_engine_translates_errors(server):
     engine.close()
     with pytest.raises(PolicyEngineUnavailable):
         OpaPolicyEngine("127.0.0.1", 1, timeout_s=0.5).evaluate("x/y", {})
+
+
+def test_keygen_prints_a_key_pair_the_actuator_settings_accept(capsys):
+    import json
+
+    from pilothouse.bus.authorization import key_id, load_private_key, load_public_key
+    from pilothouse.policy.cli import main as cli_main
+
+    assert cli_main(["keygen"]) == 0
+    lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    private = load_private_key(lines["PILOTHOUSE_POLICY_SIGNING_KEY"])
+    (kid, public), = json.loads(lines["PILOTHOUSE_ACTUATOR_TRUSTED_KEYS"]).items()
+    assert kid == key_id(private.public_key()) == key_id(load_public_key(public))
+    assert cli_main(["nope"]) == 2

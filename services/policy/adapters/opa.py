@@ -386,7 +386,13 @@ def _opa_error_body(data: bytes) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     """``decide``: evaluate an input document file against OPA and print the decision record (exit 0; 2 for a bad
     input, 3 when OPA is unavailable or returns no valid decision). ``schema``: print the input/decision JSON schemas,
-    or with ``--readme PATH`` rewrite (or ``--check``) the generated blocks of policies/README.md."""
+    or with ``--readme PATH`` rewrite (or ``--check``) the generated blocks of policies/README.md.
+    ``run``, ``replay`` and ``keygen`` are handed to :mod:`pilothouse.policy.cli` (the ``pilothouse policy``
+    command may point at either)."""
+    if argv and argv[0] in ("run", "replay", "keygen", "-h", "--help"):
+        from pilothouse.policy.cli import main as cli_main  # noqa: PLC0415 - only for these subcommands
+
+        return cli_main(argv)
     parser = argparse.ArgumentParser(prog="pilothouse policy", description="Evaluate and document pilothouse policy")
     sub = parser.add_subparsers(dest="command", required=True)
     decide = sub.add_parser("decide", help="evaluate an input document against the OPA server")
