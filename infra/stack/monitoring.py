@@ -7,6 +7,7 @@ webhook v4 payloads to the sensing gateway with a bearer token.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import signal
 import time
@@ -23,6 +24,7 @@ PROMETHEUS = "prometheus"
 ALERTMANAGER = "alertmanager"
 PROMETHEUS_PORT = 19090
 ALERTMANAGER_PORT = 19094
+CONFIG_FILES = ("prometheus.yml", "rules.yml", "alertmanager.yml")
 FIX = "apt-get install -y prometheus prometheus-alertmanager (or: sudo infra/install-prereqs.sh)"
 
 # Generic SLO rules over the fleet's metrics: no service names, so they hold for any service the fleet runs.
@@ -105,7 +107,7 @@ def write_configs(settings: Settings, *, scrape_targets: dict[str, list[str]], w
     token_file.chmod(0o600)
     am = {
         "route": {"receiver": "pilothouse", "group_by": ["alertname", "service"], "group_wait": "1s",
-                  "group_interval": "5s", "repeat_interval": "1h"},
+                  "group_interval": "5s", "repeat_interval": "1m"},
         "receivers": [{"name": "pilothouse", "webhook_configs": [{
             "url": webhook_url, "send_resolved": True, "max_alerts": 0,
             "http_config": {"authorization": {"type": "Bearer", "credentials_file": str(token_file)}},
@@ -120,12 +122,17 @@ def start(settings: Settings, *, scrape_targets: dict[str, list[str]], webhook_u
     prom_bin = _binary("prometheus", ("prometheus",))
     am_bin = _binary("alertmanager", ("prometheus-alertmanager", "alertmanager"))
     root = write_configs(settings, scrape_targets=scrape_targets, webhook_url=webhook_url, webhook_token=webhook_token)
+    # Keep running Prometheus/Alertmanager when their configuration did not change: restarting them would forget
+    # which alerts are firing, and Alertmanager could then never send the "resolved" that closes an incident.
+    digest = hashlib.sha256(b"".join((root / n).read_bytes() for n in CONFIG_FILES)).hexdigest()
+    stamp = root / "config.sha256"
+    running = all(procs.find(settings.run_dir, n) for n in (PROMETHEUS, ALERTMANAGER))
+    if running and stamp.exists() and stamp.read_text() == digest:
+        return
     stop(settings)
+    stamp.write_text(digest)
     (root / "prometheus-data").mkdir(exist_ok=True)
-    # A fresh notification log: Alertmanager would otherwise remember groups it notified in an earlier run and stay
-    # silent about the same alert for repeat_interval.
-    shutil.rmtree(root / "alertmanager-data", ignore_errors=True)
-    (root / "alertmanager-data").mkdir()
+    (root / "alertmanager-data").mkdir(exist_ok=True)
     procs.start(ALERTMANAGER, [
         am_bin, f"--config.file={root / 'alertmanager.yml'}", f"--storage.path={root / 'alertmanager-data'}",
         f"--web.listen-address={settings.host}:{ALERTMANAGER_PORT}", "--cluster.listen-address=",
