@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pilothouse.demo:main", "the whole loop on real monitoring: fault -> incident -> ... -> verified"),
     "bench": ("pilothouse.cli:bench", "run a benchmark and write JSON: bench NAME --out FILE (bus, ...)"),
     "eval": ("pilothouse.cli:evaluate", "evaluate root-cause analysis on fault datasets: eval rca --dataset DIR ..."),
+    "sensing": ("pilothouse.sensing.__main__:main", "run the sensing service (all|gateway|correlator)"),
+    "actuator": ("pilothouse.actuator.__main__:main", "run the actuator service"),
     "ingest": ("pilothouse.sensing.normalize:main", "normalise an alert/telemetry payload file offline; check mapping rules"),
     "console": ("pilothouse.console.__main__:main", "run the approval console (serve) or hash a password"),
     "approve": ("pilothouse.decide_cli:approve", "approve a pending action as yourself (via the console API)"),

@@ -272,36 +272,28 @@ class Observed:
 
 
 class Watcher(threading.Thread):
-    """Reads every loop topic from 'now' on and records what it sees."""
+    """Reads every loop topic from 'now' on (as the admin principal, read-only) and records what it sees."""
 
     def __init__(self, info: StackInfo):
         super().__init__(name="demo-watcher", daemon=True)
         from pilothouse.bus.config import BusSettings
-        from pilothouse.bus.serde import Serde
+        from pilothouse.bus.reader import TopicReader
 
-        self.serde = Serde()
-        self.settings = BusSettings(bootstrap_servers=info.kafka.bootstrap_servers, username="admin",
-                                    password=info.password("admin"), client_id="pilothouse-demo")
+        settings = BusSettings(bootstrap_servers=info.kafka.bootstrap_servers, username="admin",
+                               password=info.password("admin"), client_id="pilothouse-demo")
+        self.reader = TopicReader(settings, WATCHED, start="latest", group_id=f"demo.{uuid.uuid4().hex}")
         self.observed = Observed()
         self.ready = threading.Event()
         self._stop = threading.Event()
 
     def run(self) -> None:
-        from confluent_kafka import Consumer
-
-        c = Consumer({**self.settings.librdkafka(), "group.id": f"demo.{uuid.uuid4().hex}",
-                      "auto.offset.reset": "latest", "enable.auto.commit": False, "isolation.level": "read_committed"})
-        c.subscribe(list(WATCHED), on_assign=lambda consumer, parts: self.ready.set())
+        if self.reader.wait_assigned(60):
+            self.ready.set()
         while not self._stop.is_set():
-            m = c.poll(0.2)
-            if m is None or m.error():
-                continue
-            try:
-                rec = self.serde.decode(m.value()).record
-            except Exception:  # noqa: BLE001 - the demo only watches; services dead-letter what they cannot read
-                continue
-            self.observed.add(WATCHED[m.topic()], rec)
-        c.close()
+            got = self.reader.poll(0.2)
+            if got is not None:
+                self.observed.add(WATCHED[got[0]], got[1])
+        self.reader.close()
 
     def stop(self) -> None:
         self._stop.set()
