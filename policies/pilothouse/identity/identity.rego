@@ -14,13 +14,8 @@ invisible_pattern := `[\x{00AD}\x{034F}\x{061C}\x{115F}\x{1160}\x{17B4}\x{17B5}\
 # normalise returns the comparable form of a stable identity id.
 normalise(id) := lower(trim_space(regex.replace(id, invisible_pattern, "")))
 
-# The configured ids are plain lower-case ASCII already; lower() is enough (and far cheaper than normalise).
-service_ids := {lower(s) | some s in data.pilothouse.config.service_principals}
-
-non_human_prefix(id) if {
-	some prefix in data.pilothouse.config.non_human_prefixes
-	startswith(id, prefix)
-}
+# One builtin call instead of a loop over the prefixes (cheaper per principal checked).
+non_human_prefix(id) if strings.any_prefix_match(id, data.pilothouse.config.non_human_prefixes)
 
 # is_human holds only for a principal that says it is human AND is not a known service or model principal, whatever
 # kind it claims: a service principal that claims to be human is still refused.
@@ -30,7 +25,8 @@ is_human(principal) if is_human_with_id(principal, normalise(principal.id))
 is_human_with_id(principal, id) if {
 	principal.kind == "human"
 	id != ""
-	not service_ids[id]
+	# config ids are plain lower-case ASCII, the normalised form already: a direct membership test suffices.
+	not id in data.pilothouse.config.service_principals
 	not non_human_prefix(id)
 }
 

@@ -337,7 +337,8 @@ def local_opa_server(policies: Path, *, binary: Path | None = None, ready_timeou
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             [str(opa), "run", "--server", "--addr", f"127.0.0.1:{port}", "--log-level", "error", "--skip-version-check",
-             *(["--watch"] if watch else []), str(policies)],
+             # Data (config) read from an AST store needs no conversion per read: ~6% fewer allocations/decision.
+             "--optimize-store-for-read-speed", *(["--watch"] if watch else []), str(policies)],
             stdout=log,
             stderr=subprocess.STDOUT,
             # OPA allocates ~1.5-2.7k objects per decision; collecting 4x less often cut its CPU per decision by
