@@ -25,6 +25,7 @@ is_human(principal) if is_human_with_id(principal, normalise(principal.id))
 is_human_with_id(principal, id) if {
 	principal.kind == "human"
 	id != ""
+
 	# config ids are plain lower-case ASCII, the normalised form already: a direct membership test suffices.
 	not id in data.pilothouse.config.service_principals
 	not non_human_prefix(id)
