@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sizes", default="alert,webhook,webhook12", help="payload kinds for verify")
     ap.add_argument("--no-mirror", action="store_true")
-    ap.add_argument("--service-events", type=int, default=5000, help="events through the service on the stack")
+    ap.add_argument("--service-events", type=int, default=20_000, help="events through the service on the stack")
     ap.add_argument("--no-service", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "bench-out" / "ledger.json")
     ap.add_argument("--png", type=Path, default=None, help="bar chart (default: next to --out)")
