@@ -35,17 +35,19 @@ def signer_from(settings: Settings) -> CheckpointSigner | None:
 def build(settings: Settings, bus: BusSettings, *, workers: tuple[str, ...] = ("appender", "mirror", "checkpointer")
           ) -> ServiceRuntime:
     """Assemble the ledger process. ``workers`` picks which to run (all by default; tests run them one by one)."""
+    dsn = settings.postgres_dsn.get_secret_value() if settings.postgres_dsn else None
+    if "mirror" in workers and dsn is None:
+        raise PilothouseError("the mirror needs PILOTHOUSE_LEDGER_POSTGRES_DSN")
+    if "checkpointer" in workers and settings.signing_key is None:
+        raise PilothouseError("the checkpointer needs PILOTHOUSE_LEDGER_SIGNING_KEY (base64 Ed25519 seed)")
     producer = BusProducer(bus)
     runtime = ServiceRuntime("ledger", settings.observability_port, log_level=settings.log_level)
-    dsn = settings.postgres_dsn.get_secret_value() if settings.postgres_dsn else None
 
     def mirror_store(purpose: str) -> PostgresLedgerMirror:
         assert dsn is not None
         return PostgresLedgerMirror(dsn, schema=settings.postgres_schema, consumer_group=settings.group(purpose))
 
     if "mirror" in workers or "checkpointer" in workers:
-        if dsn is None and "mirror" in workers:
-            raise PilothouseError("the mirror needs PILOTHOUSE_LEDGER_POSTGRES_DSN")
         if dsn is not None:
             owner = settings.postgres_admin_dsn.get_secret_value() if settings.postgres_admin_dsn else dsn
             with PostgresLedgerMirror(owner, schema=settings.postgres_schema) as m:
@@ -106,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging("ledger", settings.log_level)  # start-up (fencing, chain recovery) logs too
         runtime = build(settings, bus, workers=chosen)
     except (PilothouseError, ValueError) as e:
+        print(f"pilothouse ledger: cannot start: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - e.g. the Kafka client refusing its configuration: say so, exit 2
         print(f"pilothouse ledger: cannot start: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return runtime.run()

@@ -389,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = "" if isinstance(e, _Cannot) else f"{type(e).__name__}: "
         print(json.dumps({"ok": False, "error": f"{kind}{e}"}), file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - e.g. the Kafka client refusing its configuration: cannot audit
+        print(json.dumps({"ok": False, "error": f"cannot audit: {type(e).__name__}: {e}"}), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

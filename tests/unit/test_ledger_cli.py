@@ -95,3 +95,27 @@ def test_keygen_prints_a_seed_the_settings_accept(capsys, monkeypatch) -> None:
     signer = signer_from(Settings())
     assert signer is not None and signer.key_id == out["key_id"]
     assert base64.b64decode(out["public_key"]) == signer.public_key.public_bytes_raw()
+
+
+def test_the_service_refuses_to_start_without_what_its_workers_need(monkeypatch, capsys) -> None:
+    from pilothouse.ledger.__main__ import main as run_main
+
+    for k in ("PILOTHOUSE_LEDGER_POSTGRES_DSN", "PILOTHOUSE_LEDGER_SIGNING_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("PILOTHOUSE_LEDGER_OBSERVABILITY_PORT", "0")
+    assert run_main(["--workers", "mirror"]) == 2
+    assert "the mirror needs PILOTHOUSE_LEDGER_POSTGRES_DSN" in capsys.readouterr().err
+    assert run_main(["--workers", "checkpointer"]) == 2
+    assert "needs PILOTHOUSE_LEDGER_SIGNING_KEY" in capsys.readouterr().err
+    assert run_main(["--workers", "appender,bogus"]) == 2
+    assert "unknown workers ['bogus']" in capsys.readouterr().err
+    for k in ("PILOTHOUSE_KAFKA_USERNAME", "PILOTHOUSE_KAFKA_PASSWORD"):
+        monkeypatch.delenv(k, raising=False)
+    assert run_main(["--workers", "appender"]) == 2  # the Kafka client refuses SASL without credentials
+    assert "cannot start" in capsys.readouterr().err
+    monkeypatch.setenv("PILOTHOUSE_LEDGER_SIGNING_KEY", "c2hvcnQ=")
+    assert run_main([]) == 2
+    assert "32-byte Ed25519 seed" in capsys.readouterr().err
+    monkeypatch.delenv("PILOTHOUSE_LEDGER_SIGNING_KEY")
+    rc = cli.main(["verify", "--no-postgres", "--public-key", f"cli-test={PUB}"])  # no Kafka credentials either
+    assert rc == 2 and "cannot audit" in capsys.readouterr().err
