@@ -58,6 +58,9 @@ FAULT_SIGNALS: dict[str, frozenset[str]] = {
     "dependency_failure": frozenset({"errors", "call_pattern"}),
 }
 _INTRINSIC = frozenset({"resource", "server_latency", "errors", "call_pattern", "logs", "change"})
+# features a callee's fault cannot produce in its caller (the engine does not discount them either): a service that
+# shows one of these itself is not "explained away" by a callee
+_CAUSE_LIKE = frozenset({"resource", "call_pattern", "change", "network", "call_latency"})
 _KIND_OF_CLAIM = {"log_burst": "log_burst", "trace_hotspot": "trace_hotspot", "change": "change_event",
                   "alert": "alert"}
 
@@ -96,6 +99,7 @@ class IncidentView:
     onset: Mapping[str, int]                  # earliest onset of above-bar evidence about the service
     power: Mapping[str, float]                # strongest above-bar evidence about the service (raw strength)
     intrinsic: Mapping[str, tuple[float, str]]  # strongest own (not edge/client/alert/host) item: (strength, id)
+    cause_power: Mapping[str, float]          # strongest cause-like item (resource, call pattern, change, edge delay)
     classes: Mapping[str, frozenset[str]]     # signal classes / features anomalous on the service
     measured: frozenset[str]                  # classes anomalous anywhere in the incident
     z_bar: float
@@ -131,6 +135,7 @@ def build_view(evidence: Iterable[EvidenceLike], edges: Iterable[tuple[str, str]
     onset: dict[str, int] = {}
     power: dict[str, float] = defaultdict(float)
     intrinsic: dict[str, tuple[float, str]] = {}
+    cause_power: dict[str, float] = defaultdict(float)
     classes: dict[str, set[str]] = defaultdict(set)
     measured: set[str] = set()
     for e in items:
@@ -147,13 +152,16 @@ def build_view(evidence: Iterable[EvidenceLike], edges: Iterable[tuple[str, str]
             classes[svc] |= cls
             if e.onset_ms is not None and (svc not in onset or e.onset_ms < onset[svc]):
                 onset[svc] = int(e.onset_ms)
+        if feat in _CAUSE_LIKE and e.kind != "alert":
+            for svc in (_about(e) if feat in ("network", "call_latency") else {e.service}):
+                cause_power[svc] = max(cause_power[svc], s)
         if feat in _INTRINSIC and e.kind != "alert" and (e.service not in intrinsic or s > intrinsic[e.service][0]):
             intrinsic[e.service] = (s, e.evidence_id)
     all_services = set(services) | {s for e in items for s in _about(e)} | {x for p in pairs for x in p}
     return IncidentView(
         by_id={e.evidence_id: e for e in items}, services=frozenset(all_services), edges=pairs,
         callees={k: frozenset(v) for k, v in below.items()}, callers={k: frozenset(v) for k, v in above.items()},
-        onset=onset, power=dict(power), intrinsic=intrinsic, classes={k: frozenset(v) for k, v in classes.items()},
+        onset=onset, power=dict(power), intrinsic=intrinsic, cause_power=dict(cause_power), classes={k: frozenset(v) for k, v in classes.items()},
         measured=frozenset(measured), z_bar=z_bar)
 
 
@@ -230,8 +238,8 @@ PREDICTION_TEXT = {
     "cause_onset_first": "if {s} is the cause, its anomaly starts no later than those of the services that call it",
     "own_signal_anomalous": "{s}'s own resource, latency, error or behaviour signal is anomalous (not only its "
                             "callers' view of it)",
-    "callees_do_not_explain": "no service {s} depends on shows a comparable anomaly that started earlier (that one "
-                              "would be the better explanation)",
+    "callees_do_not_explain": "no service {s} depends on shows a comparable anomaly that started no later, while {s} "
+                              "itself shows only symptoms (latency, errors) such a callee could cause",
     "unrelated_services_healthy": "services that neither call {s} nor are called by it stay healthy",
     "fault_signal_present": "the signal of a {f} ({sig}) is anomalous on {s}",
     "recent_change": "{s} had a deploy or config change before the anomaly started",
@@ -265,10 +273,11 @@ def evaluate_prediction(kind: str, svc: str, fault: str, view: IncidentView, *,
         if not view.edges:
             return "unknown", "no dependency graph in the incident"
         rivals = []
+        own_cause = view.cause_power.get(svc, 0.0)
         for d in sorted(view.callees.get(svc, ())):
             p, t = view.power.get(d, 0.0), view.onset.get(d)
-            if p > 0 and p >= explain_ratio * own_power and (t is None or own_onset is None
-                                                               or t <= own_onset + tolerance_ms):
+            if p > 0 and p >= explain_ratio * own_power and own_cause < explain_ratio * p and (
+                    t is None or own_onset is None or t <= own_onset + tolerance_ms):
                 rivals.append((p, d))
         if rivals:
             p, d = max(rivals)

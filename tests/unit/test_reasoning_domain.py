@@ -309,3 +309,16 @@ def test_an_incident_without_evidence_is_inconclusive_and_says_what_is_missing()
     a = assess("inc#empty", [], EDGES, SERVICES, CAT)
     assert a.outcome == "inconclusive" and a.hypotheses == () and a.proposals == ()
     assert any("traces" in d for d in a.deciding_data)
+
+
+def test_a_caller_with_its_own_cause_like_signal_is_not_explained_away_by_a_callee() -> None:
+    # checkout stopped calling payment (its own behaviour changed) while payment's latency moved: a callee fault
+    # cannot produce the caller's changed call pattern, so the callee does not refute the caller
+    items = [ev("ev-chk-fan", "checkout", "fanout:PlaceOrder", 40, cls="call_pattern", kind="trace_hotspot",
+                direction="down", side="trace"),
+             ev("ev-pay-lat2", "payment", "server_latency_p90", 30, cls="latency", side="server", onset=MIN)]
+    v = view_of(items)
+    assert evaluate_prediction("callees_do_not_explain", "checkout", "dependency_failure", v)[0] == "holds"
+    # without its own cause-like signal, the same callee anomaly does explain checkout's latency
+    lat = [ev("ev-chk-lat2", "checkout", "server_latency_p90", 40, cls="latency", side="server"), items[1]]
+    assert evaluate_prediction("callees_do_not_explain", "checkout", "latency", view_of(lat))[0] == "violated"
