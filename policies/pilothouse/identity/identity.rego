@@ -12,7 +12,11 @@ package pilothouse.identity
 invisible_pattern := `[\x{00AD}\x{034F}\x{061C}\x{115F}\x{1160}\x{17B4}\x{17B5}\x{180B}-\x{180F}\x{200B}-\x{200F}\x{202A}-\x{202E}\x{2060}-\x{206F}\x{3164}\x{FE00}-\x{FE0F}\x{FEFF}\x{FFA0}\x{E0000}-\x{E007F}\x{E0100}-\x{E01EF}]`
 
 # normalise returns the comparable form of a stable identity id.
-normalise(id) := lower(trim_space(regex.replace(id, invisible_pattern, "")))
+# Fast path: an id made only of URL-unreserved ASCII (letters, digits, - . _ ~; what the Python side sends for
+# ordinary accounts) cannot hold an invisible character, so the regex pass would change nothing.
+normalise(id) := lower(id) if {
+	urlquery.encode(id) == id
+} else := lower(trim_space(regex.replace(id, invisible_pattern, "")))
 
 # One builtin call instead of a loop over the prefixes (cheaper per principal checked).
 non_human_prefix(id) if strings.any_prefix_match(id, data.pilothouse.config.non_human_prefixes)
