@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import uuid
 from hashlib import sha256
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -240,7 +240,3 @@ class ChainFollower:
                          self.head.last_hash if self.size else "")
         return cp
 
-
-def recorded_types(topics: Iterable[str], catalogue_records: Mapping[str, str]) -> dict[str, str | None]:
-    """topic -> the record type it carries (None: any known schema, for topics outside the catalogue)."""
-    return {t: catalogue_records.get(t) for t in topics}
