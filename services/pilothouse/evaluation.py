@@ -502,6 +502,15 @@ def _with_llm(case: Case, ranking: Ranking, ev: list[EvidenceItem], step, tally:
             "model_ms": round(model_ms, 1)}
 
 
+def _checked_rank(case: Case, ranking: Ranking, ev: list[EvidenceItem]) -> tuple[int | None, str]:
+    from pilothouse.bus.actions import load_actions
+    from pilothouse.reasoning.domain import assess
+
+    a = assess(case.case_id, ev, sorted(case.edges), sorted(case.services), load_actions(), ranking=ranking)
+    order = list(dict.fromkeys([h.root_cause_service for h in a.hypotheses] + ranking.top(len(ranking.candidates))))
+    return (order.index(case.root_cause) + 1 if case.root_cause in order else None), a.outcome
+
+
 def _llm_report(t: _LlmTally) -> dict:
     n = len(t.ranks)
     return {
@@ -522,6 +531,8 @@ def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG, *, ll
     ranking on the first ``llm_cases`` cases (all when None)."""
     ranks: list[int | None] = []
     tally = _LlmTally()
+    checked: list[int | None] = []
+    outcomes: dict[str, int] = {}
     by_type: dict[str, list[int | None]] = {}
     times: list[CaseTiming] = []
     abstained = 0
@@ -549,6 +560,10 @@ def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG, *, ll
             ],
             "ms": round(timing.wall_ms, 2),
         })
+        rank_checked, outcome = _checked_rank(case, ranking, ev)
+        checked.append(rank_checked)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        details[-1]["rank_checked"] = rank_checked
         if llm_step is not None and (llm_cases is None or len(tally.ranks) < llm_cases):
             details[-1].update(_with_llm(case, ranking, ev, llm_step, tally))
     if not ranks:
@@ -569,6 +584,10 @@ def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG, *, ll
         "data_notes": sorted(notes),
         "details": details,
     })
+    out["checked_hypotheses"] = {
+        "what": "order of the hypotheses the reasoning service publishes (engine + counterfactual checks + "
+                "code-computed confidence, no model), then the rest of the engine ranking",
+        **{k: v for k, v in _summary(checked).items() if k != "cases"}, "outcomes": outcomes}
     if llm_step is not None:
         out["with_llm"] = _llm_report(tally)
     return out
@@ -633,6 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "traces": not args.no_traces, **report}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    ch = report["checked_hypotheses"]
+    print(f"published (checked) hypotheses: AC@1={ch['ac_at_1']:.3f} AC@3={ch['ac_at_3']:.3f} "
+          f"outcomes={ch['outcomes']}")
     if "with_llm" in report:
         w = report["with_llm"]
         print(f"with LLM ({w['cases']} cases): AC@1={w['ac_at_1']:.3f} AC@3={w['ac_at_3']:.3f} "
