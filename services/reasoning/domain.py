@@ -447,8 +447,10 @@ class Assessment:
 
 def _hypothesis(view: IncidentView, ranking_scores: Mapping[str, float], top: Sequence[float], *, key: str,
                 origin: str, svc: str, fault: str, summary: str, claims: Iterable[ClaimInput],
-                extra_predictions: Iterable[str], abstain: bool, bar: float) -> Hypothesis:
-    hyp_id = stable_id("hyp", key, origin, svc, fault)
+                extra_predictions: Iterable[str], abstain: bool, bar: float, rejected: bool = False) -> Hypothesis:
+    # Stable across versions of one incident: a responder's gate-1 validation of "svc is the root cause" keeps holding
+    # when the incident is updated (new alerts, refreshed evidence), and so do the proposals derived from it.
+    hyp_id = stable_id("hyp", key.split("#", 1)[0], origin, svc, fault)
     kept: list[Claim] = []
     dropped: list[DroppedClaim] = []
     for i, c in enumerate(claims):
@@ -464,7 +466,10 @@ def _hypothesis(view: IncidentView, ranking_scores: Mapping[str, float], top: Se
     preds = predictions_for(svc, fault, extra_predictions, view, hyp_id)
     conf = confidence(ranking_scores.get(svc, 0.0), top, preds, verified_claims=len(kept), origin=origin)
     refuted = any(p.verdict == "violated" and p.kind in REFUTING for p in preds)
-    if refuted:
+    if rejected:  # a responder rejected this root cause at gate 1: keep it visible, never propose for it
+        status = "refuted"
+        summary = f"{summary} [rejected by a responder at gate 1]"
+    elif refuted:
         status = "refuted"
     elif conf >= bar and kept and not abstain:
         status = "supported"
@@ -478,8 +483,12 @@ def _hypothesis(view: IncidentView, ranking_scores: Mapping[str, float], top: Se
 def assess(incident_key: str, evidence: Sequence[EvidenceLike], edges: Iterable[tuple[str, str] | EdgeLike],
            services: Iterable[str], catalogue: ActionCatalogue, *, model: Sequence[ModelHypothesis] = (),
            model_name: str = "", engine_hypotheses: int = 3, support_bar: float = 0.5,
-           engine_config: EngineConfig = DEFAULT_CONFIG, ranking: Ranking | None = None) -> Assessment:
+           engine_config: EngineConfig = DEFAULT_CONFIG, ranking: Ranking | None = None,
+           rejected: frozenset[str] = frozenset()) -> Assessment:
     """Assemble, check and rank hypotheses; propose catalogue mitigations for the supported ones.
+
+    ``rejected``: root-cause services a responder rejected for this incident (gate 1): such hypotheses are kept but
+    refuted, so they sink to the end and get no proposals.
 
     ``incident_key`` (incident id + version) seeds every id, so the same input always yields the same output.
     """
@@ -506,7 +515,8 @@ def assess(incident_key: str, evidence: Sequence[EvidenceLike], edges: Iterable[
         summary = f"engine rank {cand.rank}: {cand.service} ({fault}), score {cand.score:.2f} from {feats}"
         drafts.append(_Draft(_hypothesis(view, scores, top, key=incident_key, origin="deterministic",
                                          svc=cand.service, fault=fault, summary=summary, claims=claims,
-                                         extra_predictions=(), abstain=ranking.abstain, bar=support_bar)))
+                                         extra_predictions=(), abstain=ranking.abstain, bar=support_bar,
+                                         rejected=cand.service in rejected)))
 
     for i, mh in enumerate(model):
         if mh.root_cause_service not in view.services:
@@ -518,7 +528,8 @@ def assess(incident_key: str, evidence: Sequence[EvidenceLike], edges: Iterable[
         drafts.append(_Draft(_hypothesis(view, scores, top, key=incident_key, origin="llm",
                                          svc=mh.root_cause_service, fault=fault, summary=summary[:400],
                                          claims=mh.claims, extra_predictions=mh.predictions,
-                                         abstain=ranking.abstain, bar=support_bar), mh.actions))
+                                         abstain=ranking.abstain, bar=support_bar,
+                                         rejected=mh.root_cause_service in rejected), mh.actions))
 
     # one hypothesis per id (the model may repeat itself); best first
     seen: set[str] = set()
@@ -528,7 +539,7 @@ def assess(incident_key: str, evidence: Sequence[EvidenceLike], edges: Iterable[
             seen.add(d.hyp.hypothesis_id)
             unique.append(d)
     order = {"supported": 0, "inconclusive": 1, "refuted": 2}
-    unique.sort(key=lambda d: (order[d.hyp.status], -d.hyp.confidence, d.hyp.origin != "deterministic",
+    unique.sort(key=lambda d: (d.hyp.root_cause_service in rejected, order[d.hyp.status], -d.hyp.confidence, d.hyp.origin != "deterministic",
                                d.hyp.root_cause_service))
     hyps = tuple(d.hyp.model_copy(update={"rank": i + 1}) for i, d in enumerate(unique))
     outcome = "supported" if any(h.status == "supported" for h in hyps) else "inconclusive"

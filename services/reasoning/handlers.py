@@ -170,6 +170,8 @@ class ReasoningHandlers:
         self.max_tracked = max_tracked
         self._latest: OrderedDict[str, int] = OrderedDict()
         self.validations: OrderedDict[str, str] = OrderedDict()   # hypothesis_id -> validated | rejected
+        self._published: OrderedDict[str, tuple[str, str]] = OrderedDict()  # hypothesis_id -> (incident, service)
+        self.rejected: dict[str, set[str]] = {}                   # incident_id -> rejected root-cause services
 
     def _seen(self, incident_id: str, version: int) -> bool:
         last = self._latest.get(incident_id)
@@ -218,16 +220,29 @@ class ReasoningHandlers:
         assessment = assess(f"{incident.incident_id}#{incident.version}", incident.evidence, edges, services,
                             self.catalogue, model=outcome.hypotheses, model_name=outcome.model,
                             engine_hypotheses=self.settings.engine_hypotheses,
-                            support_bar=self.settings.support_bar, ranking=ranking)
+                            support_bar=self.settings.support_bar, ranking=ranking,
+                            rejected=frozenset(self.rejected.get(incident.incident_id, ())))
         hp, actions = build_records(incident, assessment, outcome, catalogue_version=self.catalogue.revision,
                                     now=self.now())
+        for h in hp.hypotheses:
+            self._published[h.hypothesis_id] = (incident.incident_id, h.root_cause_service)
+        while len(self._published) > self.max_tracked:
+            self._published.popitem(last=False)
         t3 = time.perf_counter()
         OVERHEAD_SECONDS.observe((t1 - t0) + outcome.prompt_s + (t3 - t2))
         return hp, actions, outcome
 
     def on_validation(self, record: HypothesisValidated, ctx: MessageContext | None = None) -> list[Output]:
-        """Remember a human's gate-1 verdict (policy enforces it; reasoning produces nothing for it)."""
+        """Remember a human's gate-1 verdict (policy enforces it; reasoning produces nothing for it). A rejected
+        root cause is refuted in the incident's later versions (re-ranked last, no proposals)."""
         self.validations[record.hypothesis_id] = record.verdict
+        known = self._published.get(record.hypothesis_id)
+        if known is not None and known[0] == record.incident_id:
+            services = self.rejected.setdefault(record.incident_id, set())
+            if record.verdict == "rejected":
+                services.add(known[1])
+            else:
+                services.discard(known[1])
         while len(self.validations) > self.max_tracked:
             self.validations.popitem(last=False)
         log.info("hypothesis verdict", extra={"incident_id": record.incident_id,

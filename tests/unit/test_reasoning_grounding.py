@@ -327,3 +327,20 @@ def test_the_service_refuses_to_start_on_bad_settings(env, message) -> None:
     proc = subprocess.run([sys.executable, "-m", "pilothouse.reasoning"], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_rejected_root_cause_sinks_in_later_versions_and_gets_no_proposals(model) -> None:
+    model.script = [("json", {"hypotheses": []})]
+    h = handlers_for(model)
+    first = h.on_incident(incident(1))[0].record
+    top = first.hypotheses[0]
+    assert top.status == "supported"
+    h.on_validation(HypothesisValidated(event_id="v2", incident_id="inc-42", correlation_id="inc-42",
+                                        occurred_at=NOW, hypothesis_id=top.hypothesis_id, verdict="rejected",
+                                        validator_id="oncall-1"))
+    outs = h.on_incident(incident(2))
+    hp = outs[0].record
+    again = next(x for x in hp.hypotheses if x.root_cause_service == top.root_cause_service)
+    assert again.status == "refuted" and "rejected by a responder" in again.summary
+    assert again.rank == len(hp.hypotheses)
+    assert all(o.record.hypothesis_id != again.hypothesis_id for o in outs[1:])
