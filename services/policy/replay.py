@@ -129,34 +129,32 @@ def parse_records(raw: Iterable[dict[str, Any]]) -> tuple[list[PolicyDecided], l
 
 def read_topic(topic: str, idle_s: float = 3.0, timeout_s: float = 300.0) -> tuple[list[PolicyDecided], list[str]]:
     """Every committed PolicyDecided on ``topic`` (Kafka settings from PILOTHOUSE_KAFKA_*), read from the start
-    until ``idle_s`` pass without a record. A reader never dead-letters: undecodable records are reported."""
+    until ``idle_s`` pass without a record. A reader never commits offsets nor dead-letters: undecodable records
+    are counted and reported."""
     from pilothouse.bus.config import BusSettings
-    from pilothouse.bus.consumer import ConsumerLoop
-    from pilothouse.bus.producer import BusProducer
+    from pilothouse.bus.reader import TopicReader
 
     bus = BusSettings(client_id="pilothouse-policy-replay")
-    # A fresh group that commits nothing: replaying never moves anyone's offsets. The loop is only used for its
-    # configured consumer (read_committed, from the earliest offset); records are polled and decoded here.
-    loop = ConsumerLoop(bus, group_id=f"pilothouse.policy.replay.{uuid.uuid4().hex[:12]}", handlers={topic: print},
-                        dlq_producer=BusProducer(bus), extra_config={"enable.auto.commit": False})
+    reader = TopicReader(bus, [topic], start="earliest", group_id=f"pilothouse.policy.replay.{uuid.uuid4().hex[:12]}")
     found: list[PolicyDecided] = []
     bad: list[str] = []
     deadline = time.monotonic() + timeout_s
-    idle_since = time.monotonic()
     try:
+        reader.wait_assigned(min(30.0, timeout_s))
+        idle_since = time.monotonic()
         while time.monotonic() < deadline and time.monotonic() - idle_since < idle_s:
-            msg = loop.raw.poll(0.2)
-            if msg is None or msg.error():
+            got = reader.poll(0.2)
+            if got is None:
                 continue
             idle_since = time.monotonic()
-            try:
-                record = loop.serde.decode(msg.value(), expected="pilothouse.policy.PolicyDecided").record
-            except PilothouseError as e:
-                bad.append(f"{msg.topic()}[{msg.partition()}]@{msg.offset()}: {e}")
-                continue
-            found.append(record)  # type: ignore[arg-type]
+            if isinstance(got[1], PolicyDecided):
+                found.append(got[1])
+            else:
+                bad.append(f"{topic}: a {type(got[1]).__name__} record is not a PolicyDecided")
+        if reader.undecodable:
+            bad.append(f"{topic}: {reader.undecodable} undecodable record(s)")
     finally:
-        loop.close()
+        reader.close()
     return found, bad
 
 
