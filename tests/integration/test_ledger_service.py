@@ -178,6 +178,9 @@ def test_one_entry_per_event_mirrored_checkpointed_verified_and_proven(env, caps
     assert rc == 0, report
     assert report["entries"] == {"main": 62} and report["checkpoints_verified"] >= 1
     assert report["mode"] == "streaming" and report["read"]["postgres"]["rows"] == 62
+    rc, pg_only = _cli(capsys, "verify", "--no-kafka")
+    assert rc == 0 and pg_only["mode"] == "streaming" and pg_only["entries"] == {"main": 62}
+    assert "kafka" not in pg_only["read"]
     # the same checkpoints were found in all three places
     assert report["read"]["kafka"]["checkpoints"] == report["read"]["postgres"]["checkpoints"] \
         == report["read"]["checkpoint_file"]["checkpoints"] >= 1
@@ -195,6 +198,8 @@ def test_one_entry_per_event_mirrored_checkpointed_verified_and_proven(env, caps
     rc, report = _cli(capsys, "verify", "--timeout", "30")
     assert rc == 1 and report["first"]["sequence"] == 17 and report["first"]["source"] == "postgres"
     assert report["first"]["kind"] == ProblemKind.HASH_MISMATCH.value
+    rc, pg_only = _cli(capsys, "verify", "--no-kafka")  # Postgres alone still shows it: the hash no longer matches
+    assert rc == 1 and pg_only["first"]["sequence"] == 17 and pg_only["first"]["kind"] == "hash_mismatch"
 
 
 def _checkpointed(e) -> int:
