@@ -140,8 +140,9 @@ def read_topic(topic: str, idle_s: float = 3.0, timeout_s: float = 300.0) -> tup
     bad: list[str] = []
     deadline = time.monotonic() + timeout_s
     try:
-        reader.wait_assigned(min(30.0, timeout_s))
-        idle_since = time.monotonic()
+        # Not reader.wait_assigned(): it polls, and a record polled there would be lost. Allow the group join
+        # (a few seconds) before the first record, then stop after idle_s without one.
+        idle_since = time.monotonic() + 10.0
         while time.monotonic() < deadline and time.monotonic() - idle_since < idle_s:
             got = reader.poll(0.2)
             if got is None:
