@@ -185,7 +185,7 @@ class CorrelationWorker:
         window = self.handler.window(inc)
         loop = asyncio.get_running_loop()
         # the HTTP calls run on a thread: the event loop keeps serving Kafka meanwhile
-        result = await loop.run_in_executor(None, self.metrics, inc.services, window)
+        result = await loop.run_in_executor(None, self.metrics, self.handler.evidence_scope(inc), window)
         self._metric_cache[inc.incident_id] = (now, result)
         if len(self._metric_cache) > 10_000:
             self._metric_cache.pop(next(iter(self._metric_cache)))

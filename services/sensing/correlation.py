@@ -102,6 +102,26 @@ class DependencyMap:
                     stack.append(nxt)
         return False
 
+    def downstream(self, services: Iterable[str], hops: int) -> list[str]:
+        """``services`` plus everything they call within ``hops`` edges (sorted after the originals).
+
+        Evidence looks here too: an alert usually fires on the caller first (users see the frontend fail) while the
+        cause sits in a callee that has not alerted yet; without the callee's metrics no engine could point at it.
+        """
+        out = self._out()
+        start = list(dict.fromkeys(services))
+        seen = set(start)
+        frontier = [(s, 0) for s in start]
+        while frontier:
+            node, dist = frontier.pop()
+            if dist == hops:
+                continue
+            for nxt in out.get(node, ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    frontier.append((nxt, dist + 1))
+        return start + sorted(seen - set(start))
+
     def edges_among(self, services: Iterable[str]) -> list[tuple[str, str]]:
         """Direct edges whose both ends are in ``services`` (sorted)."""
         s = set(services)

@@ -210,8 +210,9 @@ class IncidentHandler:
     """Correlate one alert and build the IncidentUpdated to write (or None)."""
 
     def __init__(self, correlator: Correlator, redactor: Redactor, *, telemetry: TelemetryBuffer | None = None,
-                 new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
+                 new_id: Callable[[], str] = lambda: str(uuid.uuid4()), evidence_hops: int = 2) -> None:
         self.correlator = correlator
+        self.evidence_hops = evidence_hops
         self.redactor = redactor
         self.telemetry = telemetry or TelemetryBuffer()
         self._new_id = new_id
@@ -236,10 +237,15 @@ class IncidentHandler:
     def handle_telemetry(self, record: avro.TelemetryReceived) -> None:
         self.telemetry.add(record)
 
+    def evidence_scope(self, inc: Incident) -> list[str]:
+        """The incident's services and their callees (evidence and topology cover both; see Dependencies.downstream)."""
+        return self.correlator.deps.downstream(inc.services, self.evidence_hops)
+
     def incident_record(self, inc: Incident, *, metrics: MetricEvidence | None = None) -> avro.IncidentUpdated:
         deps = self.correlator.deps
         services = inc.services
-        items = self._evidence(inc, services, self.window(inc), metrics or ([], "not configured"))
+        scope = self.evidence_scope(inc)
+        items = self._evidence(inc, scope, self.window(inc), metrics or ([], "not configured"))
         # Every string leaving sensing passes redaction. The title and the alert items are built from alerts that
         # were redacted at the gateway; every other item (Prometheus labels, log templates, change descriptions) is
         # scanned again here — a second pass over already-redacted text is cheap insurance, not a no-op by design.
@@ -247,7 +253,7 @@ class IncidentHandler:
         other, manifest = self.redactor.redact_record([i.to_dict() for i in items if i.kind != "alert"])
         evidence = [avro.Evidence.model_validate(d) for d in alert_items + other]
         title = inc.title(deps)
-        edges = [avro.DependencyEdge(caller=a, callee=b) for a, b in deps.edges_among(services)]
+        edges = [avro.DependencyEdge(caller=a, callee=b) for a, b in deps.edges_among(scope)]
         return avro.IncidentUpdated(
             event_id=self._new_id(), incident_id=inc.incident_id, correlation_id=inc.incident_id,
             causation_id=inc.causation_id, occurred_at=_ts(inc.last_seen), producer=PRODUCER,

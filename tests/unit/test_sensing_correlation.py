@@ -273,3 +273,12 @@ def _reopened_elsewhere(store: MemoryStore) -> bool:
         if len(holders) > 1 and any(store.incidents[h]["state"] == "open" and h != iid for h in holders):
             return False
     return True
+
+
+def test_downstream_covers_callees_within_hops_only():
+    from pilothouse.sensing.correlation import DependencyMap
+
+    deps = DependencyMap.from_yaml("version: 1\nedges:\n  a: [b]\n  b: [c]\n  c: [d]\n  x: [a]\n")
+    assert deps.downstream(["a"], 2) == ["a", "b", "c"]
+    assert deps.downstream(["b", "a"], 1) == ["b", "a", "c"]
+    assert deps.downstream(["d"], 3) == ["d"]  # callers are not pulled in
