@@ -26,7 +26,7 @@ from pilothouse.bus.records import ActionAuthorized, ApprovalRequested, PolicyDe
 from pilothouse.bus.serde import Serde
 from pilothouse.policy.__main__ import RECORDS, build_handlers, build_processor
 from pilothouse.policy.adapters.opa import local_opa_server
-from pilothouse.policy.adapters.postgres import Store
+from pilothouse.policy.adapters.postgres import Store, StoreError
 from pilothouse.policy.config import Settings
 
 from tests.integration import test_policy_service_records as r
@@ -85,9 +85,12 @@ def wait_applied(settings: Settings, check, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            with store.transaction() as tx:
-                if check(tx):
-                    return
+            try:
+                with store.transaction() as tx:
+                    if check(tx):
+                        return
+            except StoreError:  # the service has not created its tables yet
+                pass
             time.sleep(0.2)
         pytest.fail("the service did not apply the records in time")
     finally:
@@ -167,3 +170,56 @@ def test_only_policy_may_write_authorizations(bus_settings):
     for principal in ("reasoning", "console", "actuator"):
         with pytest.raises(NotAuthorized):
             BusProducer(bus_settings(principal)).send(forged, key=p.action_id, timeout=20)
+
+
+def test_python_m_pilothouse_policy_starts_decides_and_stops(stack_info, bus_settings, new_topic, tmp_path):
+    """The real process: settings from the environment, tables created, OPA checked, one decision, clean SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pilothouse.policy.adapters.opa import _free_port
+
+    key = Ed25519PrivateKey.generate()
+    raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    topics = {f"topic_{p}": new_topic() for p in [*RECORDS, "decisions", "pending", "authorized"]}
+    bus = bus_settings("admin")
+    schema = f"test_policy_{uuid.uuid4().hex[:10]}"
+    with local_opa_server(POLICIES) as engine:
+        env = {**os.environ, "PILOTHOUSE_POLICY_POSTGRES_DSN": stack_info.postgres_dsn,
+               "PILOTHOUSE_POLICY_POSTGRES_SCHEMA": schema, "PILOTHOUSE_POLICY_SIGNING_KEY": base64.b64encode(raw).decode(),
+               "PILOTHOUSE_POLICY_OPA_URL": engine.endpoint, "PILOTHOUSE_POLICY_GROUP_PREFIX": f"test.{uuid.uuid4().hex[:8]}",
+               "PILOTHOUSE_POLICY_OBSERVABILITY_PORT": str(_free_port()),
+               "PILOTHOUSE_KAFKA_BOOTSTRAP_SERVERS": bus.bootstrap_servers, "PILOTHOUSE_KAFKA_USERNAME": bus.username,
+               "PILOTHOUSE_KAFKA_PASSWORD": bus.password.get_secret_value(),
+               "PILOTHOUSE_KAFKA_SECURITY_PROTOCOL": bus.security_protocol,
+               "PILOTHOUSE_KAFKA_SASL_MECHANISM": bus.sasl_mechanism,
+               **{f"PILOTHOUSE_POLICY_{k.upper()}": v for k, v in topics.items()}}
+        proc = subprocess.Popen([sys.executable, "-m", "pilothouse.policy"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        try:
+            inc, hyp = f"inc-{uuid.uuid4().hex[:6]}", f"hyp-{uuid.uuid4().hex[:6]}"
+            producer = BusProducer(bus)
+            send(producer, topics["topic_validations"], r.validation(inc, hyp), inc)
+            wait_applied(Settings(postgres_dsn=stack_info.postgres_dsn, postgres_schema=schema,
+                                  signing_key=base64.b64encode(raw).decode()), lambda tx: tx.validations(hyp))
+            send(producer, topics["topic_proposals"], r.proposal(inc, hyp, action_type="collect_diagnostics"), inc)
+            outs = read_all(bus, [topics["topic_authorized"]], want=1)
+            assert [type(rec).__name__ for _, rec in outs] == ["ActionAuthorized"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            output = proc.communicate(timeout=60)[0].decode(errors="replace")
+            Store(stack_info.postgres_dsn, schema).drop()
+        assert proc.returncode == 0, output[-3000:]
+
+
+def test_python_m_pilothouse_policy_refuses_to_start_without_settings():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PILOTHOUSE_POLICY_")}
+    done = subprocess.run([sys.executable, "-m", "pilothouse.policy"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert "cannot start" in done.stderr and "signing_key" in done.stderr.lower()
