@@ -126,7 +126,31 @@ own_refusals[i] contains {"code": "frozen_window", "message": msg} if {
 # Decision-level blocks (kill switch, exhausted budget, not admissible...) refuse every approval too.
 block_refusals := {{"code": b.code, "message": sprintf("cannot count while %v", [b.message])} | some b in risk.blocks}
 
-own(i) := object.get(own_refusals, i, set())
+# Early exit: an approval that passes every own check (the usual case) is judged in this one body; the full set of
+# refusal rules (own_refusals) is only evaluated when some approval fails one. approval_ok must imply that no
+# own_refusals rule fires for i (the tests compare both paths on every refusal code).
+approval_ok(i) if {
+	a := recorded[i]
+	well_formed(a)
+	approver_is_human(i)
+	ids[i] != risk.proposer_id
+	not risk.validator_ids[ids[i]]
+	a.action_hash == input.action.action_hash
+	time.parse_rfc3339_ns(a.expires_at) > risk.now_ns
+	time.parse_rfc3339_ns(a.granted_at) <= risk.now_ns
+	has_required_role(a)
+	not approval_id_reused(i)
+}
+
+approval_id_reused(i) if {
+	some j, earlier in recorded
+	j < i
+	earlier.approval_id == recorded[i].approval_id
+}
+
+own(i) := set() if {
+	approval_ok(i)
+} else := object.get(own_refusals, i, set())
 
 acceptable := {i | some i, _ in recorded; count(own(i)) == 0}
 

@@ -26,17 +26,28 @@ proposer_id := identity.normalise(input.proposal.proposed_by.id)
 # Input sanity: a missing or malformed field must deny with a clear reason, never fall through to allow.
 # ---------------------------------------------------------------------------------------------------------------
 
-input_errors contains {"code": "input_now_invalid", "message": "input.now must be an RFC 3339 timestamp"} if {
+# Early exit: well-formed input (the usual case: the Python side validates it first) is one rule body; the
+# per-field reasons are only worked out when something is wrong.
+input_errors := set() if {
+	now_ns
+	valid_action_hash
+	valid_facts
+	target_service
+	environment
+	valid_budget
+} else := all_input_errors
+
+all_input_errors contains {"code": "input_now_invalid", "message": "input.now must be an RFC 3339 timestamp"} if {
 	not now_ns
 }
 
-input_errors contains {"code": "input_action_hash_missing", "message": "input.action.action_hash is missing or empty"} if {
+all_input_errors contains {"code": "input_action_hash_missing", "message": "input.action.action_hash is missing or empty"} if {
 	not valid_action_hash
 }
 
 valid_action_hash if regex.match(`^[0-9a-f]{64}$`, input.action.action_hash)
 
-input_errors contains {"code": "input_facts_invalid", "message": msg} if {
+all_input_errors contains {"code": "input_facts_invalid", "message": msg} if {
 	not valid_facts
 	msg := "input.action.facts needs reversible (bool), read_only (bool) and blast_radius (low|medium|high)"
 }
@@ -47,17 +58,17 @@ valid_facts if {
 	cfg.risk.blast_radius_points[input.action.facts.blast_radius]
 }
 
-input_errors contains {"code": "input_target_invalid", "message": msg} if {
+all_input_errors contains {"code": "input_target_invalid", "message": msg} if {
 	not target_service
 	msg := "input.action.target.service and input.action.target.environment are required"
 }
 
-input_errors contains {"code": "input_target_invalid", "message": msg} if {
+all_input_errors contains {"code": "input_target_invalid", "message": msg} if {
 	not environment
 	msg := "input.action.target.service and input.action.target.environment are required"
 }
 
-input_errors contains {"code": "input_budget_invalid", "message": msg} if {
+all_input_errors contains {"code": "input_budget_invalid", "message": msg} if {
 	not valid_budget
 	msg := "input.budget needs scope, consumed (number >= 0), window_start and window_end (RFC 3339)"
 }
@@ -104,9 +115,11 @@ blocks contains {"code": "hypothesis_not_validated", "message": msg} if {
 
 blast_points := cfg.risk.blast_radius_points[input.action.facts.blast_radius]
 
-reversibility_points := 0 if input.action.facts.reversible == true
-
-reversibility_points := cfg.risk.irreversible_points if input.action.facts.reversible == false
+reversibility_points := 0 if {
+	input.action.facts.reversible == true
+} else := cfg.risk.irreversible_points if {
+	input.action.facts.reversible == false
+}
 
 # An unknown environment is scored like production: fail towards caution.
 environment_points := object.get(cfg.risk.environment_points, environment, cfg.risk.unknown_environment_points)
@@ -115,21 +128,14 @@ severity_points := object.get(cfg.risk.severity_points, lower(object.get(input.i
 
 score := ((blast_points + reversibility_points) + environment_points) + severity_points
 
-tier := "read_only" if read_only
-
-tier := "low" if {
-	state_changing
+# One rule with an else chain: evaluated top-down, stops at the first match (cheaper than four separate rules).
+tier := "read_only" if {
+	read_only
+} else := "low" if {
 	score <= cfg.risk.low_max
-}
-
-tier := "medium" if {
-	state_changing
-	score > cfg.risk.low_max
+} else := "medium" if {
 	score <= cfg.risk.medium_max
-}
-
-tier := "high" if {
-	state_changing
+} else := "high" if {
 	score > cfg.risk.medium_max
 }
 
@@ -137,9 +143,9 @@ tier := "high" if {
 # Risk budget: executed actions consume it (input.budget.consumed, summed by the ledger over the window).
 # ---------------------------------------------------------------------------------------------------------------
 
-cost := cfg.risk.read_only_cost if read_only
-
-cost := score if state_changing
+cost := cfg.risk.read_only_cost if {
+	read_only
+} else := score
 
 budget_limit := object.get(cfg.budgets.limits, input.budget.scope, cfg.budgets.default_limit)
 
