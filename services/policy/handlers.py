@@ -245,6 +245,7 @@ class PolicyHandlers:
         proposed = ActionProposed.model_validate(row["record"])
         now = self.clock()
         tx.lock_scope(row["service"])
+        tx.lock_scope("target:" + row["target_key"])  # the in-flight cap, even when two scopes share a target
         policy_input = self._input(tx, row, proposed, now, approvals=False)
         record = self.engine.decide("proposal", policy_input)
         decision = record.decision
@@ -299,6 +300,7 @@ class PolicyHandlers:
         proposed = ActionProposed.model_validate(row["record"])
         now = self.clock()
         tx.lock_scope(row["service"])
+        tx.lock_scope("target:" + row["target_key"])  # the in-flight cap, even when two scopes share a target
         policy_input = self._input(tx, row, proposed, now, approvals=True)
         record = self.engine.decide("approvals", policy_input)
         decision = record.decision

@@ -122,7 +122,9 @@ class Tx:
 
     # ---- locks ----
     def lock_scope(self, scope: str) -> None:
-        """Serialise every decision that may spend the budget of ``scope`` until this transaction ends."""
+        """Serialise every decision that may spend the budget of ``scope`` (or, for ``target:<kind>:<name>``,
+        change what is in flight on that target) until this transaction ends. Always budget scope first, then
+        target; a deadlock between multi-proposal transactions is reported by Postgres and retried."""
         self._exec("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", ("policy-budget:" + scope,))
 
     # ---- incidents ----
