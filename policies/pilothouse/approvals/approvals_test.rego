@@ -233,3 +233,40 @@ test_service_principal_cannot_veto if {
 	d.outcome == "allow"
 	not "rejected_by_human" in d.reason_codes
 }
+
+# The early exit (approval_ok) must agree with the full refusal rules: for each single approval, it holds exactly
+# when own_refusals has nothing for it.
+early_exit_agrees(patch, approval) if {
+	inp := object.union(object.union(base, patch), {"approvals": [approval]})
+	refusals := approvals.own_refusals with input as inp
+	approvals.approval_ok(0) with input as inp
+	count(object.get(refusals, 0, set())) == 0
+}
+
+early_exit_agrees(patch, approval) if {
+	inp := object.union(object.union(base, patch), {"approvals": [approval]})
+	refusals := approvals.own_refusals with input as inp
+	not approvals.approval_ok(0) with input as inp
+	count(object.get(refusals, 0, set())) > 0
+}
+
+test_early_exit_agrees_with_every_refusal_rule if {
+	early_exit_agrees({}, fixtures.alice)
+	early_exit_agrees({}, by("svc:deployer", {}))
+	early_exit_agrees({}, by("model:gpt", {"kind": "human"}))
+	early_exit_agrees({}, by("reasoning", {}))
+	early_exit_agrees({"proposal": {"proposed_by": {"id": "alice"}}}, fixtures.alice)
+	early_exit_agrees({}, by("oncall-1", {}))
+	early_exit_agrees({}, object.union(fixtures.alice, {"action_hash": fixtures.other_hash}))
+	early_exit_agrees({}, object.union(fixtures.alice, {"expires_at": "2026-11-25T11:59:00Z"}))
+	early_exit_agrees({}, object.union(fixtures.alice, {"granted_at": "2026-11-25T12:01:00Z"}))
+	early_exit_agrees({}, by("dave", {"roles": ["responder"]}))
+	early_exit_agrees({}, object.remove(fixtures.alice, ["expires_at"]))
+	early_exit_agrees(
+		{"controls": {"freeze_windows": [{
+			"name": "f", "start": "2026-11-25T00:00:00Z", "end": "2026-11-26T00:00:00Z",
+			"environments": ["*"], "services": ["*"],
+		}]}},
+		fixtures.alice,
+	)
+}
