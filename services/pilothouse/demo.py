@@ -66,6 +66,21 @@ SCENARIOS = {
                             "restart_service", "cart leaks memory until it is OOM-killed"),
 }
 
+# The CD system's deploy notifications, ingested through the gateway's generic webhook as change events.
+DEPLOY_RULES = """\
+name: deploys
+kind: change
+fields:
+  service: deployment.service
+  timestamp: {path: deployment.finished_at, format: epoch_s}
+  body: {path: deployment.description}
+  attributes:
+    fields:
+      change_type: {const: deploy}
+      version: {path: deployment.version}
+      actor: {path: actor}
+"""
+
 STAGES = ["fault injected", "alerts", "incident", "hypotheses", "waiting for validation", "pending action",
           "waiting for approval", "authorized", "executed", "verified", "resolved"]
 
@@ -87,11 +102,17 @@ class DemoSecrets:
     gateway_token: str
     session_secret: str
     passwords: dict[str, str]
+    cd_token: str = ""
 
     @classmethod
     def load_or_create(cls, path: Path) -> "DemoSecrets":
         if path.exists():
-            return cls(**json.loads(path.read_text()))
+            loaded = cls(**json.loads(path.read_text()))
+            if loaded.cd_token:
+                return loaded
+            loaded.cd_token = secrets.token_urlsafe(24)  # added later: extend an older secrets file
+            path.write_text(json.dumps(loaded.__dict__, indent=2))
+            return loaded
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
         from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -101,7 +122,7 @@ class DemoSecrets:
 
         s = cls(policy_key=raw_key(), ledger_key=raw_key(), pseudonym_key=secrets.token_urlsafe(32),
                 gateway_token=secrets.token_urlsafe(24), session_secret=secrets.token_urlsafe(48),
-                passwords={u: secrets.token_urlsafe(12) for u in DEMO_USERS})
+                passwords={u: secrets.token_urlsafe(12) for u in DEMO_USERS}, cd_token=secrets.token_urlsafe(24))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -142,7 +163,9 @@ def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path,
     extra = {
         "sensing": {
             "PILOTHOUSE_SENSING_GATEWAY_PORT": str(GATEWAY_PORT),
-            "PILOTHOUSE_SENSING_TOKENS": json.dumps({"alertmanager": demo.gateway_token}),
+            "PILOTHOUSE_SENSING_TOKENS": json.dumps({"alertmanager": demo.gateway_token,
+                                                     "generic:deploys": demo.cd_token}),
+            "PILOTHOUSE_SENSING_MAPPING_RULES": json.dumps({"deploys": str(work / "deploys.rules.yaml")}),
             "PILOTHOUSE_SENSING_PROMETHEUS_URL": monitoring.prometheus_url(Settings()),
             "PILOTHOUSE_SENSING_DATA_DIR": str(work / "sensing"),
             "PILOTHOUSE_SENSING_GROUP_WINDOW_S": "300",
@@ -192,6 +215,7 @@ def start_processes(settings: Settings, info: StackInfo, demo: DemoSecrets, work
     _wait_http(f"http://127.0.0.1:{FLEET_PORT}/health", "fleet", settings.logs_dir / "fleet.log")
     say(f"fleet      http://127.0.0.1:{FLEET_PORT}/state")
     write_users_file(work / "console-users.yaml", demo)
+    (work / "deploys.rules.yaml").write_text(DEPLOY_RULES)
     for svc in SERVICES:
         name = f"svc-{svc}"
         if not procs.find(settings.run_dir, name):
@@ -365,6 +389,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if r.status_code != 201:
         raise DemoFailed(f"fleet refused the fault: {r.status_code} {r.text[:300]}")
     say(f"\n== fault injected: {scenario.summary}")
+    if scenario.fault["kind"] == "bad_deploy":
+        announce_deploy(fleet, scenario.fault["service"], demo.cd_token, say)
     say(f"   console: {console_url}   (accounts and passwords: {work / 'secrets.json'})")
 
     def stage(name: str, detail: str = "") -> None:
@@ -511,6 +537,17 @@ def _stage_times(obs: Observed, inc, hyps, top, pend, auth) -> dict[str, int | N
         "executed": _ms(executed[0].occurred_at) if executed else None,
         "verified": _ms(verified[0].occurred_at) if verified else None,
     }
+
+
+def announce_deploy(fleet: httpx.Client, service: str, token: str, say) -> None:
+    """Play the CD system: the fleet just rolled out a new version of ``service``; tell the gateway, as a pipeline
+    would (a deploy notification is evidence any SRE would look at first)."""
+    version = fleet.get("/state").json()["services"][service]["version"]
+    body = {"actor": "fleet-cd", "deployment": {"service": service, "version": version, "finished_at": time.time(),
+                                                "description": f"Rolled out {service} {version}"}}
+    r = httpx.post(f"http://127.0.0.1:{GATEWAY_PORT}/v1/webhooks/deploys", json=body,
+                   headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    say(f"   CD system announced the deploy of {service} {version}: HTTP {r.status_code}")
 
 
 def _accepted(r: httpx.Response) -> dict | None:
