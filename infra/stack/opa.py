@@ -106,10 +106,12 @@ def start(settings: Settings, opa: Path):
     settings.policies_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         str(opa), "run", "--server", "--addr", f"{settings.host}:{settings.opa_port}",
-        "--disable-telemetry", "--watch", str(settings.policies_dir),
+        "--disable-telemetry", "--optimize-store-for-read-speed", "--watch", str(settings.policies_dir),
     ]  # fmt: skip
+    # Measured by the policy benchmark: less GC and one scheduler thread cut OPA's CPU per decision on 2 cores.
+    env = {**os.environ, "GOGC": os.environ.get("GOGC", "400"), "GOMAXPROCS": os.environ.get("GOMAXPROCS", "1")}
     return procs.start(
-        NAME, argv, run_dir=settings.run_dir, log_path=settings.logs_dir / "opa.log", cwd=settings.data_dir
+        NAME, argv, run_dir=settings.run_dir, log_path=settings.logs_dir / "opa.log", cwd=settings.data_dir, env=env
     )
 
 

@@ -25,6 +25,7 @@ class TopicReader:
                  group_id: str | None = None, serde: Serde | None = None):
         self.serde = serde or Serde(max_message_bytes=settings.max_message_bytes)
         self._assigned = threading.Event()
+        self._early: list = []  # messages polled while waiting for the assignment: handed out first, never lost
         self.undecodable = 0
         self._consumer = Consumer({
             **settings.librdkafka(), "group.id": group_id or f"test.reader.{uuid.uuid4().hex}",
@@ -38,12 +39,17 @@ class TopicReader:
 
         deadline = time.monotonic() + timeout_s
         while not self._assigned.is_set() and time.monotonic() < deadline:
-            self._consumer.poll(0.2)
+            m = self._consumer.poll(0.2)
+            if m is not None:
+                self._early.append(m)
         return self._assigned.is_set()
+
+    def _next(self, timeout_s: float):
+        return self._early.pop(0) if self._early else self._consumer.poll(timeout_s)
 
     def poll(self, timeout_s: float = 0.2) -> tuple[str, AvroRecord] | None:
         """The next decoded (topic, record), or None (nothing yet, or undecodable: counted, skipped)."""
-        m = self._consumer.poll(timeout_s)
+        m = self._next(timeout_s)
         if m is None or m.error():
             return None
         try:
@@ -54,7 +60,7 @@ class TopicReader:
 
     def poll_raw(self, timeout_s: float = 0.2) -> tuple[str, bytes | None, dict[str, bytes]] | None:
         """The next (topic, raw value, headers) without decoding (for scanning bytes, e.g. canary searches)."""
-        m = self._consumer.poll(timeout_s)
+        m = self._next(timeout_s)
         if m is None or m.error():
             return None
         return m.topic(), m.value(), dict(m.headers() or [])
