@@ -24,7 +24,7 @@ stack: setup
 	$(PILOTHOUSE) stack up
 
 demo: stack
-	$(PILOTHOUSE) stack status
+	$(PILOTHOUSE) demo
 
 test: stack
 	bash infra/run-tests.sh
