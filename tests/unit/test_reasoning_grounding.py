@@ -344,3 +344,11 @@ def test_a_rejected_root_cause_sinks_in_later_versions_and_gets_no_proposals(mod
     assert again.status == "refuted" and "rejected by a responder" in again.summary
     assert again.rank == len(hp.hypotheses)
     assert all(o.record.hypothesis_id != again.hypothesis_id for o in outs[1:])
+
+
+def test_default_group_and_transactional_id_sit_under_the_principals_acl_prefix() -> None:
+    from pilothouse.stack.plan import CATALOGUE_NAMESPACE
+
+    s = Settings()
+    for name in (s.group_id, s.transactional_id):
+        assert name.startswith(f"{CATALOGUE_NAMESPACE}reasoning.")
