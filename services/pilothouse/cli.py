@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pilothouse.cli:bench", "run a benchmark and write JSON: bench NAME --out FILE (bus, ...)"),
     "eval": ("pilothouse.cli:evaluate", "evaluate root-cause analysis on fault datasets: eval rca --dataset DIR ..."),
     "sensing": ("pilothouse.sensing.__main__:main", "run the sensing service (all|gateway|correlator)"),
+    "reasoning": ("pilothouse.reasoning.__main__:main", "run the reasoning service"),
     "actuator": ("pilothouse.actuator.__main__:main", "run the actuator service"),
     "ingest": ("pilothouse.sensing.normalize:main", "normalise an alert/telemetry payload file offline; check mapping rules"),
     "console": ("pilothouse.console.__main__:main", "run the approval console (serve) or hash a password"),
