@@ -20,6 +20,6 @@ def test_the_fast_red_team_finds_nothing_unsafe(tmp_path, stack_info):
     assert report["unsafe_outcomes"] == 0, failures
     assert report["controls_ok"], report["controls"]
     assert report["cases"] >= 250
-    assert {"acl", "poison", "forged_authorization", "forged_approval", "injection", "canary"} <= \
-        set(report["by_family"])
+    assert {"acl", "poison", "forged_authorization", "forged_approval", "compromised_console", "injection",
+            "canary"} <= set(report["by_family"])
     assert rc == 0
