@@ -316,7 +316,9 @@ class System:
                         "PILOTHOUSE_REASONING_MAX_LLM_CALLS_PER_INCIDENT": "100",
                         "PILOTHOUSE_REASONING_MAX_LLM_TOKENS_PER_INCIDENT": "100000000",
                         "PILOTHOUSE_REASONING_MAX_LLM_TOKENS_PER_HOUR": "1000000000"}
-                       if llm_model == "compromised" else {})})
+                       if llm_model == "compromised" else
+                       # the local CPU model on a busy machine: the longest wait the 50 s transaction budget allows
+                       {"PILOTHOUSE_LLM_TIMEOUT_S": "48"})})
         self._start(name, [sys.executable, "-m", "pilothouse.reasoning"], env)
         self.health_ports[name] = REASONERS[name]
 
