@@ -37,7 +37,7 @@ from pilothouse.bus.errors import PermanentError
 from pilothouse.bus.faust_codec import AvroCodec
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.config import SensingSettings
-from pilothouse.sensing.correlation import CorrelationRules, Correlator, DependencyMap, Incident
+from pilothouse.sensing.correlation import CorrelationRules, Correlator, DependencyMap, Incident, MappingStore
 from pilothouse.sensing.handlers import IncidentHandler, MetricEvidence, TelemetryBuffer
 from pilothouse.sensing.redaction import Redactor
 
@@ -49,34 +49,6 @@ TELEMETRY = Counter("pilothouse_sensing_telemetry_total", "Telemetry records buf
 CORRELATE_SECONDS = Histogram("pilothouse_sensing_correlate_seconds", "Alert in -> incident record queued",
                               buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2))
 OPEN_INCIDENTS = Gauge("pilothouse_sensing_incidents_in_state", "Incidents in the state tables")
-
-
-class TableStore:
-    """CorrelationStore over Faust tables (JSON values)."""
-
-    def __init__(self, incidents: Any, alert_index: Any, service_index: Any) -> None:
-        self.incidents = incidents
-        self.alert_index = alert_index
-        self.service_index = service_index
-
-    def get_incident(self, incident_id: str) -> Incident | None:
-        d = self.incidents.get(incident_id)
-        return Incident.from_dict(d) if d is not None else None
-
-    def put_incident(self, incident: Incident) -> None:
-        self.incidents[incident.incident_id] = incident.to_dict()
-
-    def get_alert_index(self, key: str) -> str | None:
-        return self.alert_index.get(key)
-
-    def put_alert_index(self, key: str, incident_id: str) -> None:
-        self.alert_index[key] = incident_id
-
-    def get_service_index(self, scoped_service: str) -> str | None:
-        return self.service_index.get(scoped_service)
-
-    def put_service_index(self, scoped_service: str, incident_id: str) -> None:
-        self.service_index[scoped_service] = incident_id
 
 
 def _credentials(bus: BusSettings) -> Any:
@@ -123,7 +95,7 @@ class CorrelationWorker:
         )
         app = self.app
         table = dict(partitions=1, use_partitioner=True)  # keys str (raw codec), values JSON (app default)
-        self.tables = TableStore(app.Table("incidents", default=None, **table),
+        self.tables = MappingStore(app.Table("incidents", default=None, **table),
                                  app.Table("alert_index", default=None, **table),
                                  app.Table("service_index", default=None, **table))
         self.alerts_topic = app.topic(settings.alerts_topic, value_serializer="raw", key_serializer="raw")

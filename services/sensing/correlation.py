@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -278,13 +278,15 @@ class CorrelationStore(Protocol):
     def put_service_index(self, scoped_service: str, incident_id: str) -> None: ...
 
 
-class MemoryStore:
-    """A CorrelationStore in plain dicts (tests, benchmark)."""
+class MappingStore:
+    """A CorrelationStore over three mappings: plain dicts (tests, benchmark) or Faust tables (the worker)."""
 
-    def __init__(self) -> None:
-        self.incidents: dict[str, dict[str, Any]] = {}
-        self.alert_index: dict[str, str] = {}
-        self.service_index: dict[str, str] = {}
+    def __init__(self, incidents: MutableMapping[str, Any] | None = None,
+                 alert_index: MutableMapping[str, Any] | None = None,
+                 service_index: MutableMapping[str, Any] | None = None) -> None:
+        self.incidents = {} if incidents is None else incidents
+        self.alert_index = {} if alert_index is None else alert_index
+        self.service_index = {} if service_index is None else service_index
 
     def get_incident(self, incident_id: str) -> Incident | None:
         d = self.incidents.get(incident_id)
@@ -304,6 +306,9 @@ class MemoryStore:
 
     def put_service_index(self, scoped_service: str, incident_id: str) -> None:
         self.service_index[scoped_service] = incident_id
+
+
+MemoryStore = MappingStore  # the in-memory store is the mapping store over dicts
 
 
 @dataclass(frozen=True)
