@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("pilothouse.stack.cli:main", "provision, start, inspect and stop the local stack (up|status|down|env|apply)"),
     "demo": ("pilothouse.demo:main", "the whole loop on real monitoring: fault -> incident -> ... -> verified"),
+    "redteam": ("pilothouse.redteam:main", "attack the running system (compromised model, forgeries, ACLs, poison, canaries)"),
     "bench": ("pilothouse.cli:bench", "run a benchmark and write JSON: bench NAME --out FILE (bus, ...)"),
     "eval": ("pilothouse.cli:evaluate", "evaluate root-cause analysis on fault datasets: eval rca --dataset DIR ..."),
     "sensing": ("pilothouse.sensing.__main__:main", "run the sensing service (all|gateway|correlator)"),
