@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeat):
         for name in args.scenarios.split(","):
             ns = argparse.Namespace(scenario=name, validate_as="responder-1", approve_as=["approver-1", "approver-2"],
-                                    out=None, stage_timeout=240.0, human_timeout=600.0, stop=False, restart=not samples
+                                    out=None, stage_timeout=240.0, human_timeout=600.0, stop=False, baseline_s=150.0, restart=not samples
                                     and not failures, no_llm=True, quiet=True)
             try:
                 rep = run(ns)

@@ -373,8 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fleet = httpx.Client(base_url=f"http://127.0.0.1:{FLEET_PORT}", timeout=30)
     console_url = f"http://127.0.0.1:{CONSOLE_PORT}"
     fleet.post("/faults/clear", json={})
-    wait_for("the fleet to meet its SLOs before the fault",
-             lambda: all(s["slo"]["met"] for s in fleet.get("/state").json()["services"].values()), 120, 1.0)
+    _healthy_baseline(fleet, args.baseline_s, say)
 
     watcher = Watcher(info)
     watcher.start()
@@ -550,6 +549,22 @@ def announce_deploy(fleet: httpx.Client, service: str, token: str, say) -> None:
     say(f"   CD system announced the deploy of {service} {version}: HTTP {r.status_code}")
 
 
+def _healthy_baseline(fleet: httpx.Client, seconds: float, say) -> None:
+    """Let monitoring see the fleet healthy for ``seconds`` before the fault: anomaly detection compares the incident
+    with the window before it, and a window still holding an earlier fault would hide the new one."""
+    say(f"== collecting a healthy baseline ({seconds:.0f} s of every service meeting its SLO)")
+    healthy_since = None
+    deadline = time.monotonic() + seconds + 300
+    while time.monotonic() < deadline:
+        met = all(s["slo"]["met"] for s in fleet.get("/state").json()["services"].values())
+        now = time.monotonic()
+        healthy_since = (healthy_since or now) if met else None
+        if healthy_since is not None and now - healthy_since >= seconds:
+            return
+        time.sleep(1.0)
+    raise DemoFailed("the fleet did not stay within its SLOs long enough to take a baseline")
+
+
 def _accepted(r: httpx.Response) -> dict | None:
     if r.status_code < 300:
         return r.json()
@@ -589,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the JSON report here")
     ap.add_argument("--stage-timeout", type=float, default=240.0, help="seconds each automatic stage may take")
     ap.add_argument("--human-timeout", type=float, default=1800.0, help="seconds to wait for people to decide")
+    ap.add_argument("--baseline-s", type=float, default=150.0, help="healthy seconds monitoring sees before the fault")
     ap.add_argument("--stop", action="store_true", help="stop the demo's processes (fleet, services, monitoring)")
     ap.add_argument("--restart", action="store_true", help="restart the demo's processes first (new settings)")
     ap.add_argument("--no-llm", action="store_true", help="reasoning without the model (deterministic engine only)")
