@@ -58,6 +58,9 @@ class EngineConfig:
     w_network: float = 1.0
     w_call_latency: float = 0.8
     w_logs: float = 0.6
+    # A change (deploy/config) on a service that also shows its own, unexplained symptom is the classic root cause:
+    # the two corroborate each other beyond their separate weights.
+    w_change_corroborated: float = 0.6
     w_change: float = 0.6
     w_client_latency: float = 0.25
     w_traffic: float = 0.15
@@ -305,6 +308,13 @@ def rank_root_causes(
                                 for c in edge_contrib[(svc, feat)])
             else:
                 contribs.append(Contribution(best[(svc, feat)][1].evidence_id, feat, round(pts, 4)))
+        own_symptom = max((f.get(k, 0.0) for k in ("errors", "server_latency", "resource")
+                           if f"{k}_explained_by_callee" not in parts), default=0.0)
+        if "change" in f and own_symptom > 0.0:
+            bonus = cfg.w_change_corroborated * min(1.0, f["change"])
+            parts["change_corroborated"] = round(bonus, 4)
+            total += bonus
+            contribs.append(Contribution(best[(svc, "change")][1].evidence_id, "change_corroborated", round(bonus, 4)))
         contribs.sort(key=lambda c: -c.points)
         candidates.append((total, svc, own_onset, parts, tuple(contribs)))
 

@@ -159,3 +159,24 @@ def test_real_nezha_slice_ranks_the_faulty_service_first() -> None:
     for case in iter_nezha_cases(fixtures):
         r: Ranking = rank_root_causes(case_evidence(case), case.edges, services=case.services)
         assert r.top(1) == [case.root_cause], (case.case_id, case.fault_type, r.candidates[:3])
+
+
+def test_a_change_corroborated_by_the_same_services_own_errors_clears_the_bar():
+    """Thin but decisive evidence (real monitoring of a small fleet): a deploy on X, then X's error ratio jumps."""
+    from types import SimpleNamespace
+
+    from pilothouse.reasoning.engine import rank_root_causes
+
+    def ev(i, kind, svc, signal, score, direction, attrs):
+        return SimpleNamespace(evidence_id=f"ev-{i}", kind=kind, service=svc, signal=signal, score=score,
+                               direction=direction, onset_ms=1000 + i, attributes=attrs)
+
+    evidence = [ev(1, "change_event", "checkout", "deploy:v2", 10.0, "none",
+                   {"signal_class": "change", "change_type": "deploy"}),
+                ev(2, "metric_anomaly", "checkout", "error_ratio", 5.0, "up", {"signal_class": "errors"})]
+    ranking = rank_root_causes(evidence, [("frontend", "checkout")], services=["frontend", "checkout"])
+    assert not ranking.abstain and ranking.candidates[0].service == "checkout"
+    assert "change_corroborated" in ranking.candidates[0].features
+    # the change alone, without the service's own symptom, stays below the bar
+    alone = rank_root_causes(evidence[:1], [("frontend", "checkout")], services=["frontend", "checkout"])
+    assert alone.abstain
