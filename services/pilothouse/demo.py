@@ -157,6 +157,9 @@ def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path,
     """The environment one service process gets: its own Kafka principal and its settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILOTHOUSE_")}
     env.update(info.env(svc))
+    if svc == "sensing":  # the CD system's mapping rules must exist wherever this environment is used
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "deploys.rules.yaml").write_text(DEPLOY_RULES)
     policy_kid, policy_pub = demo.public_key("policy")
     _, ledger_pub = demo.public_key("ledger")
     dsn = info.postgres_dsn
@@ -217,7 +220,6 @@ def start_processes(settings: Settings, info: StackInfo, demo: DemoSecrets, work
     _wait_http(f"http://127.0.0.1:{FLEET_PORT}/health", "fleet", settings.logs_dir / "fleet.log")
     say(f"fleet      http://127.0.0.1:{FLEET_PORT}/state")
     write_users_file(work / "console-users.yaml", demo)
-    (work / "deploys.rules.yaml").write_text(DEPLOY_RULES)
     for svc in SERVICES:
         name = f"svc-{svc}"
         if not procs.find(settings.run_dir, name):
