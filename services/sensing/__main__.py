@@ -15,6 +15,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from pydantic import ValidationError
+
+from pilothouse.bus.errors import ConfigurationError
+
 
 def run_gateway(child: subprocess.Popen | None = None) -> int:
     import uvicorn
@@ -42,6 +46,18 @@ def run_gateway(child: subprocess.Popen | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ConfigurationError as e:  # bad settings or rules: one clear line, exit 2, never a stack trace
+        print(f"pilothouse sensing: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or e.title}: {err['msg']}" for err in e.errors())
+        print(f"pilothouse sensing: invalid settings ({e.title}): {problems}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = argv[0] if argv else "all"
     if mode == "gateway":

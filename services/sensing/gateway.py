@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pilothouse.bus.errors import (
+    ConfigurationError,
     NotAuthorized,
     OversizedMessage,
     PermanentError,
@@ -229,7 +230,13 @@ def build_gateway(settings, bus_settings, redactor, *, producer: BusProducer | N
     from pilothouse.sensing.mapping import load_mapping_rules
     from pilothouse.sensing.normalize import Limits
 
-    rules = {name: load_mapping_rules(path.read_text(encoding="utf-8")) for name, path in settings.mapping_rules.items()}
+    rules = {}
+    for name, path in settings.mapping_rules.items():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigurationError(f"mapping rules for webhook {name!r}: cannot read {path}: {e.strerror}") from e
+        rules[name] = load_mapping_rules(text)
     # The route and token use the settings' name (/v1/webhooks/<name>, token source generic:<name>); the records
     # carry the rules file's own name (source generic:<rules name>), which is what its fingerprints are scoped by.
     timeout_ms = int(settings.ack_timeout_s * 1000)
