@@ -125,9 +125,13 @@ class KillSwitchGate:
         with self.store.transaction() as tx:
             handled = tx.consumed_offsets(self.topic)
         positions = {tp.partition: tp.offset for tp in self.consumer.position(assignment)}
+        # After a restart with nothing new to read, the fetch position stays unset until a record arrives: the
+        # group's committed offset (stored only after handling) then says how far this instance has read.
+        committed = {tp.partition: tp.offset for tp in self.consumer.committed(assignment, timeout=5.0)}
         for tp in assignment:
             low, high = self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
-            if high <= low or handled.get(tp.partition, -1) >= high or positions.get(tp.partition, -1) >= high:
+            if (high <= low or handled.get(tp.partition, -1) >= high or positions.get(tp.partition, -1) >= high
+                    or committed.get(tp.partition, -1) >= high):
                 continue
             return False
         self._ready.set()
