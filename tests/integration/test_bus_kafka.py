@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import datetime, timezone
 
 import pytest
-from confluent_kafka import Consumer
 
 from pilothouse.bus.consumer import DLQ_HEADER_PREFIX, ConsumerLoop
 from pilothouse.bus.errors import PermanentError, RetryableError
@@ -16,6 +14,7 @@ from pilothouse.bus.records import RECORDS
 from pilothouse.bus.schemas import load_schemas
 from pilothouse.bus.serde import Serde
 from pilothouse.bus.transactions import Output, TransactionalProcessor
+from tests.kafka_reading import read_all
 from tests.avro_samples import sample
 
 ALERT = "pilothouse.sensing.AlertReceived"
@@ -26,25 +25,6 @@ def alert(i: int, **kw):
     base = sample(load_schemas().get(ALERT).expanded)
     base.update(event_id=f"ev-{i}", fingerprint=f"fp-{i}", occurred_at=datetime.now(timezone.utc), **kw)
     return RECORDS[ALERT].model_validate(base)
-
-
-def read_all(settings, topic: str, expect: int, timeout_s: float = 30.0) -> list:
-    c = Consumer({**settings.librdkafka(), "group.id": f"test.{uuid.uuid4().hex}", "auto.offset.reset": "earliest",
-                  "isolation.level": "read_committed", "enable.auto.commit": False})
-    c.subscribe([topic])
-    out, deadline = [], time.monotonic() + timeout_s
-    while len(out) < expect and time.monotonic() < deadline:
-        m = c.poll(0.5)
-        if m is not None and not m.error():
-            out.append(m)
-    # Linger briefly: more than expected would be a bug too.
-    end = time.monotonic() + 1.0
-    while time.monotonic() < end:
-        m = c.poll(0.2)
-        if m is not None and not m.error():
-            out.append(m)
-    c.close()
-    return out
 
 
 def test_records_round_trip_through_the_broker(bus_settings, new_topic, group_id):

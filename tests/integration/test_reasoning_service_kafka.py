@@ -10,36 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Consumer
 
 from pilothouse.bus.producer import BusProducer
 from pilothouse.bus.records import HypothesisValidated
 from pilothouse.bus.serde import Serde
+from tests.kafka_reading import read_all
 from tests.unit.test_reasoning_grounding import NOW, ScriptedModel, incident, lying_answer
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def read(settings, topic: str, expect: int, timeout_s: float = 60.0) -> list:
-    c = Consumer({**settings.librdkafka(), "group.id": f"test.{uuid.uuid4().hex}", "auto.offset.reset": "earliest",
-                  "isolation.level": "read_committed", "enable.auto.commit": False})
-    c.subscribe([topic])
-    out, deadline = [], time.monotonic() + timeout_s
-    while len(out) < expect and time.monotonic() < deadline:
-        m = c.poll(0.5)
-        if m is not None and not m.error():
-            out.append(m)
-    end = time.monotonic() + 2.0  # linger: more than expected is a bug too
-    while time.monotonic() < end:
-        m = c.poll(0.2)
-        if m is not None and not m.error():
-            out.append(m)
-    c.close()
-    return out
 
 
 def free_port() -> int:
@@ -82,9 +63,9 @@ def test_service_process_end_to_end(stack_info, bus_settings, new_topic, tmp_pat
         proc = subprocess.Popen([sys.executable, "-m", "pilothouse.reasoning"], env=env, cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT)
         try:
-            hyps = read(s, hyp_t, expect=3)
-            props = read(s, prop_t, expect=1)
-            dlq = read(s, inc_t + ".dlq", expect=1, timeout_s=20)
+            hyps = read_all(s, hyp_t, expect=3, timeout_s=60, linger_s=2)
+            props = read_all(s, prop_t, expect=1, timeout_s=60, linger_s=2)
+            dlq = read_all(s, inc_t + ".dlq", expect=1, timeout_s=20, linger_s=2)
         finally:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)
