@@ -376,6 +376,12 @@ def delete_principal(admin_config: Mapping[str, str], principal: str, *, timeout
     return deleted
 
 
+def topic_names(admin_config: Mapping[str, str], *, prefix: str = "", timeout_s: float = 10.0) -> list[str]:
+    """Names of the topics on the cluster that start with ``prefix`` (sorted)."""
+    client = new_admin_client(admin_config)
+    return sorted(t for t in client.list_topics(timeout=timeout_s).topics if t.startswith(prefix))
+
+
 def delete_topics(admin_config: Mapping[str, str], names: Iterable[str], *, timeout_s: float = 30.0) -> list[str]:
     """Delete topics (for tests' uuid-named topics); returns those deleted, ignoring ones that do not exist."""
     names = list(names)

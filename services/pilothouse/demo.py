@@ -248,6 +248,26 @@ def stop_processes(settings: Settings) -> dict[str, str]:
     return out
 
 
+def forget_demo_state(settings: Settings, info: StackInfo, work: Path, say) -> None:
+    """``--fresh``: stop the demo's processes and forget what makes a repeated run differ from the first one — the
+    correlator's state (its Faust changelog topics and local store: otherwise the same alert re-opens the last run's
+    incident) and the sandbox fleet's state. Kept on purpose: the ledger (the audit trail only grows), the policy's
+    risk budgets and approvals (an earlier run's actions really did spend them), keys and passwords."""
+    import shutil
+
+    from pilothouse.bus import admin as bus_admin
+    from pilothouse.sensing.config import SensingSettings
+
+    stop_processes(settings)
+    prefix = SensingSettings.model_fields["app_id"].default + "-"
+    cfg = info.kafka_config("admin")
+    gone = bus_admin.delete_topics(cfg, bus_admin.topic_names(cfg, prefix=prefix))
+    for sub in ("sensing", "fleet"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    say(f"== fresh start: deleted {len(gone)} correlator topic(s) ({prefix}*), the correlator's local store and the "
+        f"fleet's state; kept the ledger, risk budgets and keys")
+
+
 def _wait_http(url: str, name: str, log: Path, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     last = ""
@@ -371,7 +391,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     demo = DemoSecrets.load_or_create(work / "secrets.json")
     overrides = {"reasoning": {"PILOTHOUSE_REASONING_LLM_ENABLED": "false"}} if args.no_llm else None
-    if args.restart:
+    if args.fresh:
+        forget_demo_state(settings, info, work, say)
+    elif args.restart:
         stop_processes(settings)
     start_processes(settings, info, demo, work, say, overrides)
     fleet = httpx.Client(base_url=f"http://127.0.0.1:{FLEET_PORT}", timeout=30)
@@ -611,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-s", type=float, default=150.0, help="healthy seconds monitoring sees before the fault")
     ap.add_argument("--stop", action="store_true", help="stop the demo's processes (fleet, services, monitoring)")
     ap.add_argument("--restart", action="store_true", help="restart the demo's processes first (new settings)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="like --restart, and forget the correlator's and fleet's state from earlier runs (the ledger "
+                         "and the policy's risk budgets are kept)")
     ap.add_argument("--no-llm", action="store_true", help="reasoning without the model (deterministic engine only)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
