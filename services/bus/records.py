@@ -119,6 +119,8 @@ class ApprovalRecorded(AvroRecord):
     approver_roles: list[str] = Field(default_factory=list)
     comment: str = ''
     expires_at: Timestamp
+    key_id: None | str = None
+    signature: None | str = None
 
 
 class HypothesisValidated(AvroRecord):
@@ -137,6 +139,8 @@ class HypothesisValidated(AvroRecord):
     validator_display: str = ''
     validator_roles: list[str] = Field(default_factory=list)
     comment: str = ''
+    key_id: None | str = None
+    signature: None | str = None
 
 
 class KillSwitchChanged(AvroRecord):
@@ -153,6 +157,8 @@ class KillSwitchChanged(AvroRecord):
     engaged: bool
     changed_by: str
     reason: str = ''
+    key_id: None | str = None
+    signature: None | str = None
 
 
 class CheckpointSigned(AvroRecord):
