@@ -16,6 +16,8 @@ import yaml
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pilothouse.bus.attestation import HumanKeyRegistry
+from pilothouse.bus.errors import ConfigurationError
 from pilothouse.policy.domain import FreezeWindow, PolicyInputInvalid, parse_freeze_windows
 
 TOPIC_INCIDENTS = "pilothouse.sensing.incidents.v1"
@@ -45,6 +47,10 @@ class Settings(BaseSettings):
     postgres_schema: str = Field(default="policy", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     signing_key: SecretStr = Field(description="base64 of the 32 raw bytes of the Ed25519 private key that signs "
                                                "ActionAuthorized (its public key goes to the actuator's trusted_keys)")
+    human_keys: Path | None = Field(
+        default=None, description="JSON/YAML registry of enrolled human public keys (stable id -> roles, keys); "
+                                  "approvals, validations and kill-switch releases count only when signed by one. "
+                                  "Unset: none counts (fail closed). Re-read when its modification time changes")
 
     environment: str = Field(default="production", pattern=r"^(production|staging|development)$",
                              description="the environment whose actions this instance decides")
@@ -147,3 +153,41 @@ class FreezeCalendar:
         with self._lock:
             self._load()
             return list(self._windows)
+
+
+class HumanKeys:
+    """The enrolled human keys from a settings file, re-read whenever its modification time changes (admins enrol
+    and rotate keys without restarting policy). The first load raises on an unreadable or invalid file; a later bad
+    edit keeps the last good registry and logs an error. No file: an empty registry (nothing counts)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.last_error: str | None = None
+        self._mtime: float | None = None
+        self._registry = HumanKeyRegistry({}, source="<none configured>")
+        self._lock = threading.Lock()
+        if path is not None:
+            self._load(initial=True)
+
+    def _load(self, *, initial: bool = False) -> None:
+        assert self.path is not None
+        try:
+            mtime = self.path.stat().st_mtime
+            if mtime == self._mtime:
+                return
+            registry = HumanKeyRegistry.from_file(self.path)
+        except (OSError, ConfigurationError) as e:
+            if initial:
+                raise ConfigurationError(f"human keys file {self.path}: {e}") from e
+            self.last_error = str(e)
+            logging.getLogger("pilothouse.policy").error("human keys file invalid: keeping the last good registry",
+                                                         extra={"error": self.last_error[:500]})
+            return
+        self._registry, self._mtime, self.last_error = registry, mtime, None
+
+    def registry(self) -> HumanKeyRegistry:
+        if self.path is None:
+            return self._registry
+        with self._lock:
+            self._load()
+            return self._registry

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import Counter
 
 from pilothouse.bus import authorization
+from pilothouse.bus.attestation import AttestationInvalid, HumanKeyRegistry
 from pilothouse.bus.consumer import MessageContext
 from pilothouse.bus.errors import PermanentError
 from pilothouse.bus.identity import IdentityInvalid, normalise_identity
@@ -53,6 +54,10 @@ from pilothouse.policy.domain import (
     action_from_record,
     approval_from_record,
     authorization_terms,
+    check_kill_switch_change,
+    ignored_note,
+    roles_of,
+    verified_signer,
     budget_window,
     held_at_gate1,
     service_stage_and_outcome,
@@ -69,6 +74,8 @@ PRODUCER = "policy"
 
 DECISIONS = Counter("pilothouse_policy_decisions_total", "Policy decisions published", ["stage", "outcome"])
 AUTHORIZATIONS = Counter("pilothouse_policy_authorizations_total", "Signed ActionAuthorized records published")
+UNSIGNED = Counter("pilothouse_policy_human_statements_ignored_total",
+                   "Approvals, validations and kill-switch releases ignored: no valid human signature", ["kind"])
 
 
 class UnknownAction(PermanentError):
@@ -105,13 +112,18 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _no_humans() -> HumanKeyRegistry:
+    return HumanKeyRegistry({}, source="<none configured>")
+
+
 class PolicyHandlers:
     """The policy service's handlers, one per consumed record type (see :meth:`table`)."""
 
     def __init__(self, *, store: Store, engine: Engine, signing_key: Ed25519PrivateKey, topics: Topics,
                  limits: Limits = Limits(), freezes: Callable[[], list[FreezeWindow]] = list,
-                 clock: Callable[[], datetime] = _now):
+                 clock: Callable[[], datetime] = _now, humans: Callable[[], HumanKeyRegistry] = _no_humans):
         self.store = store
+        self.humans = humans  # enrolled human keys; with none, no approval or validation counts (fail closed)
         self.engine = engine
         self.key = signing_key
         self.key_id = authorization.key_id(signing_key.public_key())
@@ -176,6 +188,12 @@ class PolicyHandlers:
                     raise UnknownKillSwitchScope(f"kill-switch scope {scope[:100]!r}: {e}") from e
             else:
                 name = scope
+            refused = check_kill_switch_change(self.humans(), rec, self.clock())
+            if refused is not None:
+                UNSIGNED.labels("kill_switch").inc()
+                log.error("kill switch change ignored", extra={"scope": name, "event_id": rec.event_id,
+                                                               "reason": refused[:500]})
+                return []
             tx.set_kill_switch(name, rec.engaged, rec.changed_by, rec.reason, rec.event_id, rec.occurred_at)
             log.warning("kill switch changed", extra={"scope": name, "engaged": rec.engaged})
             return []
@@ -231,15 +249,24 @@ class PolicyHandlers:
         """Record the verdict, then re-decide every proposal held at Gate 1 for this hypothesis."""
         def work(tx: Tx) -> list[Output]:
             validation_from_record(rec)  # refuses an unusable validator id (-> DLQ) before anything is stored
-            tx.add_validation(rec.hypothesis_id, rec.event_id, normalise_identity(rec.validator_id),
-                              rec.validator_display, list(rec.validator_roles), rec.verdict, rec.occurred_at)
+            notes: list[str] = []
+            try:
+                signer = verified_signer(self.humans(), rec)
+            except AttestationInvalid as e:
+                # Not counted, not stored; the held proposals are decided again so the reason is on record.
+                UNSIGNED.labels("validation").inc()
+                notes.append(ignored_note(rec, str(e)))
+                log.warning("validation ignored", extra={"event_id": rec.event_id, "reason": notes[0][:500]})
+            else:
+                tx.add_validation(rec.hypothesis_id, rec.event_id, signer.signer, rec.validator_display,
+                                  roles_of(signer, list(rec.validator_roles)), rec.verdict, rec.occurred_at)
             outputs: list[Output] = []
             for action_id in tx.held_for_hypothesis(rec.hypothesis_id):
-                outputs += self._decide_proposal(tx, action_id, causation=rec.event_id)
+                outputs += self._decide_proposal(tx, action_id, causation=rec.event_id, notes=notes)
             return outputs
         return self._once(rec.event_id, ctx, work)
 
-    def _decide_proposal(self, tx: Tx, action_id: str, *, causation: str) -> list[Output]:
+    def _decide_proposal(self, tx: Tx, action_id: str, *, causation: str, notes: Sequence[str] = ()) -> list[Output]:
         row = tx.proposal(action_id, lock=True)
         assert row is not None
         proposed = ActionProposed.model_validate(row["record"])
@@ -253,21 +280,21 @@ class PolicyHandlers:
         if held_at_gate1(decision):
             # Only Gate 1 is missing: keep the proposal and decide again when a validation arrives.
             tx.update_proposal(action_id, status="held_gate1", decision_id=record.decision_id)
-            outputs.append(self._decided(proposed, policy_input, record, causation))
+            outputs.append(self._decided(proposed, policy_input, record, causation, notes))
             return outputs
         if decision.outcome == "deny":
             tx.update_proposal(action_id, status="denied", decision_id=record.decision_id)
-            outputs.append(self._decided(proposed, policy_input, record, causation))
+            outputs.append(self._decided(proposed, policy_input, record, causation, notes))
             return outputs
         if decision.outcome == "allow":  # read-only within budget: authorized without people
-            outputs.append(self._decided(proposed, policy_input, record, causation))
+            outputs.append(self._decided(proposed, policy_input, record, causation, notes))
             outputs.append(self._authorize(tx, row, proposed, policy_input, record, causation))
             return outputs
         expires_at = now + self.limits.approval_request_ttl
         request_event = str(uuid.uuid4())
         tx.update_proposal(action_id, status="pending_approval", decision_id=record.decision_id,
                            request_expires_at=expires_at, request_event_id=request_event)
-        outputs.append(self._decided(proposed, policy_input, record, causation))
+        outputs.append(self._decided(proposed, policy_input, record, causation, notes))
         outputs.append(self._requested(proposed, policy_input, record, causation, expires_at, event_id=request_event))
         return outputs
 
@@ -284,11 +311,21 @@ class PolicyHandlers:
                 approval_from_record(rec)
             else:
                 rejection_from_record(rec)
+            try:
+                signer = verified_signer(self.humans(), rec)
+            except AttestationInvalid as e:
+                # Neither an approval nor a veto: the console (or whoever wrote it) cannot speak for this person.
+                UNSIGNED.labels("approval").inc()
+                note = ignored_note(rec, str(e))
+                log.warning("approval ignored", extra={"action_id": rec.action_id, "reason": note[:500]})
+                if row["status"] != "pending_approval":
+                    return []
+                return self._decide_approvals(tx, row, causation=rec.event_id, notes=[note])
             tx.add_approval({
                 "approval_id": rec.approval_id, "action_id": rec.action_id, "event_id": rec.event_id,
-                "decision": rec.decision, "approver_id": rec.approver_id, "approver_display": rec.approver_display,
-                "roles": list(rec.approver_roles), "action_hash": rec.action_hash, "granted_at": rec.occurred_at,
-                "expires_at": rec.expires_at, "comment": rec.comment})
+                "decision": rec.decision, "approver_id": signer.signer, "approver_display": rec.approver_display,
+                "roles": roles_of(signer, list(rec.approver_roles)), "action_hash": rec.action_hash,
+                "granted_at": rec.occurred_at, "expires_at": rec.expires_at, "comment": rec.comment})
             if row["status"] != "pending_approval":
                 log.warning("approval for an action that is not pending: recorded, nothing decided",
                             extra={"action_id": rec.action_id, "status": row["status"], "approval_id": rec.approval_id})
@@ -296,7 +333,8 @@ class PolicyHandlers:
             return self._decide_approvals(tx, row, causation=rec.event_id)
         return self._once(rec.event_id, ctx, work)
 
-    def _decide_approvals(self, tx: Tx, row: dict[str, Any], *, causation: str) -> list[Output]:
+    def _decide_approvals(self, tx: Tx, row: dict[str, Any], *, causation: str,
+                          notes: Sequence[str] = ()) -> list[Output]:
         proposed = ActionProposed.model_validate(row["record"])
         now = self.clock()
         tx.lock_scope(row["service"])
@@ -304,7 +342,7 @@ class PolicyHandlers:
         policy_input = self._input(tx, row, proposed, now, approvals=True)
         record = self.engine.decide("approvals", policy_input)
         decision = record.decision
-        outputs = [self._decided(proposed, policy_input, record, causation)]
+        outputs = [self._decided(proposed, policy_input, record, causation, notes)]
         if decision.outcome == "deny":
             status = "rejected" if "rejected_by_human" in decision.reason_codes else "denied"
             tx.update_proposal(row["action_id"], status=status, decision_id=record.decision_id)
@@ -365,12 +403,12 @@ class PolicyHandlers:
         })
 
     def _decided(self, proposed: ActionProposed, policy_input: PolicyInput, record: DecisionRecord,
-                 causation: str) -> Output:
+                 causation: str, notes: Sequence[str] = ()) -> Output:
         d = record.decision
         stage, outcome = service_stage_and_outcome(d)
         reasons = list(d.reasons) + [
             f"approval_refused: {r.approval_id} by {r.approver_id}: {'; '.join(r.reasons)}" for r in d.refused_approvals
-        ]
+        ] + list(notes)
         rec = PolicyDecided(
             event_id=str(uuid.uuid4()), incident_id=proposed.incident_id, correlation_id=proposed.correlation_id,
             causation_id=causation, occurred_at=policy_input.now, producer=PRODUCER, decision_id=record.decision_id,

@@ -60,7 +60,7 @@ class Service:
 
     def __init__(self, store: Store, engine: OpaPolicyEngine, key: Ed25519PrivateKey, freezes=list):
         self.h = PolicyHandlers(store=store, engine=engine, signing_key=key, topics=TOPICS, freezes=freezes,
-                                limits=Limits(authorization_ttl=timedelta(minutes=5)))
+                                limits=Limits(authorization_ttl=timedelta(minutes=5)), humans=r.registry)
         self.offset = 0
 
     def send(self, record) -> list:
@@ -342,3 +342,77 @@ def test_settings_signing_key_matches_actuator_format(key):
     raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     loaded = authorization.load_private_key(base64.b64encode(raw).decode())
     assert authorization.key_id(loaded.public_key()) == authorization.key_id(key.public_key())
+
+
+# ---- human signatures: the console principal cannot speak for people (red-team finding, issue #8) ----------------
+
+
+def test_forged_approvals_are_ignored_with_the_reason_and_never_authorize(svc, store):
+    """Unsigned, signed by a key that is not the approver's, or re-bound after signing: none counts."""
+    p, _ = pending_action(svc)
+    console_key = r.Ed25519PrivateKey.generate()
+    unsigned = r.approval(p, "alice", signed=False)
+    d = decided(svc.send(unsigned))
+    assert d.outcome == "waiting"
+    assert f"approval {unsigned.approval_id} by alice ignored: unsigned: no human signature" in d.reasons
+    wrong_key = r.attestation.sign_record(console_key, r.approval(p, "bob", signed=False))
+    d = decided(svc.send(wrong_key))
+    assert any(x.startswith(f"approval {wrong_key.approval_id} by bob ignored: key ") and "not enrolled for bob" in x
+               for x in d.reasons), d.reasons
+    # A genuine signature of alice's, moved onto bob's name (the console rewrites who approved).
+    genuine = r.approval(p, "alice")
+    renamed = genuine.model_copy(update={"approver_id": "bob", "key_id": genuine.key_id, "event_id": r.eid()})
+    d = decided(svc.send(renamed))
+    assert any("ignored" in x for x in d.reasons) and d.outcome == "waiting"
+    # A veto needs a signature too: an unsigned "reject" does not stop the action.
+    d = decided(svc.send(r.approval(p, "carol", decision="reject", signed=False)))
+    assert d.outcome == "waiting" and not any(x.startswith("rejected_by_human") for x in d.reasons)
+    with store.transaction() as tx:
+        assert tx.approvals(p.action_id) == []  # nothing forged was stored
+    # The real people still can: two genuine approvals authorize.
+    svc.send(r.approval(p, "alice"))
+    out = svc.send(r.approval(p, "bob"))
+    assert decided(out).outcome == "authorized"
+    (auth,) = of(out, ActionAuthorized)
+    assert len(auth.approval_ids) == 2
+
+
+def test_unsigned_validation_does_not_open_gate_one(svc, store):
+    inc, hyp = f"inc-{uuid.uuid4().hex[:8]}", f"hyp-{uuid.uuid4().hex[:8]}"
+    svc.send(r.incident(inc))
+    assert decided(svc.send(r.proposal(inc, hyp))).outcome == "waiting"
+    forged = r.validation(inc, hyp, "vera", signed=False)
+    d = decided(svc.send(forged))
+    assert d.outcome == "waiting"
+    assert f"validation {forged.event_id} by vera ignored: unsigned: no human signature" in d.reasons
+    # Signed for another hypothesis, then re-pointed at this one: does not verify.
+    other = r.validation(inc, "hyp-other", "vera").model_copy(update={"hypothesis_id": hyp, "event_id": r.eid()})
+    assert "does not verify" in " ".join(decided(svc.send(other)).reasons)
+    with store.transaction() as tx:
+        assert tx.validations(hyp) == []
+    assert decided(svc.send(r.validation(inc, hyp, "vera"))).outcome == "pending_approval"
+
+
+def test_kill_switch_release_needs_an_enrolled_admins_signature(svc):
+    svc.send(r.kill_switch("global", signed=False))  # engaging only stops things: no signature needed
+    inc, hyp = f"inc-{uuid.uuid4().hex[:8]}", f"hyp-{uuid.uuid4().hex[:8]}"
+    svc.send(r.incident(inc))
+    svc.send(r.validation(inc, hyp))
+
+    def outcome() -> str:
+        return decided(svc.send(r.proposal(inc, hyp))).outcome
+
+    assert outcome() == "denied"
+    svc.send(r.kill_switch("global", engaged=False, signed=False))  # forged release: ignored
+    assert outcome() == "denied"
+    # Signed, but by someone not enrolled as admin (alice's key, alice's name).
+    not_admin = r.kill_switch("global", engaged=False, signed=False).model_copy(update={"changed_by": "alice"})
+    svc.send(r.attestation.sign_record(r.human_key("alice"), not_admin))
+    assert outcome() == "denied"
+    # Signed by the admin but dated in the future (it would outrank every later switch): refused.
+    future = r.kill_switch("global", engaged=False, signed=False).model_copy(
+        update={"occurred_at": r.now() + timedelta(hours=1)})
+    svc.send(r.attestation.sign_record(r.human_key("root-admin"), future))
+    assert outcome() == "denied"
+    svc.send(r.kill_switch("global", engaged=False))
+    assert outcome() == "pending_approval"

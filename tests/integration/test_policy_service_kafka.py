@@ -55,14 +55,15 @@ def read_all(bus, topics: list[str], want: int, timeout_s: float = 40.0) -> list
 
 
 @pytest.fixture
-def running(stack_info, bus_settings, new_topic) -> Iterator[tuple[Settings, Ed25519PrivateKey, BusProducer]]:
+def running(stack_info, bus_settings, new_topic, tmp_path) -> Iterator[tuple[Settings, Ed25519PrivateKey, BusProducer]]:
     key = Ed25519PrivateKey.generate()
     raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     topics = {f"topic_{p}": new_topic() for p in [*RECORDS, "decisions", "pending", "authorized"]}
     with local_opa_server(POLICIES) as engine:
         settings = Settings(postgres_dsn=stack_info.postgres_dsn, postgres_schema=f"test_policy_{uuid.uuid4().hex[:10]}",
                             signing_key=base64.b64encode(raw).decode(), opa_url=engine.endpoint,
-                            group_prefix=f"test.{uuid.uuid4().hex[:10]}", batch_size=10, **topics)
+                            group_prefix=f"test.{uuid.uuid4().hex[:10]}", batch_size=10,
+                            human_keys=r.registry_file(tmp_path), **topics)
         store = Store(settings.postgres_dsn.get_secret_value(), settings.postgres_schema)
         store.migrate()
         processor = build_processor(settings, bus_settings("admin"), build_handlers(settings, store, engine))
@@ -191,6 +192,7 @@ def test_python_m_pilothouse_policy_starts_decides_and_stops(stack_info, bus_set
                "PILOTHOUSE_POLICY_POSTGRES_SCHEMA": schema, "PILOTHOUSE_POLICY_SIGNING_KEY": base64.b64encode(raw).decode(),
                "PILOTHOUSE_POLICY_OPA_URL": engine.endpoint, "PILOTHOUSE_POLICY_GROUP_PREFIX": f"test.{uuid.uuid4().hex[:8]}",
                "PILOTHOUSE_POLICY_OBSERVABILITY_PORT": str(_free_port()),
+               "PILOTHOUSE_POLICY_HUMAN_KEYS": str(r.registry_file(tmp_path)),
                "PILOTHOUSE_KAFKA_BOOTSTRAP_SERVERS": bus.bootstrap_servers, "PILOTHOUSE_KAFKA_USERNAME": bus.username,
                "PILOTHOUSE_KAFKA_PASSWORD": bus.password.get_secret_value(),
                "PILOTHOUSE_KAFKA_SECURITY_PROTOCOL": bus.security_protocol,

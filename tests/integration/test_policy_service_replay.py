@@ -54,7 +54,7 @@ def store(stack_info) -> Iterator[Store]:
 def make_decisions(store: Store, engine: OpaPolicyEngine) -> list[PolicyDecided]:
     """A read-only auto-allowed action and a high-risk one pending two approvers, through the real handlers."""
     h = PolicyHandlers(store=store, engine=engine, signing_key=Ed25519PrivateKey.generate(),
-                       topics=Topics("d", "p", "a"))
+                       topics=Topics("d", "p", "a"), humans=r.registry)
     out: list = []
     for n, rec in enumerate([r.incident("inc-rp"), r.validation("inc-rp", "hyp-rp"),
                              r.proposal("inc-rp", "hyp-rp", action_type="collect_diagnostics"),
