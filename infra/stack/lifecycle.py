@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from pilothouse.bus import admin as bus_admin
 from pilothouse.bus.catalogue import load_catalogue
-from pilothouse.stack import kafka, llm, opa, postgres, procs
+from pilothouse.stack import humans, kafka, llm, opa, postgres, procs
 from pilothouse.stack.config import LOCAL_LLM_MODEL, Settings
 from pilothouse.stack.errors import MissingPrerequisite, NotProvisioned, StackError
 from pilothouse.stack.info import KafkaInfo, LlmInfo, OpaInfo, PostgresInfo, StackInfo, new_password
@@ -162,6 +162,8 @@ def _up(settings: Settings, log: Callable[[str], None]) -> UpResult:
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     info, _ = load_or_create_info(settings, plan.principals)
     result = UpResult(info=info)
+    # The demo people's signing keys (private: <data>/humans/<id>.key; public: the registry policy reads).
+    humans.ensure_human_keys(settings.data_dir)
 
     # Provision in parallel: each step is a download or a build in a subprocess (cached after the first run).
     java = kafka.find_java()

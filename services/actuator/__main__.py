@@ -15,6 +15,7 @@ from pilothouse.actuator.followup import FollowUpWorker
 from pilothouse.actuator.handlers import ActuatorHandlers, KillSwitchGate, Topics
 from pilothouse.actuator.outbox import OutboxRelay
 from pilothouse.bus.actions import load_actions
+from pilothouse.bus.attestation import HumanKeyFile
 from pilothouse.bus.authorization import load_public_key
 from pilothouse.bus.config import BusSettings
 from pilothouse.bus.consumer import ConsumerLoop
@@ -42,7 +43,8 @@ def build(settings: Settings, bus: BusSettings) -> ServiceRuntime:
         store=store, registry=registry, catalogue=load_actions(),
         keys={kid: load_public_key(b64) for kid, b64 in settings.trusted_keys.items()},
         topics=Topics(settings.topic_shadow, settings.topic_executions, settings.topic_verifications),
-        max_skew_s=settings.max_clock_skew_s, shadow_horizon_s=settings.shadow_horizon_s)
+        max_skew_s=settings.max_clock_skew_s, shadow_horizon_s=settings.shadow_horizon_s,
+        humans=HumanKeyFile(settings.human_keys).registry)
     expected = {settings.topic_pending: RECORDS["pending"], settings.topic_authorized: RECORDS["authorized"],
                 settings.topic_kill_switch: RECORDS["kill_switch"]}
     dlq = BusProducer(bus)

@@ -5,6 +5,8 @@ Read once, in ``__main__``. Credentials are SecretStr so they never appear in a 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -46,6 +48,9 @@ class Settings(BaseSettings):
     postgres_schema: str = Field(default="actuator", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     trusted_keys: dict[str, str] = Field(
         default_factory=dict, description="key_id -> base64 raw Ed25519 public key of the policy service")
+    human_keys: Path | None = Field(
+        default=None, description="JSON/YAML registry of enrolled human public keys (bus.attestation): a kill-switch "
+                                  "release counts only when an enrolled admin signed it. Unset: releases are refused")
     fleet_url: str | None = "http://127.0.0.1:19100"
     fleet_token: SecretStr | None = None
     fleet_timeout_s: float = 30.0

@@ -45,6 +45,7 @@ from pilothouse.actuator.executors import (
     TargetRefusedCall,
 )
 from pilothouse.bus.actions import ActionCatalogue, ActionRejected, action_hash
+from pilothouse.bus.attestation import HumanKeyRegistry, kill_switch_refusal
 from pilothouse.bus.consumer import MessageContext
 from pilothouse.bus.errors import PermanentError, PilothouseError, RetryableError
 from pilothouse.bus.records import (
@@ -160,6 +161,7 @@ class ActuatorHandlers:
         owner: str | None = None,
         stale_s: float = 30.0,
         gate: KillSwitchGate | None = None,
+        humans: Callable[[], HumanKeyRegistry] = lambda: HumanKeyRegistry({}, source="<none configured>"),
     ):
         self.store = store
         self.registry = registry
@@ -172,6 +174,7 @@ class ActuatorHandlers:
         self.owner = owner or f"run-{uuid.uuid4().hex[:12]}"  # this process: rows of other runs are recovered
         self.stale_s = stale_s
         self.gate = gate
+        self.humans = humans  # enrolled human keys: a kill-switch release needs an admin's signature
 
     # ---- outbox ------------------------------------------------------------------------------------------------
     def _enqueue(self, tx: Tx, topic: str, key: str, record: AvroRecord) -> None:
@@ -184,7 +187,12 @@ class ActuatorHandlers:
         with self.store.transaction() as tx:
             if tx.consumed(ctx.topic, ctx.partition, ctx.offset):
                 return
-            if scope == "global" or (scope.startswith("service:") and len(scope) > len("service:")):
+            refused = kill_switch_refusal(self.humans(), rec, self.clock())
+            if refused is not None:
+                # Not applied, loudly: the switch stays as it was (engaged stays engaged).
+                log.error("kill switch change ignored", extra={"scope": scope[:200], "event_id": rec.event_id,
+                                                               "reason": refused[:500]})
+            elif scope == "global" or (scope.startswith("service:") and len(scope) > len("service:")):
                 tx.set_kill_switch(scope, rec.engaged, rec.changed_by, rec.reason, rec.event_id, rec.occurred_at)
                 log.warning("kill switch changed", extra={"scope": scope, "engaged": rec.engaged,
                                                           "changed_by": rec.changed_by, "event_id": rec.event_id})

@@ -26,7 +26,9 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -289,6 +291,75 @@ class HumanKeyRegistry:
         return self.verify_statement(signer_of(record), statement_of(record), record.key_id, record.signature)
 
 
+#: Roles that may release a kill switch (turning one ON only stops things and needs no signature).
+KILL_SWITCH_RELEASE_ROLES = ("admin",)
+#: How far in the future a signed kill-switch time may lie (clock skew): a later one would outrank future switches.
+MAX_STATEMENT_SKEW_S = 120
+
+
+def kill_switch_refusal(registry: HumanKeyRegistry, record: KillSwitchChanged, now: datetime) -> str | None:
+    """None when a kill-switch change may apply, else why it is refused (policy and the actuator both ask).
+
+    Engaging is always allowed: it only stops things (the broker ACL still limits who may write the topic). Releasing
+    needs the signature of an admin enrolled under the id in ``changed_by``, over scope, state and time, with a time
+    not in the future; the stores keep the latest change per scope, so a replayed old release never undoes a newer
+    switch.
+    """
+    if record.engaged:
+        return None
+    scope = record.scope[:100]
+    try:
+        verified = registry.verify(record)
+    except AttestationInvalid as e:
+        return f"release of {scope!r} by {record.changed_by[:100]} refused: {e}"
+    if not set(verified.roles) & set(KILL_SWITCH_RELEASE_ROLES):
+        return (f"release of {scope!r} refused: {verified.signer} is not enrolled as "
+                f"{' or '.join(KILL_SWITCH_RELEASE_ROLES)}")
+    if epoch_ms(record.occurred_at) > epoch_ms(now) + MAX_STATEMENT_SKEW_S * 1000:
+        return f"release of {scope!r} refused: signed for {record.occurred_at.isoformat()}, in the future"
+    return None
+
+
 def now_utc() -> datetime:
     """The current time, UTC (statements are made and checked against it)."""
     return datetime.now(timezone.utc)
+
+
+class HumanKeyFile:
+    """The enrolled human keys from a settings file, re-read whenever its modification time changes (admins enrol
+    and rotate keys without restarting the verifier). The first load raises on an unreadable or invalid file; a later
+    bad edit keeps the last good registry and logs an error. No file: an empty registry (nothing counts)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.last_error: str | None = None
+        self._mtime: float | None = None
+        self._registry = HumanKeyRegistry({}, source="<none configured>")
+        self._lock = threading.Lock()
+        if path is not None:
+            self._load(initial=True)
+
+    def _load(self, *, initial: bool = False) -> None:
+        assert self.path is not None
+        try:
+            mtime = self.path.stat().st_mtime
+            if mtime == self._mtime:
+                return
+            registry = HumanKeyRegistry.from_file(self.path)
+        except (OSError, ConfigurationError) as e:
+            if initial:
+                raise ConfigurationError(str(e) if isinstance(e, ConfigurationError)
+                                         else f"human keys file {self.path}: {e}") from e
+            self.last_error = str(e)
+            logging.getLogger("pilothouse.attestation").error(
+                "human keys file invalid: keeping the last good registry", extra={"error": self.last_error[:500]})
+            return
+        self._registry, self._mtime, self.last_error = registry, mtime, None
+
+    def registry(self) -> HumanKeyRegistry:
+        """The current registry (re-read first if the file changed)."""
+        if self.path is None:
+            return self._registry
+        with self._lock:
+            self._load()
+            return self._registry

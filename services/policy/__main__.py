@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pilothouse.bus.attestation import HumanKeyFile
 from pilothouse.bus.authorization import load_private_key
 from pilothouse.bus.config import BusSettings
 from pilothouse.bus.errors import PilothouseError
@@ -15,7 +16,7 @@ from pilothouse.bus.service import ServiceRuntime
 from pilothouse.bus.transactions import TransactionalProcessor
 from pilothouse.policy.adapters.opa import OpaPolicyEngine
 from pilothouse.policy.adapters.postgres import Store
-from pilothouse.policy.config import FreezeCalendar, HumanKeys, Settings
+from pilothouse.policy.config import FreezeCalendar, Settings
 from pilothouse.policy.handlers import Limits, PolicyHandlers, Topics
 
 #: purpose -> the record its topic carries (tests and deployments may rename topics, never their records).
@@ -44,7 +45,7 @@ def build_handlers(settings: Settings, store: Store, engine: OpaPolicyEngine) ->
         limits=Limits(environment=settings.environment, budget_window=settings.budget_window,
                       authorization_ttl=settings.authorization_ttl, approval_request_ttl=settings.approval_request_ttl),
         freezes=FreezeCalendar(settings.freeze_windows_file).windows,
-        humans=HumanKeys(settings.human_keys).registry)
+        humans=HumanKeyFile(settings.human_keys).registry)
 
 
 def build_processor(settings: Settings, bus: BusSettings, handlers: PolicyHandlers) -> TransactionalProcessor:

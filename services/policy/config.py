@@ -16,8 +16,6 @@ import yaml
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pilothouse.bus.attestation import HumanKeyRegistry
-from pilothouse.bus.errors import ConfigurationError
 from pilothouse.policy.domain import FreezeWindow, PolicyInputInvalid, parse_freeze_windows
 
 TOPIC_INCIDENTS = "pilothouse.sensing.incidents.v1"
@@ -154,40 +152,3 @@ class FreezeCalendar:
             self._load()
             return list(self._windows)
 
-
-class HumanKeys:
-    """The enrolled human keys from a settings file, re-read whenever its modification time changes (admins enrol
-    and rotate keys without restarting policy). The first load raises on an unreadable or invalid file; a later bad
-    edit keeps the last good registry and logs an error. No file: an empty registry (nothing counts)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.last_error: str | None = None
-        self._mtime: float | None = None
-        self._registry = HumanKeyRegistry({}, source="<none configured>")
-        self._lock = threading.Lock()
-        if path is not None:
-            self._load(initial=True)
-
-    def _load(self, *, initial: bool = False) -> None:
-        assert self.path is not None
-        try:
-            mtime = self.path.stat().st_mtime
-            if mtime == self._mtime:
-                return
-            registry = HumanKeyRegistry.from_file(self.path)
-        except (OSError, ConfigurationError) as e:
-            if initial:
-                raise ConfigurationError(f"human keys file {self.path}: {e}") from e
-            self.last_error = str(e)
-            logging.getLogger("pilothouse.policy").error("human keys file invalid: keeping the last good registry",
-                                                         extra={"error": self.last_error[:500]})
-            return
-        self._registry, self._mtime, self.last_error = registry, mtime, None
-
-    def registry(self) -> HumanKeyRegistry:
-        if self.path is None:
-            return self._registry
-        with self._lock:
-            self._load()
-            return self._registry

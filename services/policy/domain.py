@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from pilothouse.bus import actions as bus_actions
-from pilothouse.bus.attestation import AttestationInvalid, HumanKeyRegistry, Verified
+from pilothouse.bus.attestation import HumanKeyRegistry, Verified, kill_switch_refusal
 from pilothouse.bus.errors import PermanentError, RetryableError
 from pilothouse.bus.identity import IdentityInvalid, normalise_identity, strip_invisible
 from pilothouse.bus.records import ActionProposed, ApprovalRecorded, HypothesisValidated, KillSwitchChanged
@@ -505,12 +505,6 @@ def rejection_from_record(recorded: ApprovalRecorded) -> Rejection | None:
 # Human signatures: what the console forwards counts only if the named person signed it
 # ----------------------------------------------------------------------------------------------------------------
 
-#: Roles that may release a kill switch (turning one ON only stops things and needs no signature).
-KILL_SWITCH_RELEASE_ROLES = ("admin",)
-#: How far in the future a signed kill-switch time may lie (clock skew); a later one could outrank future switches.
-MAX_STATEMENT_SKEW = timedelta(minutes=2)
-
-
 def verified_signer(registry: HumanKeyRegistry, record: ApprovalRecorded | HypothesisValidated) -> Verified:
     """The person who signed an approval or validation, or AttestationInvalid saying why it does not count.
 
@@ -533,25 +527,9 @@ def roles_of(verified: Verified, claimed: list[str]) -> list[str]:
 
 
 def check_kill_switch_change(registry: HumanKeyRegistry, record: KillSwitchChanged, now: datetime) -> str | None:
-    """None when the change may apply, else why it is refused.
-
-    Engaging is always allowed (it only stops things; the broker ACL still limits who can write the topic). Releasing
-    needs the signature of an enrolled admin named in ``changed_by``, over scope, state and time, with a time not in
-    the future (the stores keep the latest change per scope, so a replayed old release never undoes a newer switch).
-    """
-    if record.engaged:
-        return None
-    try:
-        verified = registry.verify(record)
-    except AttestationInvalid as e:
-        return f"release of {record.scope[:100]!r} by {record.changed_by[:MAX_ID_CHARS]} refused: {e}"
-    if not set(verified.roles) & set(KILL_SWITCH_RELEASE_ROLES):
-        return (f"release of {record.scope[:100]!r} refused: {verified.signer} is not enrolled as "
-                f"{' or '.join(KILL_SWITCH_RELEASE_ROLES)}")
-    if record.occurred_at > now + MAX_STATEMENT_SKEW:
-        return (f"release of {record.scope[:100]!r} refused: signed for {record.occurred_at.isoformat()}, "
-                "in the future")
-    return None
+    """None when the change may apply, else why it is refused (see :func:`pilothouse.bus.attestation.kill_switch_refusal`:
+    engaging needs no signature, releasing needs an enrolled admin's)."""
+    return kill_switch_refusal(registry, record, now)
 
 
 #: IncidentUpdated.severity -> the input's severity. Unknown is scored like sev1: fail towards caution.

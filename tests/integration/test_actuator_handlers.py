@@ -24,6 +24,7 @@ from pilothouse.actuator.adapters.postgres import Store
 from pilothouse.actuator.config import HttpTarget
 from pilothouse.actuator.executors import ExecutorRegistry, FleetExecutor, HttpExecutor
 from pilothouse.actuator.handlers import ActuatorHandlers, Topics
+from pilothouse.bus import attestation
 from pilothouse.bus.actions import action_hash, canonical_json, load_actions
 from pilothouse.bus.authorization import key_id, sign
 from pilothouse.bus.consumer import MessageContext
@@ -258,7 +259,10 @@ def test_forged_expired_rebound_and_replayed_authorizations_are_refused(store, f
 
 
 def test_kill_switch_and_stale_preconditions_refuse(store, fleet, key):
-    h, o = make_handlers(store, fleet, key), Offsets()
+    admin = Ed25519PrivateKey.generate()  # oncall-1 is an enrolled admin: only a release signed by them counts
+    humans = attestation.HumanKeyRegistry.from_document({"humans": {"oncall-1": {
+        "roles": ["admin"], "keys": [{"public_key": attestation.public_key_b64(admin.public_key())}]}}})
+    h, o = make_handlers(store, fleet, key, humans=lambda: humans), Offsets()
     now = datetime.now(timezone.utc)
     h.on_kill_switch(KillSwitchChanged(event_id="k1", correlation_id="c", occurred_at=now, scope="service:cart",
                                        engaged=True, changed_by="oncall-1"), o.ctx("t.ks"))
@@ -266,8 +270,12 @@ def test_kill_switch_and_stale_preconditions_refuse(store, fleet, key):
     h.on_action_authorized(blocked, o.ctx())
     other = authorization(key, params={"service": "payment", "replicas": 3})
     h.on_action_authorized(other, o.ctx())
-    h.on_kill_switch(KillSwitchChanged(event_id="k2", correlation_id="c", occurred_at=now, scope="service:cart",
-                                       engaged=False, changed_by="oncall-1"), o.ctx("t.ks"))
+    release = KillSwitchChanged(event_id="k2", correlation_id="c", occurred_at=now, scope="service:cart",
+                                engaged=False, changed_by="oncall-1")
+    h.on_kill_switch(release, o.ctx("t.ks"))  # unsigned: ignored, the switch stays on
+    still_blocked = authorization(key, params={"service": "cart", "replicas": 5})
+    h.on_action_authorized(still_blocked, o.ctx())
+    h.on_kill_switch(attestation.sign_record(admin, release.model_copy(update={"event_id": "k3"})), o.ctx("t.ks"))
     # State changed since approval: cart already has 2 replicas, so "scale to 2" fails the live re-check.
     stale = authorization(key, params={"service": "cart", "replicas": 2})
     h.on_action_authorized(stale, o.ctx())
@@ -275,6 +283,7 @@ def test_kill_switch_and_stale_preconditions_refuse(store, fleet, key):
     assert out[blocked.action_id]["outcome"] == "refused" and "kill switch 'service:cart'" in out[blocked.action_id][
         "reason"]
     assert out[other.action_id]["outcome"] == "executed"
+    assert out[still_blocked.action_id]["outcome"] == "refused" and "kill switch" in out[still_blocked.action_id]["reason"]
     assert out[stale.action_id]["outcome"] == "refused" and "replicas_differ" in out[stale.action_id]["reason"]
     assert fleet.executions(blocked.action_id) == 0 and fleet.executions(stale.action_id) == 0
 
