@@ -156,32 +156,48 @@ class _NezhaDay:
     notes: list[str]
 
 
+def _nezha_table(path: Path, link_root: str, notes: list[str], name_col: str, service_of) -> list[Series]:
+    """One scrape table ``Time,TimeStamp,<name_col>,<metric>...``: one series per metric column."""
+    header, rows = _read_csv(path)
+    if len(header) < 4 or header[:3] != ["Time", "TimeStamp", name_col]:
+        raise DatasetError(f"{path}: expected columns Time,TimeStamp,{name_col},..., got {header[:4]}")
+    ts = np.empty(len(rows), dtype=np.int64)
+    fixed = 0
+    for i, r in enumerate(rows):
+        declared = _to_float(r[1])
+        parsed = _parse_time_s(r[0])
+        if parsed is not None and not (abs(declared - parsed) <= 3600):
+            fixed += 1  # the numeric column disagrees with the textual time: trust the text
+            ts[i] = int(parsed * 1000)
+        else:
+            ts[i] = int(declared * 1000)
+    if fixed:
+        notes.append(f"{path.name}: {fixed} rows had TimeStamp far from Time; used the Time column")
+    values = np.array([[_to_float(v) for v in r[3:len(header)]] for r in rows], dtype=np.float64)
+    values = values.reshape(len(rows), len(header) - 3)
+    service = service_of(rows[0][2]) if rows else path.name.split("_")[0]
+    link = f"{link_root}/{path.name}"
+    return [Series(service, name, ts, values[:, j], source_link=f"{link}#col={name}")
+            for j, name in enumerate(header[3:])]
+
+
 def _nezha_pod_metrics(metric_dir: Path, link_root: str, notes: list[str]) -> list[Series]:
     out: list[Series] = []
     for path in sorted(metric_dir.iterdir()):
-        if not path.name.endswith(("_metric.csv", "_metric.csv.gz")):
-            continue
-        header, rows = _read_csv(path)
-        if len(header) < 4 or header[:3] != ["Time", "TimeStamp", "PodName"]:
-            raise DatasetError(f"{path}: expected columns Time,TimeStamp,PodName,..., got {header[:4]}")
-        ts = np.empty(len(rows), dtype=np.int64)
-        fixed = 0
-        for i, r in enumerate(rows):
-            declared = _to_float(r[1])
-            parsed = _parse_time_s(r[0])
-            if parsed is not None and not (abs(declared - parsed) <= 3600):
-                fixed += 1  # the numeric column disagrees with the textual time: trust the text
-                ts[i] = int(parsed * 1000)
-            else:
-                ts[i] = int(declared * 1000)
-        if fixed:
-            notes.append(f"{path.name}: {fixed} rows had TimeStamp far from Time; used the Time column")
-        values = np.array([[_to_float(v) for v in r[3:len(header)]] for r in rows], dtype=np.float64)
-        service = _service_of_pod(rows[0][2]) if rows else path.name.split("_")[0]
-        link = f"{link_root}/{path.name}"
-        for j, name in enumerate(header[3:]):
-            out.append(Series(service, name, ts, values[:, j], source_link=f"{link}#col={name}"))
+        if path.name.endswith(("_metric.csv", "_metric.csv.gz")):
+            out += _nezha_table(path, link_root, notes, "PodName", _service_of_pod)
     return out
+
+
+def _nezha_front_metrics(metric_dir: Path, services: set[str], link_root: str, notes: list[str]) -> list[Series]:
+    """The entry service's own request metrics (``front_service.csv``: success rate and latency as the users see
+    them). Its ``ServiceName`` is matched to a known service without regard to case; the pod tables' success-rate
+    column can be unusable (constant) while this one is measured, so it is the only error signal of the entry."""
+    path = _find(metric_dir, "front_service.csv")
+    if path is None:
+        return []
+    by_lower = {s.lower(): s for s in services}
+    return _nezha_table(path, link_root, notes, "ServiceName", lambda name: by_lower.get(name.lower(), name))
 
 
 def _nezha_edge_series(metric_dir: Path, services: set[str], link_root: str) -> list[Series]:
@@ -262,12 +278,13 @@ def _load_nezha_day(root: Path, day: str, *, with_traces: bool) -> _NezhaDay:
         for r in rows:
             if len(r) >= 2 and r[0] != r[1]:
                 edges.add((r[0], r[1]))
-    series += _nezha_edge_series(mdir, services, link)
+    series += _nezha_front_metrics(mdir, services, link, notes) + _nezha_edge_series(mdir, services, link)
     cdir = root / "construct_data" / day / "metric"
     reference: dict[tuple[str, str], Series] = {}
     if cdir.is_dir():
         clink = f"dataset://nezha/construct_data/{day}/metric"
-        ref_series = _nezha_pod_metrics(cdir, clink, notes) + _nezha_edge_series(cdir, services, clink)
+        ref_series = (_nezha_pod_metrics(cdir, clink, notes) + _nezha_front_metrics(cdir, services, clink, notes)
+                      + _nezha_edge_series(cdir, services, clink))
         reference = {(s.service, s.signal): s for s in ref_series}
     else:
         notes.append(f"{cdir} missing: baselines come from the pre-incident window")
@@ -295,7 +312,7 @@ def iter_nezha_cases(root: Path, *, baseline: str = "reference", with_traces: bo
             faults = json.loads(flist.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise DatasetError(f"{flist}: not valid JSON ({e})") from e
-        data = _load_nezha_day(root, day, with_traces=with_traces)
+        listed: list[tuple[str, str, str, Window]] = []
         for hour in sorted(faults):
             for i, f in enumerate(faults[hour]):
                 try:
@@ -306,17 +323,53 @@ def iter_nezha_cases(root: Path, *, baseline: str = "reference", with_traces: bo
                     raise DatasetError(f"{flist}: fault {hour}[{i}] lacks inject_timestamp/pod/type ({e})") from e
                 # The window covers the fault and one more scrape: a per-minute sample describes the minute
                 # before it.
-                window = Window(t0, t0 + (fault_len_s + 60) * 1000)
-                tw = [p for p in data.traces if window.start_ms - 60_000 < p.start_ms <= window.end_ms - 60_000]
-                guard = 10 * 60_000
-                tr = [p for p in data.traces
-                      if p.start_ms < window.start_ms - guard or p.start_ms > window.end_ms + guard]
-                use_ref = baseline == "reference" and bool(data.reference)
-                yield Case(
-                    case_id=f"{day}#{hour}#{i}", root_cause=rc, fault_type=ftype, window=window,
-                    series=data.series, reference=data.reference if use_ref else None, edges=data.edges,
-                    services=data.services, trace_window=tw, trace_reference=tr, guard_ms=guard, notes=data.notes,
-                )
+                listed.append((f"{day}#{hour}#{i}", rc, ftype, Window(t0, t0 + (fault_len_s + 60) * 1000)))
+        data = _load_nezha_day(root, day, with_traces=with_traces)
+        guard = 10 * 60_000
+        use_ref = baseline == "reference" and bool(data.reference)
+        # other faults' windows leave the reference with one scrape of margin: the minutes between faults stay
+        # (a recording's level drifts over hours, so the nearby normal minutes are the best baseline)
+        reference = _without_listed_faults(data.reference, [w for *_, w in listed], 60_000, data.notes) \
+            if use_ref else None
+        for case_id, rc, ftype, window in listed:
+            tw = [p for p in data.traces if window.start_ms - 60_000 < p.start_ms <= window.end_ms - 60_000]
+            # Trace minutes survive only around faults in this dataset, so the trace reference is the other
+            # faults' minutes; the trace statistics are medians over buckets and tolerate that (metrics do not).
+            tr = [p for p in data.traces
+                  if p.start_ms < window.start_ms - guard or p.start_ms > window.end_ms + guard]
+            yield Case(
+                case_id=case_id, root_cause=rc, fault_type=ftype, window=window,
+                series=data.series, reference=reference, edges=data.edges,
+                services=data.services, trace_window=tw, trace_reference=tr, guard_ms=guard, notes=data.notes,
+            )
+
+
+def _without_listed_faults(reference: dict[tuple[str, str], Series], windows: Sequence[Window], guard_ms: int,
+                           notes: list[str]) -> dict[tuple[str, str], Series]:
+    """The normal reference with every listed fault's window (plus ``guard_ms`` either side) blanked out.
+
+    A "normal" recording that spans injected faults would otherwise put those faults into the baseline's tail and
+    hide the same kind of fault when it is the case under test. Blanked points become NaN (ignored by the
+    statistics); timestamp arrays are kept as they are, so the series of one scrape table stay scored together.
+    """
+    masks: dict[int, np.ndarray] = {}
+    out: dict[tuple[str, str], Series] = {}
+    blanked = 0
+    for key, s in reference.items():
+        ts = s.timestamps_ms
+        m = masks.get(id(ts))
+        if m is None:
+            m = np.zeros(ts.shape, dtype=bool)
+            for w in windows:
+                m |= (ts >= w.start_ms - guard_ms) & (ts <= w.end_ms + guard_ms)
+            masks[id(ts)] = m
+            blanked += int(m.sum())
+        out[key] = s if not m.any() else Series(s.service, s.signal, ts, np.where(m, np.nan, s.values),
+                                                s.source_link, s.attributes)
+    if blanked:
+        notes.append(f"reference: the listed faults' windows (+{guard_ms // 1000} s) were left out of the baselines "
+                     "(the normal recording spans the faults)")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
