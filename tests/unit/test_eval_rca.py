@@ -119,8 +119,42 @@ def test_eval_rca_on_real_nezha_slice(tmp_path: Path) -> None:
     assert {d["fault_type"] for d in report["details"]} == {"cpu_contention", "network_delay"}
     assert report["ac_at_1"] == 1.0, report["details"]
     assert set(report["per_fault_type"]) == {"cpu_contention", "network_delay"}
-    # the slice's pods all carry the same day; no timestamp repairs were needed
-    assert report["data_notes"] == []
+    # the slice's pods all carry the same day: no timestamp repairs; its "normal" folder is the fault recording
+    # itself, so the two listed faults' windows are left out of the reference
+    assert report["data_notes"] == [
+        "reference: the listed faults' windows (+60 s) were left out of the baselines (the normal recording spans "
+        "the faults)"]
+
+
+def test_nezha_entry_service_table_is_read_as_the_entry_services_own_metrics() -> None:
+    case = next(iter_nezha_cases(NEZHA))
+    entry = {s.signal: s for s in case.series if s.source_link.split("#")[0].endswith("front_service.csv.gz")}
+    # ServiceName "Frontend" is matched to the pod-derived service "frontend"
+    assert {s.service for s in entry.values()} == {"frontend"}
+    assert {"SuccessRate(%)", "LatencyP50(s)", "LatencyP99(s)"} <= set(entry)
+    assert case.reference is not None and ("frontend", "SuccessRate(%)") in case.reference
+    sr = entry["SuccessRate(%)"].values
+    assert sr.size == 82 and np.nanmax(sr) == 100.0
+
+
+def test_nezha_reference_leaves_out_every_listed_fault_window() -> None:
+    cases = list(iter_nezha_cases(NEZHA))
+    assert len(cases) == 2
+    ref = cases[0].reference
+    assert ref is not None and cases[1].reference is ref  # one masked reference per day, shared by its cases
+    cpu = ref[("emailservice", "CpuUsageRate(%)")]
+    raw = next(s for s in cases[0].series if (s.service, s.signal) == ("emailservice", "CpuUsageRate(%)"))
+    for c in cases:
+        inside = (cpu.timestamps_ms >= c.window.start_ms - 60_000) & (cpu.timestamps_ms <= c.window.end_ms + 60_000)
+        assert inside.any() and np.isnan(cpu.values[inside]).all()
+    outside = np.ones(cpu.values.shape, dtype=bool)
+    for c in cases:
+        outside &= (cpu.timestamps_ms < c.window.start_ms - 60_000) | (cpu.timestamps_ms > c.window.end_ms + 60_000)
+    # the rest is the normal recording unchanged (in this dataset the same numbers as the fault recording)
+    assert np.array_equal(cpu.timestamps_ms, raw.timestamps_ms)
+    assert np.array_equal(cpu.values[outside], raw.values[outside])
+    # the pre-window baseline has no reference to mask
+    assert all(c.reference is None for c in iter_nezha_cases(NEZHA, baseline="pre-window"))
 
 
 def test_nezha_pre_window_baseline_also_works() -> None:
