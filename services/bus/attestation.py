@@ -31,7 +31,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +63,22 @@ class AttestationInvalid(PermanentError):
     """A human statement that is unsigned, signed by a key not enrolled for that person, or altered."""
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+
+
 def epoch_ms(at: datetime) -> int:
-    """A timezone-aware time as integer milliseconds since the epoch (the precision the records carry)."""
+    """A timezone-aware time as integer milliseconds since the epoch (the precision the records carry); exact
+    integer arithmetic, no float rounding."""
     if at.tzinfo is None:
         raise AttestationInvalid("times in a statement must be timezone-aware")
-    return int(at.timestamp() * 1000)
+    return (at - _EPOCH) // _MS
+
+
+def to_ms(at: datetime) -> datetime:
+    """``at`` truncated to whole milliseconds: what a record's time is after the Avro round trip. Build statements
+    and records from this, so signer and verifier see the same instant."""
+    return _EPOCH + epoch_ms(at) * _MS
 
 
 def _stable(raw: str) -> str:
@@ -120,6 +131,36 @@ def signer_of(record: Attested) -> str:
     raw = {ApprovalRecorded: "approver_id", HypothesisValidated: "validator_id",
            KillSwitchChanged: "changed_by"}[type(record)]
     return _stable(getattr(record, raw))
+
+
+_CONTEXTS = {APPROVAL_CONTEXT, VALIDATION_CONTEXT, KILL_SWITCH_CONTEXT}
+
+
+def answer_statement(private_key: Ed25519PrivateKey, statement: Mapping[str, Any],
+                     expect: Mapping[str, Any]) -> dict[str, str]:
+    """Sign a statement a console handed out (``statement_id``, ``signing_input`` base64) — after checking that its
+    bytes are a well-formed statement saying what the person means (``expect``: field -> value, e.g. the action id,
+    hash and decision they reviewed). Returns the fields to send back: ``statement_id``, ``key_id``, ``signature``.
+    Raises AttestationInvalid (nothing is signed) when the bytes say anything else."""
+    try:
+        raw = base64.b64decode(str(statement["signing_input"]), validate=True)
+        statement_id = str(statement["statement_id"])
+    except (KeyError, binascii.Error, ValueError) as e:
+        raise AttestationInvalid(f"not a statement to sign: {e}") from e
+    prefix, sep, body = raw.partition(b"\n")
+    if not sep or prefix + b"\n" not in _CONTEXTS:
+        raise AttestationInvalid("not a pilothouse statement (unknown prefix): refusing to sign")
+    try:
+        doc = json.loads(body)
+    except ValueError as e:
+        raise AttestationInvalid("statement body is not JSON: refusing to sign") from e
+    if not isinstance(doc, dict) or canonical_json(doc) != body:
+        raise AttestationInvalid("statement is not in canonical form: refusing to sign")
+    wrong = {k: doc.get(k) for k, v in expect.items() if doc.get(k) != v}
+    if wrong:
+        raise AttestationInvalid(f"statement differs from what you meant ({wrong}): refusing to sign")
+    kid, sig = sign_statement(private_key, raw)
+    return {"statement_id": statement_id, "key_id": kid, "signature": sig}
 
 
 # ---- keys --------------------------------------------------------------------------------------------------------

@@ -169,6 +169,7 @@ class Session:
     expires_at: float
     account: Account | None = None  # None: anonymous (the login form's CSRF token lives here)
     flash: list[str] = field(default_factory=list)
+    statements: dict = field(default_factory=dict)  # statement id -> the statement this person was asked to sign
 
 
 class SessionStore:

@@ -43,6 +43,10 @@ class ConsoleSettings(BaseSettings):
     port: int = Field(default=8420, ge=0, le=65535)
     observability_port: int = Field(default=9420, ge=0, le=65535)
     users_file: Path = Field(description="YAML or TOML file of local accounts (id, display, roles, argon2id hash)")
+    human_keys: Path | None = Field(
+        default=None, description="the registry of enrolled human public keys policy reads (read-only here): when "
+                                  "set, a badly signed decision is refused at once with the reason instead of being "
+                                  "ignored later by policy")
     session_secret: SecretStr = Field(min_length=32, description="HMAC key that signs session cookies")
     session_ttl_s: int = Field(default=8 * 3600, ge=60, le=7 * 24 * 3600, description="server-side session expiry")
     approval_ttl_s: int = Field(default=900, ge=30, le=24 * 3600, description="an approval expires after this, "

@@ -8,6 +8,7 @@ role, an expired or changed action), so people learn why at the moment they clic
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import unicodedata
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
+from pilothouse.bus import attestation
 from pilothouse.bus.errors import PermanentError
 from pilothouse.bus.identity import IdentityInvalid, normalise_identity
 from pilothouse.bus.records import (
@@ -46,15 +48,18 @@ VALIDATOR_ROLES = ("responder", "admin")  # policies/pilothouse/config/data.json
 KILL_SWITCH_ROLES = ("admin",)
 MAX_TIMELINE_ITEMS = 500
 GLOBAL_SCOPE = "global"
+STATEMENT_TTL = timedelta(minutes=10)  # sign within this after asking for the statement
+MAX_SIGNATURE_CHARS = 200
 
 
 class DecisionRefused(PermanentError):
     """The console refuses a decision before it reaches the bus. ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, *, status: int = 409, code: str = "refused"):
+    def __init__(self, message: str, *, status: int = 409, code: str = "refused", extra: dict | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.extra = extra or {}
 
 
 def utcnow() -> datetime:
@@ -553,32 +558,131 @@ def check_can_switch(account: Account, scope: str, reason: str) -> None:
         raise DecisionRefused("say why (reason) when you flip a kill switch", status=400, code="reason_missing")
 
 
-def build_validation(account: Account, proposal: HypothesesProposed, hypothesis: Hypothesis, verdict: str,
-                     comment: str, now: datetime) -> HypothesisValidated:
+# --------------------------------------------------------------------------------------------------------------------
+# Signed statements: the console prepares the exact statement, the person signs it with their own key, the console
+# forwards the signature unchanged. It cannot sign for anyone: it never holds a person's private key.
+
+
+@dataclass(frozen=True)
+class Statement:
+    """What a person is asked to sign: the record's bound fields (chosen here: ids, expiry, time) and the bytes."""
+
+    statement_id: str
+    kind: Literal["approval", "validation", "kill_switch"]
+    subject: str  # the action id, hypothesis id or kill-switch scope it is about
+    fields: dict
+    signing_input: bytes
+    made_at: datetime
+
+    def public(self) -> dict:
+        """The API's view: the fields, the exact bytes to sign (base64) and the same bytes as text."""
+        return {"statement_id": self.statement_id, "kind": self.kind, "subject": self.subject,
+                "statement": {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in self.fields.items()},
+                "signing_input": base64.b64encode(self.signing_input).decode("ascii"),
+                "text": self.signing_input.decode("utf-8"),
+                "sign_by": (self.made_at + STATEMENT_TTL).isoformat()}
+
+
+def approval_statement(account: Account, pending: ApprovalRequested, decision: str, now: datetime,
+                       ttl: timedelta) -> Statement:
+    """The approval a person is asked to sign: a fresh approval id, bound to the hash they saw, expiring with the
+    request or after ``ttl``."""
+    expires_at = attestation.to_ms(min(pending.expires_at, now + ttl))
+    fields = {"approval_id": str(uuid.uuid4()), "action_id": pending.action_id, "action_hash": pending.action_hash,
+              "decision": decision, "approver_id": account.id, "expires_at": expires_at}
+    return Statement(fields["approval_id"], "approval", pending.action_id, fields,
+                     attestation.approval_statement(**fields), now)
+
+
+def validation_statement(account: Account, proposal: HypothesesProposed, hypothesis: Hypothesis, verdict: str,
+                         now: datetime) -> Statement:
     if verdict not in ("validated", "rejected"):
         raise DecisionRefused("verdict must be 'validated' or 'rejected'", status=400, code="bad_verdict")
+    fields = {"hypothesis_id": hypothesis.hypothesis_id, "incident_id": proposal.incident_id, "verdict": verdict,
+              "validator_id": account.id, "signed_at": attestation.to_ms(now)}
+    return Statement(str(uuid.uuid4()), "validation", hypothesis.hypothesis_id, fields,
+                     attestation.validation_statement(**fields), now)
+
+
+def kill_switch_statement(account: Account, scope: str, engaged: bool, now: datetime) -> Statement:
+    fields = {"scope": scope, "engaged": engaged, "actor": account.id, "at": attestation.to_ms(now)}
+    return Statement(str(uuid.uuid4()), "kill_switch", scope, fields, attestation.kill_switch_statement(**fields),
+                     now)
+
+
+@dataclass(frozen=True)
+class Signature:
+    statement_id: str
+    key_id: str
+    signature: str
+
+
+def signature_from(data: dict) -> Signature | None:
+    """The signature fields of a request (None when it carries none); refuses (400) malformed ones."""
+    values = [data.get("statement_id"), data.get("key_id"), data.get("signature")]
+    if all(v in (None, "") for v in values):
+        return None
+    if not all(isinstance(v, str) and 0 < len(v) <= MAX_SIGNATURE_CHARS for v in values):
+        raise DecisionRefused("statement_id, key_id and signature must all be given (text, at most "
+                              f"{MAX_SIGNATURE_CHARS} characters)", status=400, code="bad_signature")
+    return Signature(*values)
+
+
+def take_statement(statements: dict[str, Statement], sig: Signature, kind: str, subject: str,
+                   now: datetime) -> Statement:
+    """The statement a signature answers (each is used once); refuses one never issued to this session, for
+    another decision, or too old."""
+    st = statements.pop(sig.statement_id, None)
+    if st is None or st.kind != kind or st.subject != subject:
+        raise DecisionRefused("this signature answers no statement the console gave you for this decision; ask for "
+                              "the statement again and sign it", status=400, code="unknown_statement")
+    if now - st.made_at > STATEMENT_TTL:
+        raise DecisionRefused(f"the statement was issued more than {int(STATEMENT_TTL.total_seconds() // 60)} minutes "
+                              "ago; ask for a fresh one and sign again", status=400, code="statement_expired")
+    return st
+
+
+def verify_signed(registry: attestation.HumanKeyRegistry | None, record) -> None:
+    """Refuse (400) what policy would ignore, with its reason; without a registry, policy alone checks."""
+    if registry is None:
+        return
+    try:
+        registry.verify(record)
+    except attestation.AttestationInvalid as e:
+        raise DecisionRefused(f"not recorded: {e} (sign with the key enrolled for your account)", status=400,
+                              code="bad_signature") from e
+
+
+def build_validation(account: Account, proposal: HypothesesProposed, hypothesis: Hypothesis, statement: Statement,
+                     sig: Signature, comment: str) -> HypothesisValidated:
+    f = statement.fields
     return HypothesisValidated(
         event_id=str(uuid.uuid4()), incident_id=proposal.incident_id, correlation_id=proposal.correlation_id,
-        causation_id=proposal.event_id, occurred_at=now, producer=PRODUCER, hypothesis_id=hypothesis.hypothesis_id,
-        verdict=verdict, validator_id=account.id, validator_display=account.display,
-        validator_roles=list(account.roles), comment=comment)
+        causation_id=proposal.event_id, occurred_at=f["signed_at"], producer=PRODUCER,
+        hypothesis_id=hypothesis.hypothesis_id, verdict=f["verdict"], validator_id=account.id,
+        validator_display=account.display, validator_roles=list(account.roles), comment=comment,
+        key_id=sig.key_id, signature=sig.signature)
 
 
-def build_approval(account: Account, pending: ApprovalRequested, decision: str, comment: str, now: datetime,
-                   ttl: timedelta) -> ApprovalRecorded:
-    """The approval record: bound to the action hash the person saw; expires with the request or after ``ttl``."""
+def build_approval(account: Account, pending: ApprovalRequested, statement: Statement, sig: Signature, comment: str,
+                   now: datetime) -> ApprovalRecorded:
+    """The approval record: exactly the signed statement's fields, plus the signature, forwarded unchanged."""
+    f = statement.fields
     return ApprovalRecorded(
         event_id=str(uuid.uuid4()), incident_id=pending.incident_id, correlation_id=pending.correlation_id,
-        causation_id=pending.event_id, occurred_at=now, producer=PRODUCER, approval_id=str(uuid.uuid4()),
-        action_id=pending.action_id, action_hash=pending.action_hash, decision=decision, approver_id=account.id,
+        causation_id=pending.event_id, occurred_at=now, producer=PRODUCER, approval_id=f["approval_id"],
+        action_id=f["action_id"], action_hash=f["action_hash"], decision=f["decision"], approver_id=account.id,
         approver_display=account.display, approver_roles=list(account.roles), comment=comment,
-        expires_at=min(pending.expires_at, now + ttl))
+        expires_at=f["expires_at"], key_id=sig.key_id, signature=sig.signature)
 
 
-def build_kill_switch(account: Account, scope: str, engaged: bool, reason: str, now: datetime) -> KillSwitchChanged:
+def build_kill_switch(account: Account, scope: str, engaged: bool, reason: str, now: datetime,
+                      statement: Statement | None = None, sig: Signature | None = None) -> KillSwitchChanged:
     eid = str(uuid.uuid4())
-    return KillSwitchChanged(event_id=eid, incident_id=None, correlation_id=eid, occurred_at=now, producer=PRODUCER,
-                             scope=scope, engaged=engaged, changed_by=account.id, reason=reason)
+    at = statement.fields["at"] if statement is not None else now
+    return KillSwitchChanged(event_id=eid, incident_id=None, correlation_id=eid, occurred_at=at, producer=PRODUCER,
+                             scope=scope, engaged=engaged, changed_by=account.id, reason=reason,
+                             key_id=sig.key_id if sig else None, signature=sig.signature if sig else None)
 
 
 def epoch_ms(dt: datetime | None) -> int | None:

@@ -25,6 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from pilothouse.bus.attestation import HumanKeyFile, HumanKeyRegistry
 from pilothouse.bus.errors import PilothouseError, RetryableError
 from pilothouse.console.auth import Account, IdentityProvider, Session, SessionStore, csrf_ok
 from pilothouse.console.config import ConsoleSettings
@@ -32,10 +33,17 @@ from pilothouse.console.domain import (
     GLOBAL_SCOPE,
     DecisionRefused,
     ReadModel,
+    Statement,
     action_status,
+    approval_statement,
     build_approval,
     build_kill_switch,
     build_validation,
+    kill_switch_statement,
+    signature_from,
+    take_statement,
+    validation_statement,
+    verify_signed,
     check_can_decide,
     check_can_switch,
     check_can_validate,
@@ -56,6 +64,7 @@ SSE_POLL_S = 0.3
 SSE_MAX_LIFETIME_S = 300  # the browser's EventSource reconnects; no stream lives forever
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_FAILURE_WINDOW_S = 300
+MAX_STATEMENTS_PER_SESSION = 32
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -106,6 +115,8 @@ class Console:
                                                  settings.session_ttl_s)
         self.clock = clock
         self.throttle = LoginThrottle()
+        # Read-only: the console checks signatures early; it never holds a private key and cannot enrol one.
+        self._humans = HumanKeyFile(settings.human_keys) if settings.human_keys else None
         self.stopping = threading.Event()
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                                trim_blocks=True, lstrip_blocks=True)
@@ -143,6 +154,9 @@ class Console:
             Route("/api/actions", self.api_actions, methods=["GET"]),
             Route("/api/actions/{action_id}", self.api_action, methods=["GET"]),
             Route("/api/status", self.api_status, methods=["GET"]),
+            Route("/api/hypotheses/{hypothesis_id}/statement", self.api_validate_statement, methods=["POST"]),
+            Route("/api/actions/{action_id}/statement", self.api_decide_statement, methods=["POST"]),
+            Route("/api/kill-switch/statement", self.api_kill_switch_statement, methods=["POST"]),
             Route("/api/hypotheses/{hypothesis_id}/decision", self.api_validate, methods=["POST"]),
             Route("/api/actions/{action_id}/decision", self.api_decide, methods=["POST"]),
             Route("/api/kill-switch", self.api_kill_switch, methods=["POST"]),
@@ -200,14 +214,32 @@ class Console:
             raise DecisionRefused("body must be a JSON object", status=400, code="bad_json")
         return data
 
-    def _authorised_post(self, request: Request, token: str | None) -> Account:
+    def _authorised_post(self, request: Request, token: str | None) -> Session:
         session = self.session_of(request)
         if session is None or session.account is None:
             raise DecisionRefused("log in first (no valid session)", status=401, code="no_session")
         if not csrf_ok(session, token):
             raise DecisionRefused("missing or wrong CSRF token; reload the page and try again", status=403,
                                   code="csrf")
-        return session.account
+        return session
+
+    def _registry(self) -> HumanKeyRegistry | None:
+        return self._humans.registry() if self._humans is not None else None
+
+    @staticmethod
+    def _issue(session: Session, statement: Statement) -> Statement:
+        """Remember a statement this person was asked to sign (bounded: the oldest are forgotten)."""
+        while len(session.statements) >= MAX_STATEMENTS_PER_SESSION:
+            session.statements.pop(next(iter(session.statements)))
+        session.statements[statement.statement_id] = statement
+        return statement
+
+    def _unsigned(self, session: Session, statement: Statement) -> DecisionRefused:
+        self._issue(session, statement)
+        return DecisionRefused(
+            "unsigned: a decision counts only with your own signature. Sign the statement returned here (its "
+            "signing_input bytes) with your key and send the same decision again with statement_id, key_id and "
+            "signature", status=428, code="signature_required", extra={"statement": statement.public()})
 
     # ---- decisions (shared by forms and API) ----------------------------------------------------------------
 
@@ -225,24 +257,21 @@ class Console:
         log.info("decision recorded", extra={"event_id": record.event_id, "incident_id": record.incident_id,
                                              "type": type(record).__name__})
 
-    async def do_validate(self, account: Account, hypothesis_id: str, data: dict[str, Any]):
-        proposal, hyp = check_can_validate(self.model, account, hypothesis_id)
-        comment = clean_comment(data.get("comment"), self.settings.max_comment_chars)
-        record = build_validation(account, proposal, hyp, str(data.get("verdict", "")), comment, self.clock())
-        await self._send(record)
-        return record
+    # Each decision: checks first (the same as before signing), then the signature must answer a statement this
+    # session was given for this very decision; the record is built from the statement and forwarded unchanged.
 
-    async def do_decide(self, account: Account, action_id: str, data: dict[str, Any]):
+    def validation_statement(self, session: Session, hypothesis_id: str, data: dict[str, Any]) -> Statement:
+        proposal, hyp = check_can_validate(self.model, session.account, hypothesis_id)
+        return validation_statement(session.account, proposal, hyp, str(data.get("verdict", "")), self.clock())
+
+    def decision_statement(self, session: Session, action_id: str, data: dict[str, Any]) -> Statement:
         now = self.clock()
         decision = str(data.get("decision", ""))
-        pending = check_can_decide(self.model, account, action_id, data.get("action_hash"), decision, now)
-        comment = clean_comment(data.get("comment"), self.settings.max_comment_chars)
-        record = build_approval(account, pending, decision, comment, now,
-                                timedelta(seconds=self.settings.approval_ttl_s))
-        await self._send(record)
-        return record
+        pending = check_can_decide(self.model, session.account, action_id, data.get("action_hash"), decision, now)
+        return approval_statement(session.account, pending, decision, now,
+                                  timedelta(seconds=self.settings.approval_ttl_s))
 
-    async def do_kill_switch(self, account: Account, data: dict[str, Any]):
+    def kill_switch_statement(self, session: Session, data: dict[str, Any]) -> tuple[Statement, str]:
         scope = str(data.get("scope") or GLOBAL_SCOPE)
         reason = clean_comment(data.get("reason"), self.settings.max_comment_chars)
         engaged = data.get("engaged")
@@ -251,8 +280,60 @@ class Console:
                        "release": False}.get(engaged.lower())
         if not isinstance(engaged, bool):
             raise DecisionRefused("engaged must be true or false", status=400, code="bad_engaged")
-        check_can_switch(account, scope, reason)
-        record = build_kill_switch(account, scope, engaged, reason, self.clock())
+        check_can_switch(session.account, scope, reason)
+        return kill_switch_statement(session.account, scope, engaged, self.clock()), reason
+
+    async def do_validate(self, session: Session, hypothesis_id: str, data: dict[str, Any]):
+        account = session.account
+        proposal, hyp = check_can_validate(self.model, account, hypothesis_id)
+        comment = clean_comment(data.get("comment"), self.settings.max_comment_chars)
+        sig = signature_from(data)
+        if sig is None:
+            raise self._unsigned(session, self.validation_statement(session, hypothesis_id, data))
+        st = take_statement(session.statements, sig, "validation", hypothesis_id, self.clock())
+        if data.get("verdict") not in (None, "", st.fields["verdict"]):
+            raise DecisionRefused(f"you signed '{st.fields['verdict']}' but sent '{data.get('verdict')}'", status=400,
+                                  code="statement_mismatch")
+        record = build_validation(account, proposal, hyp, st, sig, comment)
+        verify_signed(self._registry(), record)
+        await self._send(record)
+        return record
+
+    async def do_decide(self, session: Session, action_id: str, data: dict[str, Any]):
+        account = session.account
+        now = self.clock()
+        decision = str(data.get("decision", ""))
+        pending = check_can_decide(self.model, account, action_id, data.get("action_hash"), decision, now)
+        comment = clean_comment(data.get("comment"), self.settings.max_comment_chars)
+        sig = signature_from(data)
+        if sig is None:
+            raise self._unsigned(session, self.decision_statement(session, action_id, data))
+        st = take_statement(session.statements, sig, "approval", action_id, now)
+        if (st.fields["decision"], st.fields["action_hash"]) != (decision, pending.action_hash):
+            raise DecisionRefused("the signed statement is for another decision or another version of this action; "
+                                  "ask for the statement again and sign it", status=400, code="statement_mismatch")
+        record = build_approval(account, pending, st, sig, comment, now)
+        verify_signed(self._registry(), record)
+        await self._send(record)
+        return record
+
+    async def do_kill_switch(self, session: Session, data: dict[str, Any]):
+        account = session.account
+        fresh, reason = self.kill_switch_statement(session, data)
+        sig = signature_from(data)
+        if sig is None and not fresh.fields["engaged"]:
+            # Releasing lets automation act again: policy and the actuator apply it only with an admin's signature.
+            raise self._unsigned(session, fresh)
+        st = None
+        if sig is not None:
+            st = take_statement(session.statements, sig, "kill_switch", fresh.subject, self.clock())
+            if st.fields["engaged"] != fresh.fields["engaged"]:
+                raise DecisionRefused("the signed statement engages/releases the other way", status=400,
+                                      code="statement_mismatch")
+        # Engaging only stops things: it is accepted unsigned (anyone with the admin role can pull the brake).
+        record = build_kill_switch(account, fresh.subject, fresh.fields["engaged"], reason, self.clock(), st, sig)
+        if sig is not None:
+            verify_signed(self._registry(), record)
         await self._send(record)
         return record
 
@@ -400,8 +481,8 @@ class Console:
     async def _form_decision(self, request: Request, run, back: str) -> Response:
         try:
             form = await self._form(request)
-            account = self._authorised_post(request, form.get("csrf_token"))
-            record = await run(account, form)
+            session = self._authorised_post(request, form.get("csrf_token"))
+            record = await run(session, form)
         except DecisionRefused as e:
             session = self.session_of(request)
             if e.status == 401 or session is None:
@@ -541,11 +622,11 @@ class Console:
 
     async def _api_decision(self, request: Request, run) -> Response:
         try:
-            account = self._authorised_post(request, request.headers.get("x-csrf-token"))
+            session = self._authorised_post(request, request.headers.get("x-csrf-token"))
             data = await self._json_body(request)
-            record = await run(account, data)
+            record = await run(session, data)
         except DecisionRefused as e:
-            return self.json({"error": str(e), "code": e.code}, e.status)
+            return self.json({"error": str(e), "code": e.code, **e.extra}, e.status)
         return self.json({"recorded": True, "event_id": record.event_id, "message": _recorded_text(record),
                           "record": record.model_dump(mode="json")}, 201)
 
@@ -559,6 +640,27 @@ class Console:
 
     async def api_kill_switch(self, request: Request) -> Response:
         return await self._api_decision(request, self.do_kill_switch)
+
+    async def _api_statement(self, request: Request, make) -> Response:
+        """Step one of a decision: the exact statement to sign (the console picks ids, expiry and time)."""
+        try:
+            session = self._authorised_post(request, request.headers.get("x-csrf-token"))
+            data = await self._json_body(request)
+            statement = self._issue(session, make(session, data))
+        except DecisionRefused as e:
+            return self.json({"error": str(e), "code": e.code, **e.extra}, e.status)
+        return self.json(statement.public())
+
+    async def api_validate_statement(self, request: Request) -> Response:
+        hid = request.path_params["hypothesis_id"]
+        return await self._api_statement(request, lambda s, d: self.validation_statement(s, hid, d))
+
+    async def api_decide_statement(self, request: Request) -> Response:
+        aid = request.path_params["action_id"]
+        return await self._api_statement(request, lambda s, d: self.decision_statement(s, aid, d))
+
+    async def api_kill_switch_statement(self, request: Request) -> Response:
+        return await self._api_statement(request, lambda s, d: self.kill_switch_statement(s, d)[0])
 
 
 def _pending_json(p) -> dict[str, Any]:

@@ -9,6 +9,10 @@ token, then posts the decision; the console attributes it to that account and re
 
 Connection: ``--url`` (or PILOTHOUSE_CONSOLE_URL, default http://127.0.0.1:8420), ``--user`` (or
 PILOTHOUSE_CONSOLE_USER); the password comes from PILOTHOUSE_CONSOLE_PASSWORD or is prompted for (no echo).
+Signing: ``--key FILE`` (or PILOTHOUSE_HUMAN_KEY) is your own Ed25519 key (PKCS#8 PEM; the local stack's demo people
+have theirs in .stack/humans/<id>.key). The console answers an unsigned decision with the exact statement to sign; the
+CLI checks that the statement says what you asked for, signs it locally and sends the signature: the console cannot
+sign for you, and policy counts nothing unsigned.
 Without ``--hash`` the CLI shows the action it fetched and binds the decision to that action's hash; on a terminal it
 asks before approving unless ``--yes``. Exit codes: 0 recorded, 1 refused (the reason is printed), 2 usage,
 3 console unreachable or failing.
@@ -40,6 +44,8 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     p.add_argument("--url", default=os.environ.get("PILOTHOUSE_CONSOLE_URL", DEFAULT_URL))
     p.add_argument("--user", default=os.environ.get("PILOTHOUSE_CONSOLE_USER"))
     p.add_argument("--comment", default="")
+    p.add_argument("--key", default=os.environ.get("PILOTHOUSE_HUMAN_KEY"),
+                   help="your Ed25519 private key file (PKCS#8 PEM) that signs the decision")
     p.add_argument("--json", action="store_true", help="print the console's answer as JSON")
     if verb == "validate":
         p.add_argument("--reject", action="store_true", help="reject the hypothesis instead of validating it")
@@ -59,6 +65,26 @@ def _answer(r: httpx.Response) -> dict[str, Any]:
     if r.status_code >= 400:
         raise _Refused(f"refused ({r.status_code} {data.get('code', '')}): {data.get('error', '')}", 1)
     return data
+
+
+def _post_signed(client: httpx.Client, path: str, body: dict[str, Any], headers: dict[str, str], key_file: str | None,
+                 expect: dict[str, Any]) -> dict[str, Any]:
+    """Post a decision; when the console asks for a signature, sign its statement (after checking it says
+    ``expect``) with the person's key and post again."""
+    from pilothouse.bus.attestation import AttestationInvalid, answer_statement, load_human_key
+    from pilothouse.bus.errors import ConfigurationError
+
+    r = client.post(path, json=body, headers=headers)
+    if r.status_code != 428:
+        return _answer(r)
+    if not key_file:
+        raise _Refused("this decision must be signed with your own key: pass --key FILE or set PILOTHOUSE_HUMAN_KEY",
+                       2)
+    try:
+        signed = answer_statement(load_human_key(key_file), r.json().get("statement") or {}, expect)
+    except (ConfigurationError, AttestationInvalid) as e:
+        raise _Refused(f"not signed: {e}", 1) from e
+    return _answer(client.post(path, json={**body, **signed}, headers=headers))
 
 
 def _login(client: httpx.Client, user: str | None) -> str:
@@ -93,7 +119,8 @@ def _run(verb: str, argv: list[str], client: httpx.Client | None) -> int:
         headers = {"X-CSRF-Token": csrf}
         if verb == "validate":
             body = {"verdict": "rejected" if args.reject else "validated", "comment": args.comment}
-            data = _answer(client.post(f"/api/hypotheses/{args.target_id}/decision", json=body, headers=headers))
+            data = _post_signed(client, f"/api/hypotheses/{args.target_id}/decision", body, headers, args.key,
+                                {"hypothesis_id": args.target_id, "verdict": body["verdict"]})
         else:
             action_hash = args.action_hash
             if not action_hash:
@@ -107,7 +134,8 @@ def _run(verb: str, argv: list[str], client: httpx.Client | None) -> int:
                         print("not approved", file=sys.stderr)
                         return 1
             body = {"decision": verb, "action_hash": action_hash, "comment": args.comment}
-            data = _answer(client.post(f"/api/actions/{args.target_id}/decision", json=body, headers=headers))
+            data = _post_signed(client, f"/api/actions/{args.target_id}/decision", body, headers, args.key,
+                                {"action_id": args.target_id, "action_hash": action_hash, "decision": verb})
         print(json.dumps(data, indent=2) if args.json else data.get("message", "recorded"))
         return 0
     except _Refused as e:

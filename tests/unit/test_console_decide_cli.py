@@ -6,7 +6,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from pilothouse.decide_cli import approve, main, reject, validate
-from tests.unit.test_console_web import env, world  # noqa: F401 - the same console fixtures
+from pilothouse.bus.attestation import write_human_key
+from tests.unit.test_console_web import KEYS, env, world  # noqa: F401 - the same console fixtures
 
 
 @pytest.fixture
@@ -16,7 +17,13 @@ def client(env):  # noqa: F811
 
 
 def as_user(monkeypatch, user: str) -> None:
+    import tempfile
+    from pathlib import Path
+
     monkeypatch.setenv("PILOTHOUSE_CONSOLE_PASSWORD", f"pw-{user}")
+    key_file = Path(tempfile.mkdtemp()) / f"{user}.key"
+    write_human_key(key_file, KEYS[user])
+    monkeypatch.setenv("PILOTHOUSE_HUMAN_KEY", str(key_file))
 
 
 def test_approve_binds_the_current_hash_and_prints_what_it_approved(env, world, client, monkeypatch, capsys):  # noqa: F811
@@ -63,3 +70,16 @@ def test_unreachable_console_exits_3(monkeypatch, capsys):
     monkeypatch.setenv("PILOTHOUSE_CONSOLE_PASSWORD", "x")
     assert approve(["a1", "--user", "alice", "--url", "http://127.0.0.1:9"]) == 3
     assert "cannot reach the console" in capsys.readouterr().err
+
+
+def test_without_a_key_nothing_is_recorded(env, world, client, monkeypatch, capsys):  # noqa: F811
+    _, _, sink = env
+    as_user(monkeypatch, "alice")
+    monkeypatch.delenv("PILOTHOUSE_HUMAN_KEY")
+    assert approve([world.action_id, "--user", "alice", "--hash", world.hash], client) == 2
+    assert "--key" in capsys.readouterr().err and sink.sent == []
+    # Someone else's key: the console refuses it with the reason.
+    as_user(monkeypatch, "bob")
+    monkeypatch.setenv("PILOTHOUSE_CONSOLE_PASSWORD", "pw-alice")
+    assert approve([world.action_id, "--user", "alice", "--hash", world.hash], client) == 1
+    assert "not enrolled for alice" in capsys.readouterr().err and sink.sent == []

@@ -15,6 +15,8 @@ from pilothouse.console.domain import (
     DecisionRefused,
     ReadModel,
     action_status,
+    Signature,
+    approval_statement,
     build_approval,
     check_can_decide,
     check_can_validate,
@@ -95,7 +97,8 @@ def test_ledger_entries_tell_the_console_what_people_decided_and_where_the_chain
     m = built(w)
     val = HypothesisValidated(event_id="v1", incident_id=w.incident_id, correlation_id="c", occurred_at=w.now,
                               hypothesis_id=w.h1, verdict="validated", validator_id="ALICE")
-    appr = build_approval(RITA, w.pending(), "reject", "no", w.now, timedelta(minutes=5))
+    st = approval_statement(RITA, w.pending(), "reject", w.now, timedelta(minutes=5))
+    appr = build_approval(RITA, w.pending(), st, Signature(st.statement_id, "ed25519:x", "sig"), "no", w.now)
     m.apply(ledger_entry(val, 0, "pilothouse.console.hypothesis-validations.v1"))
     m.apply(ledger_entry(appr, 1, "pilothouse.console.approvals.v1"))
     garbage = ledger_entry(appr, 2, "pilothouse.console.approvals.v1").model_copy(update={"payload_json": "{oops"})

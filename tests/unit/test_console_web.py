@@ -6,13 +6,16 @@ tests/e2e/test_console_browser.py. Here: sessions, CSRF, four-eyes refusals, has
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 
 import pytest
 from argon2 import PasswordHasher
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.testclient import TestClient
 
+from pilothouse.bus import attestation
 from pilothouse.bus.errors import DeliveryFailed
 from pilothouse.bus.records import ApprovalRecorded, HypothesisValidated, KillSwitchChanged
 from pilothouse.console.auth import LocalAccounts, _UserEntry
@@ -27,6 +30,8 @@ USERS = {
     "alice": ("approver",), "bob": ("approver",), "rita": ("responder",), "ada": ("admin",),
     "oncall-7": ("approver", "responder"),
 }
+# Each person's own signing key (the console never sees these; only the public halves, in the registry).
+KEYS = {u: Ed25519PrivateKey.generate() for u in USERS}
 
 
 class RecordingSink:
@@ -49,7 +54,12 @@ def world():
 def env(tmp_path, world):
     accounts = LocalAccounts([_UserEntry(id=u, display=u.title(), roles=r, password_hash=_fast.hash(f"pw-{u}"))
                               for u, r in USERS.items()])
-    settings = ConsoleSettings(users_file=tmp_path / "unused.yaml", session_secret="s" * 40, secure_cookies=False)
+    registry = tmp_path / "human-keys.json"
+    registry.write_text(json.dumps({"humans": {
+        u: {"roles": list(r), "keys": [{"public_key": attestation.public_key_b64(KEYS[u].public_key())}]}
+        for u, r in USERS.items()}}))
+    settings = ConsoleSettings(users_file=tmp_path / "unused.yaml", session_secret="s" * 40, secure_cookies=False,
+                               human_keys=registry)
     model = ReadModel()
     for r in world.upstream():
         model.apply(r)
@@ -62,12 +72,24 @@ def login(console: Console, user: str) -> tuple[TestClient, str]:
     c = TestClient(console.app, base_url="http://testserver")
     r = c.post("/api/session", json={"username": user, "password": f"pw-{user}"})
     assert r.status_code == 200, r.text
+    c.user = user  # whose key signs in post_signed
     return c, r.json()["csrf_token"]
+
+
+def post_signed(c: TestClient, csrf: str, path: str, body: dict, key: Ed25519PrivateKey | None = None):
+    """What a client does: send the decision; asked to sign (428), sign the statement with the person's own key
+    and send it again. Any other answer is returned as is."""
+    r = c.post(path, json=body, headers={"X-CSRF-Token": csrf})
+    if r.status_code != 428:
+        return r
+    statement = r.json()["statement"]
+    signed = attestation.answer_statement(key or KEYS[getattr(c, "user", "alice")], statement, {})
+    return c.post(path, json={**body, **signed}, headers={"X-CSRF-Token": csrf})
 
 
 def approve(c: TestClient, csrf: str, w: World, decision: str = "approve", **extra):
     body = {"decision": decision, "action_hash": w.hash, "comment": "ok", **extra}
-    return c.post(f"/api/actions/{w.action_id}/decision", json=body, headers={"X-CSRF-Token": csrf})
+    return post_signed(c, csrf, f"/api/actions/{w.action_id}/decision", body)
 
 
 def test_login_sets_hardened_cookie_and_wrong_password_is_refused(env):
@@ -178,8 +200,8 @@ def test_cannot_approve_own_proposal(env):
 def test_validator_cannot_approve_the_action_of_the_hypothesis(env, world):
     console, model, sink = env
     c, csrf = login(console, "oncall-7")
-    r = c.post(f"/api/hypotheses/{world.h1}/decision", json={"verdict": "validated", "comment": "deploy it is"},
-               headers={"X-CSRF-Token": csrf})
+    r = post_signed(c, csrf, f"/api/hypotheses/{world.h1}/decision",
+                    {"verdict": "validated", "comment": "deploy it is"})
     assert r.status_code == 201, r.text
     assert isinstance(sink.sent[-1], HypothesisValidated) and sink.sent[-1].validator_id == "oncall-7"
     r = approve(c, csrf, world)
@@ -206,7 +228,7 @@ def test_admin_flips_the_kill_switch(env):
     c, csrf = login(console, "ada")
     r = c.post("/api/kill-switch", json={"scope": "global", "engaged": True, "reason": "model misbehaving"},
                headers={"X-CSRF-Token": csrf})
-    assert r.status_code == 201, r.text
+    assert r.status_code == 201, r.text  # engaging only stops things: accepted without a signature
     assert isinstance(sink.sent[-1], KillSwitchChanged) and sink.sent[-1].changed_by == "ada"
     page = c.get("/status").text
     assert "ENGAGED" in page and "model misbehaving" in page
@@ -287,10 +309,17 @@ def test_form_flow_with_csrf_field(env, world):
     r = c.post(f"/actions/{world.action_id}/decision", data={"decision": "approve", "action_hash": world.hash,
                                                               "csrf_token": "forged"})
     assert r.status_code == 403 and "CSRF" in r.text
-    r = c.post(f"/actions/{world.action_id}/decision", data={"decision": "approve", "action_hash": world.hash,
-                                                              "csrf_token": token2})
+    # The page's script asks for the statement (JSON API), signs it in the browser and submits the form with it.
+    form = {"decision": "approve", "action_hash": world.hash, "csrf_token": token2}
+    r = c.post(f"/actions/{world.action_id}/decision", data=form)
+    assert r.status_code == 428 and "unsigned" in r.text and sink.sent == []
+    st = c.post(f"/api/actions/{world.action_id}/statement", json={"decision": "approve", "action_hash": world.hash},
+                headers={"X-CSRF-Token": token2}).json()
+    assert st["statement"]["approver_id"] == "bob" and st["text"].startswith("pilothouse.approval.v1\n")
+    signed = attestation.answer_statement(KEYS["bob"], st, {"action_hash": world.hash, "decision": "approve"})
+    r = c.post(f"/actions/{world.action_id}/decision", data={**form, **signed})
     assert r.status_code == 200 and "Recorded: you approved" in r.text
-    assert sink.sent[-1].approver_id == "bob"
+    assert sink.sent[-1].approver_id == "bob" and sink.sent[-1].signature == signed["signature"]
 
 
 def test_login_form_without_token_is_refused(env):
@@ -329,3 +358,91 @@ def test_logout_ends_the_session(env, world):
     c, csrf = login(console, "alice")
     assert c.post("/api/logout", headers={"X-CSRF-Token": csrf}).status_code == 200
     assert approve(c, csrf, world).status_code == 401
+
+
+# ---- signatures: the console forwards a person's signature, it cannot make one ------------------------------------
+
+
+def test_unsigned_decision_is_answered_with_the_statement_to_sign(env, world):
+    console, _, sink = env
+    c, csrf = login(console, "alice")
+    r = c.post(f"/api/actions/{world.action_id}/decision", json={"decision": "approve", "action_hash": world.hash},
+               headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 428 and r.json()["code"] == "signature_required" and "unsigned" in r.json()["error"]
+    st = r.json()["statement"]
+    assert st["kind"] == "approval" and st["statement"]["action_hash"] == world.hash
+    assert sink.sent == []
+    signed = attestation.answer_statement(KEYS["alice"], st, {"action_id": world.action_id})
+    r = c.post(f"/api/actions/{world.action_id}/decision",
+               json={"decision": "approve", "action_hash": world.hash, **signed}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 201, r.text
+    rec = sink.sent[-1]
+    # Forwarded unchanged: the record is exactly the statement alice signed, and it verifies as policy checks it.
+    assert (rec.approval_id, rec.signature, rec.key_id) == (st["statement_id"], signed["signature"], signed["key_id"])
+    assert attestation.statement_of(rec) == __import__("base64").b64decode(st["signing_input"])
+    # The same signature cannot be spent twice (the statement is used up).
+    r = c.post(f"/api/actions/{world.action_id}/decision",
+               json={"decision": "approve", "action_hash": world.hash, **signed}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code in (400, 409) and len(sink.sent) == 1
+
+
+def test_badly_signed_decisions_are_refused_with_the_reason(env, world):
+    console, _, sink = env
+    c, csrf = login(console, "alice")
+    body = {"decision": "approve", "action_hash": world.hash}
+    path = f"/api/actions/{world.action_id}/decision"
+    # Signed with bob's key while logged in as alice.
+    r = post_signed(c, csrf, path, body, key=KEYS["bob"])
+    assert r.status_code == 400 and r.json()["code"] == "bad_signature" and "not enrolled for alice" in r.json()["error"]
+    # A key nobody enrolled.
+    r = post_signed(c, csrf, path, body, key=Ed25519PrivateKey.generate())
+    assert r.status_code == 400 and r.json()["code"] == "bad_signature"
+    # Signed statement for "reject", sent as "approve".
+    st = c.post(f"/api/actions/{world.action_id}/statement", json={"decision": "reject", "action_hash": world.hash},
+                headers={"X-CSRF-Token": csrf}).json()
+    signed = attestation.answer_statement(KEYS["alice"], st, {})
+    r = c.post(path, json={**body, **signed}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 400 and r.json()["code"] == "statement_mismatch"
+    # Garbage and half-filled signature fields.
+    r = c.post(path, json={**body, "statement_id": "x", "key_id": "y", "signature": "z"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 400 and r.json()["code"] == "unknown_statement"
+    r = c.post(path, json={**body, "signature": "z"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 400 and r.json()["code"] == "bad_signature"
+    assert sink.sent == []
+
+
+def test_a_statement_of_another_session_is_refused(env, world):
+    console, _, sink = env
+    alice, acsrf = login(console, "alice")
+    st = alice.post(f"/api/actions/{world.action_id}/statement",
+                    json={"decision": "approve", "action_hash": world.hash}, headers={"X-CSRF-Token": acsrf}).json()
+    bob, bcsrf = login(console, "bob")
+    signed = attestation.answer_statement(KEYS["bob"], st, {})
+    r = bob.post(f"/api/actions/{world.action_id}/decision",
+                 json={"decision": "approve", "action_hash": world.hash, **signed}, headers={"X-CSRF-Token": bcsrf})
+    assert r.status_code == 400 and r.json()["code"] == "unknown_statement" and sink.sent == []
+
+
+def test_kill_switch_release_needs_the_admins_signature(env):
+    console, _, sink = env
+    c, csrf = login(console, "ada")
+    body = {"scope": "global", "engaged": False, "reason": "all clear"}
+    r = c.post("/api/kill-switch", json=body, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 428 and r.json()["statement"]["statement"]["engaged"] is False and sink.sent == []
+    r = post_signed(c, csrf, "/api/kill-switch", body)
+    assert r.status_code == 201, r.text
+    rec = sink.sent[-1]
+    assert rec.engaged is False and rec.changed_by == "ada" and rec.signature
+    attestation.HumanKeyRegistry.from_file(console.settings.human_keys).verify(rec)
+
+
+def test_client_refuses_to_sign_a_statement_that_says_something_else(env, world):
+    console, _, _ = env
+    c, csrf = login(console, "alice")
+    st = c.post(f"/api/actions/{world.action_id}/statement", json={"decision": "approve", "action_hash": world.hash},
+                headers={"X-CSRF-Token": csrf}).json()
+    with pytest.raises(attestation.AttestationInvalid, match="differs"):
+        attestation.answer_statement(KEYS["alice"], st, {"action_hash": "f" * 64})
+    tampered = {**st, "signing_input": __import__("base64").b64encode(b"pilothouse.approval.v1\n{ }").decode()}
+    with pytest.raises(attestation.AttestationInvalid, match="canonical"):
+        attestation.answer_statement(KEYS["alice"], tampered, {})
