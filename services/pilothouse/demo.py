@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from pilothouse.stack import lifecycle, monitoring, procs
+from pilothouse.stack import humans, lifecycle, monitoring, procs
 from pilothouse.stack.config import Settings
 from pilothouse.stack.info import StackInfo
 
@@ -161,6 +161,7 @@ def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path,
         work.mkdir(parents=True, exist_ok=True)
         (work / "deploys.rules.yaml").write_text(DEPLOY_RULES)
     policy_kid, policy_pub = demo.public_key("policy")
+    human_keys = str(humans.ensure_human_keys(Settings().data_dir))  # the people's public keys (stack up made them)
     _, ledger_pub = demo.public_key("ledger")
     dsn = info.postgres_dsn
     extra = {
@@ -181,11 +182,13 @@ def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path,
             "PILOTHOUSE_POLICY_SIGNING_KEY": demo.policy_key,
             "PILOTHOUSE_POLICY_OPA_URL": info.opa_url,
             "PILOTHOUSE_POLICY_POSTGRES_DSN": dsn,
+            "PILOTHOUSE_POLICY_HUMAN_KEYS": human_keys,
         },
         "actuator": {
             "PILOTHOUSE_ACTUATOR_POSTGRES_DSN": dsn,
             "PILOTHOUSE_ACTUATOR_TRUSTED_KEYS": json.dumps({policy_kid: policy_pub}),
             "PILOTHOUSE_ACTUATOR_FLEET_URL": f"http://127.0.0.1:{FLEET_PORT}",
+            "PILOTHOUSE_ACTUATOR_HUMAN_KEYS": human_keys,
         },
         "ledger": {
             "PILOTHOUSE_LEDGER_POSTGRES_DSN": info.postgres_dsn_for(LEDGER_WRITER),
@@ -201,6 +204,7 @@ def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path,
             "PILOTHOUSE_CONSOLE_USERS_FILE": str(work / "console-users.yaml"),
             "PILOTHOUSE_CONSOLE_SESSION_SECRET": demo.session_secret,
             "PILOTHOUSE_CONSOLE_SECURE_COOKIES": "false",
+            "PILOTHOUSE_CONSOLE_HUMAN_KEYS": human_keys,
         },
     }[svc]
     env.update(extra)
@@ -348,10 +352,14 @@ class Watcher(threading.Thread):
 
 
 class ConsoleUser:
-    """A person using the console's HTTP API with their own credentials."""
+    """A person using the console's HTTP API with their own credentials and their own signing key
+    (``<data>/humans/<id>.key``): decisions are signed here, never by the console."""
 
     def __init__(self, base_url: str, username: str, password: str):
+        from pilothouse.bus.attestation import load_human_key
+
         self.username = username
+        self.key = load_human_key(humans.key_path(Settings().data_dir, username))
         self.client = httpx.Client(base_url=base_url, timeout=15)
         r = self.client.post("/api/session", json={"username": username, "password": password})
         if r.status_code != 200:
@@ -359,7 +367,15 @@ class ConsoleUser:
         self.csrf = r.json()["csrf_token"]
 
     def post(self, path: str, body: dict) -> httpx.Response:
-        return self.client.post(path, json=body, headers={"X-CSRF-Token": self.csrf})
+        """Send a decision; asked to sign (428), check the statement says what ``body`` asks, sign, send again."""
+        from pilothouse.bus.attestation import answer_statement
+
+        r = self.client.post(path, json=body, headers={"X-CSRF-Token": self.csrf})
+        if r.status_code != 428:
+            return r
+        expect = {k: body[k] for k in ("decision", "action_hash", "verdict") if k in body}
+        signed = answer_statement(self.key, r.json()["statement"], expect)
+        return self.client.post(path, json={**body, **signed}, headers={"X-CSRF-Token": self.csrf})
 
     def get(self, path: str) -> httpx.Response:
         return self.client.get(path)
