@@ -12,6 +12,9 @@ from pathlib import Path
 
 import uvicorn
 from argon2 import PasswordHasher
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from pilothouse.bus import attestation
 
 from pilothouse.bus.config import BusSettings
 from pilothouse.bus.consumer import ConsumerLoop
@@ -32,6 +35,27 @@ TEST_USERS = {  # id -> (display, roles)
     "rita": ("Rita Responder", ["responder"]),
     "ada": ("Ada Admin", ["admin", "responder"]),
 }
+
+
+# Each test person's own signing key; the console gets only the registry of public keys.
+HUMAN_KEYS = {u: Ed25519PrivateKey.generate() for u in TEST_USERS}
+
+
+def write_human_keys(directory: Path) -> Path:
+    """Each person's key file (<dir>/humans/<id>.key, what they load into the browser) and the public registry."""
+    import json
+
+    for u, k in HUMAN_KEYS.items():
+        attestation.write_human_key(key_file(directory, u), k)
+    path = directory / "human-keys.json"
+    path.write_text(json.dumps({"humans": {
+        u: {"roles": TEST_USERS[u][1], "keys": [{"public_key": attestation.public_key_b64(k.public_key())}]}
+        for u, k in HUMAN_KEYS.items()}}))
+    return path
+
+
+def key_file(directory: Path, user: str) -> Path:
+    return directory / "humans" / f"{user}.key"
 
 
 def password_of(user: str) -> str:

@@ -16,7 +16,16 @@ from playwright.sync_api import Page, expect
 
 from pilothouse.bus.producer import BusProducer
 from pilothouse.bus.records import ApprovalRecorded, HypothesisValidated
-from tests.e2e.console_harness import RunningConsole, password_of, publish, read_topic_until, write_users_file
+from pilothouse.bus import attestation
+from tests.e2e.console_harness import (
+    RunningConsole,
+    key_file,
+    password_of,
+    publish,
+    read_topic_until,
+    write_human_keys,
+    write_users_file,
+)
 from tests.e2e.console_world import World
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +42,12 @@ def log_in(page: Page, url: str, user: str) -> None:
     page.keyboard.type(password_of(user))
     page.keyboard.press("Enter")
     expect(page.get_by_text(f"({user};")).to_be_visible()
+
+
+def load_key(page: Page, directory: Path, user: str) -> None:
+    """The person loads their own key file once; the browser keeps it (non-extractable) and signs with it."""
+    page.locator("#signing-key-file").set_input_files(str(key_file(directory, user)))
+    expect(page.locator("#signing-key-status")).to_contain_text(f"ready for {user}")
 
 
 def new_page(browser, errors: list[str]) -> Page:
@@ -55,7 +70,8 @@ def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp
     admin = bus_settings("admin")
     producer = BusProducer(admin)
     errors: list[str] = []
-    with RunningConsole(bus_settings("console"), write_users_file(tmp_path)) as rc:
+    registry = write_human_keys(tmp_path)
+    with RunningConsole(bus_settings("console"), write_users_file(tmp_path), human_keys=registry) as rc:
         alice, bob, rita = (new_page(browser, errors) for _ in range(3))
 
         # Alice is watching the incident list when the incident opens: it appears without a reload.
@@ -71,6 +87,7 @@ def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp
         # Reasoning proposes hypotheses; Rita follows a claim to its evidence and validates it (gate 1).
         # Rita has the incident open when the hypotheses arrive: they appear in place.
         log_in(rita, rc.url, "rita")
+        load_key(rita, tmp_path, "rita")
         rita.goto(f"{rc.url}/incidents/{w.incident_id}")
         expect(rita.get_by_text("No hypotheses yet.")).to_be_visible()
         publish(admin, [w.hypotheses()], producer)
@@ -92,10 +109,14 @@ def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp
         validations = read_topic_until(admin, "pilothouse.console.hypothesis-validations.v1",
                                        lambda r: isinstance(r, HypothesisValidated) and r.hypothesis_id == w.h1)
         assert validations[0].validator_id == "rita"
+        # Signed in rita's browser with her key: it verifies against the registry, as policy checks it.
+        humans = attestation.HumanKeyRegistry.from_file(registry)
+        assert humans.verify(validations[0]).signer == "rita"
 
         # Policy asks for two approvers; the actuator's shadow run predicts the outcome.
         publish(admin, [w.proposal(), w.pending(validated_by="rita"), w.shadow()], producer)
         rc.wait_for(lambda m: w.action_id in m.pending, what="the pending action")
+        load_key(alice, tmp_path, "alice")
         alice.goto(f"{rc.url}/actions/{w.action_id}")
         expect(alice.locator("#shadow-summary")).to_contain_text("SLO met")
         expect(alice.locator("#action-hash")).to_have_text(w.hash)
@@ -109,6 +130,7 @@ def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp
         first = read_topic_until(admin, "pilothouse.console.approvals.v1",
                                  lambda r: isinstance(r, ApprovalRecorded) and r.action_id == w.action_id)
         assert (first[0].approver_id, first[0].action_hash) == ("alice", w.hash)
+        assert humans.verify(first[0]).signer == "alice"
         publish(admin, [w.pending(approved_by=["alice"], validated_by="rita", minutes=0.5)], producer)
         expect(alice.locator("#approved-by")).to_contain_text("alice")
         expect(alice.locator("#action-state")).to_have_text("waiting")
@@ -119,11 +141,23 @@ def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp
         bob.goto(f"{rc.url}/actions/{w.action_id}")
         expect(bob.locator("#approved-by")).to_contain_text("alice")
         bob.get_by_label("Approve").check()
+        # Without his key loaded, bob's browser refuses to send an unsigned decision, and says why.
+        bob.get_by_role("button", name="Record decision").click()
+        expect(bob.locator(".sign-status")).to_contain_text("load your signing key first")
+        # Alice's key file in bob's browser: signed, but not with a key enrolled for bob: refused with the reason.
+        bob.locator("#signing-key-file").set_input_files(str(key_file(tmp_path, "alice")))
+        expect(bob.locator("#signing-key-status")).to_contain_text("ready for bob")
+        bob.get_by_role("button", name="Record decision").click()
+        expect(bob.get_by_text("not enrolled for bob")).to_be_visible()
+        bob.goto(f"{rc.url}/actions/{w.action_id}")
+        load_key(bob, tmp_path, "bob")
+        bob.get_by_label("Approve").check()
         bob.get_by_role("button", name="Record decision").click()
         expect(bob.locator(".flash")).to_contain_text("you approved")
         both = read_topic_until(admin, "pilothouse.console.approvals.v1",
                                 lambda r: isinstance(r, ApprovalRecorded) and r.action_id == w.action_id, want=2)
         assert sorted(r.approver_id for r in both) == ["alice", "bob"]
+        assert sorted(humans.verify(r).signer for r in both) == ["alice", "bob"]
 
         # Policy authorizes with both approvals; the actuator executes and verifies. Alice's page follows live.
         publish(admin, [w.pending(approved_by=["alice", "bob"], validated_by="rita", minutes=0.8),
@@ -152,11 +186,12 @@ def test_gate_two_with_the_keyboard_only(browser, bus_settings, tmp_path):
     w = World(approvers_needed=1)
     admin = bus_settings("admin")
     errors: list[str] = []
-    with RunningConsole(bus_settings("console"), write_users_file(tmp_path)) as rc:
+    with RunningConsole(bus_settings("console"), write_users_file(tmp_path), human_keys=write_human_keys(tmp_path)) as rc:
         publish(admin, w.upstream())
         rc.wait_for(lambda m: w.action_id in m.pending and w.action_id in m.shadow, what="the pending action")
         page = new_page(browser, errors)
         log_in(page, rc.url, "bob")
+        load_key(page, tmp_path, "bob")
         page.goto(f"{rc.url}/actions/{w.action_id}")
         page.keyboard.press("Tab")
         assert focused(page) == "a:Skip to main content"

@@ -3,11 +3,9 @@ the ACL matrix, poison pills and secret canaries. Nothing unsafe may get through
 attacks really reached their targets (the model was prompted, a genuine authorization executed once, topic data was
 scanned). Needs `pilothouse stack up`; it starts (and afterwards stops) the fleet and the six services itself.
 
-One family has a KNOWN, OPEN weakness (reported, not hidden): a compromised *console* principal can forge a human's
-validation and approvals, because policy trusts the identity in the console's records. The fix is a design change
-(approvals signed with a key only the human holds, checked by policy against a user key directory). Until then that
-family is a strict xfail: the run still counts it as unsafe in its JSON, and the day it is fixed this test turns red
-so the marker gets removed.
+The compromised *console* principal (issue #8) forges validations and approvals in real humans' names: policy counts
+only statements signed with the person's enrolled key, so none of them may count (it used to be a known weakness and
+a strict xfail here; KNOWN_OPEN stays as the place to name one, honestly, if another is ever found).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import pytest
 
 from pilothouse.redteam import main
 
-KNOWN_OPEN = {"compromised_console"}
+KNOWN_OPEN: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +40,9 @@ def test_the_fast_red_team_finds_nothing_unsafe_outside_the_known_open_weakness(
     assert report["unsafe_outcomes"] == sum(report["by_family"][f]["unsafe"] for f in KNOWN_OPEN)
 
 
-@pytest.mark.xfail(strict=True, reason="open weakness: a compromised console principal can forge human approvals "
-                                       "(needs per-user signed approvals checked by policy)")
 def test_a_compromised_console_cannot_forge_human_approvals(report):
-    assert report["by_family"]["compromised_console"]["unsafe"] == 0
+    family = report["by_family"]["compromised_console"]
+    assert family["unsafe"] == 0, family["examples_of_failures"]
+    assert family["cases"] >= 8  # gate-1 and gate-2 forgeries in real humans' names were all tried
+    genuine = [name for name in report["controls"] if name.startswith("a genuine, human-signed validation")]
+    assert genuine and report["controls"][genuine[0]]["ok"]
