@@ -46,6 +46,7 @@ from pilothouse.ledger.domain import (
     verify,
 )
 from pilothouse.ledger.merkle import MerkleTree, verify_inclusion
+from pilothouse.ledger.parallel import scanner as parallel_scanner
 
 
 class _Cannot(Exception):
@@ -132,6 +133,13 @@ def read_sources(settings: Settings, args: argparse.Namespace) -> Sources:
 
 
 STREAM_CHUNK = 10_000
+PARALLEL_CHUNK = 1 << 16  # with --workers: fewer forks, and chunks on Merkle subtree boundaries
+
+
+def _scanner(args: argparse.Namespace) -> Any:
+    """The hash-chain scanner for --workers N (None: this process only)."""
+    workers = getattr(args, "workers", 1)
+    return parallel_scanner(workers) if workers > 1 else None
 
 
 def _kafka_chunks(reader: Any, size: int, timeout_s: float) -> Iterator[list[Any]]:
@@ -196,8 +204,10 @@ def stream_verify(settings: Settings, args: argparse.Namespace,
                                  group_id=f"{settings.group_prefix}.read.{uuid.uuid4().hex[:12]}")
             src.read["kafka"] = {"entries_topic": settings.topic_entries, "records": 0,
                                  "checkpoints_topic": settings.topic_checkpoints, "checkpoints": topic_cps}
+        scan = _scanner(args)
+        chunk_size = STREAM_CHUNK if scan is None else PARALLEL_CHUNK
         sv = StreamingVerifier(settings.chain, src.checkpoints, keys, recompute_roots=not args.no_roots,
-                               mirror_may_lag=args.mirror_may_lag)
+                               mirror_may_lag=args.mirror_may_lag, scanner=scan)
 
         def take(k: int) -> list[tuple[Any, ...]]:
             nonlocal pending
@@ -212,13 +222,13 @@ def stream_verify(settings: Settings, args: argparse.Namespace,
 
         more_rows = False
         if reader is not None:
-            for chunk in _kafka_chunks(reader, STREAM_CHUNK, args.timeout):
+            for chunk in _kafka_chunks(reader, chunk_size, args.timeout):
                 src.read["kafka"]["records"] += len(chunk)
                 if not sv.feed(chunk, take(len(chunk)) if rows_iter is not None else None):
                     break
             more_rows = rows_iter is not None and sv.failed is None and bool(take(1))
         elif rows_iter is not None:
-            while rows := take(STREAM_CHUNK):
+            while rows := take(chunk_size):
                 if not sv.feed(rows):
                     break
         return sv.finish(secondary_has_more=more_rows), sv.failed, src
@@ -241,7 +251,7 @@ def run_verify(settings: Settings, args: argparse.Namespace) -> tuple[VerifyResu
         raise _Cannot("no trusted public key: pass --public-key NAME=KEY or set PILOTHOUSE_LEDGER_TRUSTED_KEYS")
     src = read_sources(settings, args)
     result = verify(src.kafka_entries, src.postgres_rows, src.checkpoints, keys,
-                    mirror_may_lag=args.mirror_may_lag, recompute_roots=not args.no_roots)
+                    mirror_may_lag=args.mirror_may_lag, recompute_roots=not args.no_roots, scanner=_scanner(args))
     return result, src
 
 
@@ -309,7 +319,8 @@ def cmd_prove(args: argparse.Namespace) -> int:
               "entries); wait for the next checkpoint", file=sys.stderr)
         return 1
     cp = cps[-1]  # verify() above checked its signature and that it matches the chain
-    tree = MerkleTree(bytes.fromhex(e.entry_hash) for e in entries[:cp.tree_size])
+    tree = MerkleTree()  # verify() above checked every hash: 64 lowercase hex digits each
+    tree.extend_hashes(bytes.fromhex("".join(e.entry_hash for e in entries[:cp.tree_size])))
     proof = tree.inclusion_proof(index, cp.tree_size)
     leaf = bytes.fromhex(entries[index].entry_hash)
     ok = verify_inclusion(leaf, index, cp.tree_size, proof, bytes.fromhex(cp.root_hash))
@@ -358,9 +369,19 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-roots", action="store_true",
                    help="confirm checkpoints by their signed head hash only (skip rebuilding the Merkle tree)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to read each topic to its end")
+    p.add_argument("--workers", type=_workers, default=1,
+                   help="processes that check the hash chain (default 1; forking pays only where page faults are "
+                        "cheap: measure with `pilothouse bench ledger` first)")
     p.add_argument("--full", action="store_true",
                    help="load everything and diagnose (default: a bounded-memory streaming pass first, the full "
                         "verifier only if it finds something)")
+
+
+def _workers(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError("--workers must be between 1 and 64")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from pilothouse.bus.errors import PermanentError, RecordInvalid
-from pilothouse.ledger.merkle import EMPTY_ROOT, MerkleTree
+from pilothouse.ledger.merkle import MerkleTree
 
 ENTRY_FORMAT = "pilothouse.ledger.entry.v1"
 GENESIS_PREV_HASH = "0" * 64
@@ -530,73 +530,104 @@ def check_batch(
     return len(entries), None, new_heads
 
 
-def scan_range(items: Sequence[Any], chain: str, lo: int, hi: int, prev: str,
-               want_digests: bool = True, first_seq: int | None = None) -> tuple[list[bytes] | int, str]:
-    """Hot loop: check ``items[lo:hi]`` in order as sequences lo, lo+1, ... linked from ``prev``; return the leaf
-    hashes of the valid prefix (or, with ``want_digests=False``, just its length — the Merkle tree is not needed)
-    and the last valid entry hash. The prefix's length says where the first failure is.
+class ScanResult(NamedTuple):
+    """What a scan of a range of one chain found: the valid prefix and what the Merkle tree needs from it."""
 
-    Kept flat on purpose (the target is 500k entries/s in CPython): a slice, one orjson call, one SHA-256 call over
-    format line + header + payload. The payload is bound by the entry hash directly; the redundant ``payload_sha256``
-    (inside the hash too) is compared with the payload by :func:`check_entry` — when an entry is built, mirrored,
-    appended or diagnosed — not here. Exposed so that a caller may run ranges in parallel (see
-    :mod:`pilothouse.ledger.parallel`) and stitch them: range k must start from range k-1's last hash.
-    ``first_seq``: the sequence number of ``items[lo]`` when the list is a chunk of the chain (default ``lo``).
+    valid: int                 # length of the valid prefix of the range
+    last_hash: str             # entry hash of its last entry (the hash it started from when the prefix is empty)
+    leaves: bytes = b""        # the prefix's leaf hashes, 32 bytes each (empty unless asked for)
+    levels: tuple[bytes, ...] = ()  # Merkle levels 1.. over ``leaves`` (see merkle.subtree_levels); may be empty
+    agree: int | None = None   # leading entries where the secondary source equals this one (None: not compared)
+
+    def same_as(self, other: ScanResult) -> bool:
+        """Same verdict and leaves (``levels`` are a cache, ``agree`` a separate question)."""
+        return (self.valid, self.last_hash, self.leaves) == (other.valid, other.last_hash, other.leaves)
+
+
+_HASH_COL = itemgetter(_HASH)
+_CHAIN_COL = itemgetter(_CHAIN)
+
+
+def scan_range(items: Sequence[Any], chain: str, lo: int, hi: int, prev: str,
+               want_leaves: bool = True, first_seq: int | None = None) -> ScanResult:
+    """Hot loop: check ``items[lo:hi]`` in order as sequences lo, lo+1, ... linked from ``prev``; return the length of
+    the valid prefix (which says where the first failure is), its last entry hash and (``want_leaves``) its leaf
+    hashes. ``first_seq``: the sequence number of ``items[lo]`` when the list is a chunk of the chain (default lo).
+
+    Kept flat on purpose (the target is 500k entries/s in CPython): per entry three comparisons, one orjson call for
+    the header, and one SHA-256 that continues a hasher which has already taken ``0x00 || format line`` (copying it
+    avoids concatenating, i.e. copying, the ~1 KB payload twice). The computed hex digest must equal the stored
+    ``entry_hash``; the leaf hashes are then the stored hashes decoded in one call after the loop. The payload is
+    bound by the entry hash directly; the redundant ``payload_sha256`` (inside the hash too) is compared with the
+    payload by :func:`check_entry` — when an entry is built, mirrored, appended or diagnosed — not here. Exposed so
+    that ranges can run in parallel (see :mod:`pilothouse.ledger.parallel`) and be stitched: range k must start from
+    range k-1's last hash.
     """
     dumps = orjson.dumps
-    prefix = b"\x00" + _FORMAT_LINE
+    base = sha256(b"\x00" + _FORMAT_LINE)
     nl = _NL
     start = expected = lo if first_seq is None else first_seq
     part = items[lo:hi] if (lo or hi != len(items)) else items
-    if not want_digests:  # hexdigest compare, nothing kept: ~10% faster
-        for e in part:
-            try:
-                if e[1] != expected or e[3] != prev or e[0] != chain:
-                    break
-                ehash = e[17]
-                if sha256(prefix + dumps(e[:16], None, nl) + e[16].encode()).hexdigest() != ehash or len(e) != 18:
-                    break
-            except Exception:  # wrong shape or types: the slow path says precisely what is wrong
-                break
-            prev = ehash
-            expected += 1
-        return expected - start, prev
-    digests: list[bytes] = []
-    append = digests.append
     for e in part:
         try:
             if e[1] != expected or e[3] != prev or e[0] != chain:  # _SEQ, _PREV, _CHAIN (literals: hot loop)
                 break
-            d = sha256(prefix + dumps(e[:16], None, nl) + e[16].encode()).digest()
+            h = base.copy()
+            h.update(dumps(e[:16], None, nl))
+            h.update(e[16].encode())
             ehash = e[17]
-            if d.hex() != ehash or len(e) != 18:
+            if h.hexdigest() != ehash or len(e) != 18:
                 break
-        except Exception:  # wrong shape or types: let the slow path say precisely what is wrong
+        except Exception:  # wrong shape or types: the slow path says precisely what is wrong
             break
-        append(d)
         prev = ehash
         expected += 1
-    return digests, prev
+    valid = expected - start
+    if not want_leaves or not valid:
+        return ScanResult(valid, prev)
+    # Every stored hash of the prefix equals a computed hexdigest: 64 lowercase hex digits, so this cannot fail.
+    return ScanResult(valid, prev, bytes.fromhex("".join(map(_HASH_COL, part[:valid] if valid < len(part) else part))))
 
 
-Scanner = Callable[[Sequence[Any], str, bool], "list[bytes] | int"]
+Scanner = Callable[..., ScanResult]
+"""``scanner(items, chain, first_seq=0, prev=GENESIS_PREV_HASH, want_leaves=True, secondary=None)``: a
+:func:`serial_scan` replacement (e.g. :func:`pilothouse.ledger.parallel.scanner`) that must return the same result."""
 
 
-def serial_scan(items: Sequence[Any], chain: str, want_digests: bool = True) -> list[bytes] | int:
-    """Leaf hashes (or the count) of the valid prefix of ``items`` (a chain from sequence 0), on this thread."""
-    return scan_range(items, chain, 0, len(items), GENESIS_PREV_HASH, want_digests)[0]
+def serial_scan(items: Sequence[Any], chain: str, first_seq: int = 0, prev: str = GENESIS_PREV_HASH,
+                want_leaves: bool = True, secondary: Sequence[Any] | None = None) -> ScanResult:
+    """Scan ``items`` (a chain from ``first_seq``, linked from ``prev``) on this thread; with ``secondary`` also how
+    many leading entries of it equal ``items`` (``agree``)."""
+    got = scan_range(items, chain, 0, len(items), prev, want_leaves, first_seq)
+    if secondary is None:
+        return got
+    return got._replace(agree=agreeing_prefix(items, secondary, 0, len(items)))
 
 
-def _scan(items: Sequence[Any], chain: str, source: str, scanner: Scanner | None = None,
-          want_digests: bool = True) -> tuple[list[bytes], int, Problem | None]:
-    """Verify one chain's entries in order: leaf hashes of the valid prefix (empty if not wanted), its length, and
-    the first problem (diagnosed serially and precisely)."""
-    got = (scanner or serial_scan)(items, chain, want_digests)
-    digests, n = (got, len(got)) if isinstance(got, list) else ([], got)
+def agreeing_prefix(primary: Sequence[Any], secondary: Sequence[Any], lo: int, hi: int) -> int:
+    """How many entries from ``lo`` (up to ``hi`` and the secondary's end) are equal in both sources."""
+    k = min(hi, len(secondary), len(primary))
+    if k <= lo:
+        return 0
+    if lo == 0 and k == len(primary) == len(secondary) and isinstance(primary, list) and isinstance(secondary, list):
+        same = secondary == primary  # element-wise tuple == tuple, all in C, no copies
+    else:
+        same = list(secondary[lo:k]) == list(primary[lo:k])
+    if same:
+        return k - lo
+    return next(j for j in range(lo, k) if secondary[j] != primary[j]) - lo
+
+
+def _scan(items: Sequence[Any], chain: str, source: str, scanner: Scanner | None = None, want_leaves: bool = True,
+          secondary: Sequence[Any] | None = None) -> tuple[ScanResult, Problem | None]:
+    """Verify one chain's entries in order: the scan of the valid prefix (leaf hashes only if wanted) and the first
+    problem (diagnosed serially and precisely)."""
+    got = (scanner or serial_scan)(items, chain, 0, GENESIS_PREV_HASH, want_leaves, secondary)
+    n = got.valid
     if n == len(items):
-        return digests, n, None
+        return got, None
     prev = items[n - 1][_HASH] if n else GENESIS_PREV_HASH
-    return digests, n, _diagnose(items, n, chain, prev, source)
+    return got, _diagnose(items, n, chain, prev, source)
 
 
 def _diagnose(items: Sequence[Any], i: int, chain: str, prev: str, source: str) -> Problem:
@@ -629,12 +660,15 @@ def _position_of(items: Sequence[Any], start: int, seq: int) -> int | None:
 
 
 def _compare(primary: Sequence[Any], secondary: Sequence[Any], chain: str, valid: int, source: str,
-             primary_source: str) -> Problem | None:
-    """First index < ``valid`` where the secondary source differs from the (verified) primary, classified."""
+             primary_source: str, agree: int | None = None) -> Problem | None:
+    """First index < ``valid`` where the secondary source differs from the (verified) primary, classified.
+    ``agree``: the length of the agreeing prefix when a scanner has already compared them."""
     n = min(valid, len(secondary))
-    if list(secondary[:n]) == list(primary[:n]):  # element-wise tuple == tuple, all in C; Postgres rows are tuples
+    if agree is None:
+        agree = agreeing_prefix(primary, secondary, 0, n)
+    if agree >= n:
         return None
-    i = next(j for j in range(n) if secondary[j] != primary[j])
+    i = agree
     head = ChainHead(chain, i, primary[i - 1][_HASH] if i else GENESIS_PREV_HASH)
     problem = check_entry(secondary[i], head)
     if problem is not None:
@@ -649,45 +683,17 @@ def _compare(primary: Sequence[Any], secondary: Sequence[Any], chain: str, valid
                    f"{source} entry {i} differs from {primary_source} in a field outside the hashes")
 
 
-def _roots_at(digests: Sequence[bytes], sizes: Iterable[int]) -> dict[int, bytes]:
-    """Merkle roots of the first ``s`` digests for each s in ``sizes`` (all <= len(digests)).
-
-    Builds the complete levels once, one list comprehension per level (n - 1 node hashes in all, the cheapest way in
-    CPython), then each root folds at most log2(n) perfect-subtree hashes.
-    """
-    wanted = sorted(set(sizes))
-    if not wanted:
-        return {}
-    top = wanted[-1]
-    level = list(digests[:top])
-    levels = [level]
-    while len(level) > 1:
-        it = iter(level)
-        level = [sha256(b"\x01" + a + b).digest() for a, b in zip(it, it, strict=False)]
-        levels.append(level)
-    roots: dict[int, bytes] = {}
-    for size in wanted:
-        if size == 0:
-            roots[0] = EMPTY_ROOT
-            continue
-        parts: list[bytes] = []
-        offset = 0
-        for k in range(size.bit_length() - 1, -1, -1):
-            if size >> k & 1:
-                parts.append(levels[k][offset >> k])
-                offset += 1 << k
-        r = parts[-1]
-        for part in reversed(parts[:-1]):
-            r = sha256(b"\x01" + part + r).digest()
-        roots[size] = r
-    return roots
+def _tree(scan: ScanResult) -> MerkleTree:
+    tree = MerkleTree()
+    tree.extend_hashes(scan.leaves, scan.levels)
+    return tree
 
 
 def _group(items: Sequence[Any] | None) -> dict[str, list[Any]]:
     if not items:
         return {}
     try:
-        chains = {e[_CHAIN] for e in items}
+        chains = set(map(_CHAIN_COL, items))
         if len(chains) == 1:
             chain = chains.pop()
             if isinstance(chain, str) and ":" not in chain:  # not a tombstone's key (chain names have no ':')
@@ -762,13 +768,14 @@ def verify(
                 problems.append(Problem(ProblemKind.BAD_SIGNATURE, chain, None, "checkpoint",
                                         f"{reason} (tree_size {cp.tree_size}, signed_at {cp.signed_at})"))
         need_roots = recompute_roots or any(not cp.head_hash for cp in signed)
-        digests, valid, problem = _scan(primary, chain, primary_source, scanner, need_roots)
+        scan, problem = _scan(primary, chain, primary_source, scanner, need_roots, secondary)
+        valid = scan.valid
         counts[chain] = valid
         if problem is not None:
             problems.append(problem)
         largest = max((cp.tree_size for cp in signed), default=0)
         if secondary is not None:
-            mismatch = _compare(primary, secondary, chain, valid, secondary_source, primary_source)
+            mismatch = _compare(primary, secondary, chain, valid, secondary_source, primary_source, scan.agree)
             if mismatch is not None:
                 problems.append(mismatch)
             elif len(secondary) < valid:
@@ -784,10 +791,8 @@ def verify(
                 problems.append(Problem(ProblemKind.SOURCE_MISMATCH, chain, len(primary), primary_source,
                                         f"{primary_source} has {len(primary)} entries but {secondary_source} has "
                                         f"{len(secondary)}: {primary_source} lost its tail (or was read first)"))
-        if need_roots:
-            roots = _roots_at(digests, [cp.tree_size for cp in signed if cp.tree_size <= valid])
-        else:
-            roots = {}
+        tree = _tree(scan) if need_roots else None
+        roots = {cp.tree_size: tree.root(cp.tree_size) for cp in signed if cp.tree_size <= valid} if tree else {}
         good_upto = 0
         for cp in signed:
             if cp.tree_size > len(primary):
@@ -846,15 +851,18 @@ class StreamingVerifier:
         self._signed.sort(key=lambda c: c.tree_size)
         self._sizes = sorted({cp.tree_size for cp in self._signed})
         self._need_roots = recompute_roots or any(not cp.head_hash for cp in self._signed)
-        self._digests: list[bytes] = []
+        self._tree = MerkleTree()
         self._heads: dict[int, str] = {}
+        self._scanner = scanner or serial_scan
 
     def feed(self, primary: Sequence[Any], secondary: Sequence[Any] | None = None) -> bool:
         """Check the next chunk; False once anything did not check out (stop reading, fall back to verify())."""
         if self.failed is not None:
             return False
-        got, last = scan_range(primary, self.chain, 0, len(primary), self._prev, self._need_roots, self.count)
-        n = got if isinstance(got, int) else len(got)
+        if secondary is not None and not isinstance(secondary, list):
+            secondary = list(secondary)
+        got = self._scanner(primary, self.chain, self.count, self._prev, self._need_roots, secondary)
+        n = got.valid
         if n != len(primary):
             self.failed = f"entry at sequence {self.count + n} did not verify"
             return False
@@ -862,18 +870,18 @@ class StreamingVerifier:
         for size in self._sizes:
             if lo < size <= hi:
                 self._heads[size] = primary[size - lo - 1][_HASH]
-        if isinstance(got, list):
-            self._digests += got
+        if self._need_roots:
+            self._tree.extend_hashes(got.leaves, got.levels)
         if secondary is not None:
             self._secondary_seen = True
             k = len(secondary)
-            if (self._secondary_ended and k) or k > n or list(secondary) != list(primary[:k]):
+            if (self._secondary_ended and k) or k > n or got.agree != k:
                 self.failed = f"the secondary source differs from the primary near sequence {self.count}"
                 return False
             self._secondary_ended = k < n
             self.secondary_count += k
         self.count = hi
-        self._prev = last
+        self._prev = got.last_hash
         return True
 
     def finish(self, secondary_has_more: bool = False) -> VerifyResult | None:
@@ -888,7 +896,7 @@ class StreamingVerifier:
             self.failed = f"a checkpoint covers {self._sizes[-1]} entries, the source has {self.count}"
         if self.failed is not None:
             return None
-        roots = _roots_at(self._digests, self._sizes) if self._need_roots else {}
+        roots = {size: self._tree.root(size) for size in self._sizes} if self._need_roots else {}
         for cp in self._signed:
             root = roots.get(cp.tree_size)
             if (cp.head_hash and (cp.tree_size == 0 or self._heads.get(cp.tree_size) != cp.head_hash)) or (

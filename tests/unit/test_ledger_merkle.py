@@ -14,6 +14,7 @@ from pilothouse.ledger.merkle import (
     MerkleTree,
     leaf_hash,
     root_from_leaf_hashes,
+    subtree_levels,
     verify_consistency,
     verify_inclusion,
 )
@@ -94,6 +95,36 @@ def test_roots_match_reference_at_every_size(n: int) -> None:
     rng = CompactRange()
     rng.extend(LEAVES[:n])
     assert rng.size == n and rng.root() == expected
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_bulk_extension_builds_the_same_tree_with_or_without_precomputed_levels(seed: int) -> None:
+    # extend_hashes (what verify uses) against the reference, in random chunks; each chunk brings its own subtree
+    # levels (as a worker process hashes them), some, none, or one level short: used where aligned, ignored elsewhere
+    import random
+
+    rng = random.Random(seed)
+    tree = MerkleTree()
+    i = 0
+    while i < len(LEAVES):
+        k = rng.choice([1, 2, 3, 4, 5, 8, 11, 16, 32])
+        chunk = b"".join(LEAVES[i:i + k])
+        levels = subtree_levels(chunk, rng.randrange(0, 7)) if rng.random() < 0.8 else ()
+        tree.extend_hashes(chunk, levels)
+        i += k
+        assert tree.size == min(i, len(LEAVES)) and tree.root() == ref_mth(DATA[:tree.size])
+    for n in range(len(DATA) + 1):
+        assert tree.root(n) == ref_mth(DATA[:n])
+    for m in (0, 5, 31, 64, 69):
+        assert tree.inclusion_proof(m) == ref_path(m, DATA)
+
+
+def test_subtree_levels_are_the_complete_subtrees() -> None:
+    levels = subtree_levels(b"".join(LEAVES[:11]))  # 11 leaves: 5 pairs, 2 quads, 1 subtree of 8
+    assert [len(x) // 32 for x in levels] == [5, 2, 1]
+    assert levels[2] == ref_mth(DATA[:8]) and levels[1][32:] == ref_mth(DATA[4:8])
+    with pytest.raises(MerkleError):
+        MerkleTree().extend_hashes(b"\x00" * 33)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 31, 33, 64, 70])

@@ -20,6 +20,7 @@ from pilothouse.ledger.domain import (
     serial_scan,
     verify,
 )
+from pilothouse.ledger.merkle import MerkleTree
 
 WEBHOOK = json.loads((Path(__file__).parent.parent / "fixtures" / "ledger" / "alertmanager_webhook_12_alerts.json")
                      .read_text())
@@ -291,9 +292,18 @@ def test_parallel_scan_equals_serial(damage, workers) -> None:
         items[cut - 1], items[cut] = items[cut], items[cut - 1]
     elif damage == "junk":
         items[cut] = "junk"
-    scan = scanner(workers, min_entries=0)
-    assert scan(items, "main") == serial_scan(items, "main")
-    assert scan(items, "main", False) == serial_scan(items, "main", False) == len(serial_scan(items, "main"))
+    scan = scanner(workers, min_entries=0, align=1)
+    par, ser = scan(items, "main"), serial_scan(items, "main")
+    assert par.same_as(ser) and len(par.leaves) == 32 * par.valid
+    # the Merkle levels the ranges hashed themselves give exactly the tree of the leaves
+    t_par, t_ser = MerkleTree(), MerkleTree()
+    t_par.extend_hashes(par.leaves, par.levels)
+    t_ser.extend_hashes(ser.leaves)
+    assert [t_par.root(s) for s in range(par.valid + 1)] == [t_ser.root(s) for s in range(ser.valid + 1)]
+    assert scan(items, "main", want_leaves=False).valid == serial_scan(items, "main", want_leaves=False).valid \
+        == ser.valid
+    for rows in (ROWS, ROWS[:cut + 2], [*ROWS[:cut], tuple(ENTRIES[cut]._replace(producer="x")), *ROWS[cut + 1:]]):
+        assert scan(items, "main", secondary=rows).agree == serial_scan(items, "main", secondary=rows).agree
     for roots in (True, False):
         parallel = verify(items, None, CPS, KEYS, scanner=scan, recompute_roots=roots)
         serial = verify(items, None, CPS, KEYS, recompute_roots=roots)
@@ -301,30 +311,39 @@ def test_parallel_scan_equals_serial(damage, workers) -> None:
 
 
 # ---- the streaming verifier: same verdict on a healthy ledger, "cannot" on anything else ----------------------------
-def _stream(items, rows, cps, *, chunk: int, roots: bool = True, lag: bool = False):
+def _stream(items, rows, cps, *, chunk: int, roots: bool = True, lag: bool = False, scanner=None):
     from pilothouse.ledger.domain import StreamingVerifier
 
-    sv = StreamingVerifier("main", cps, KEYS, recompute_roots=roots, mirror_may_lag=lag)
+    sv = StreamingVerifier("main", cps, KEYS, recompute_roots=roots, mirror_may_lag=lag, scanner=scanner)
     for i in range(0, max(len(items), 1), chunk):
         if not sv.feed(items[i:i + chunk], None if rows is None else rows[i:i + chunk]):
             break
     return sv.finish(secondary_has_more=rows is not None and len(rows) > len(items)), sv
 
 
+def _forked(workers: int = 2):
+    from pilothouse.ledger.parallel import scanner
+
+    return scanner(workers, min_entries=0, align=1)  # forks even for a few entries, cuts anywhere
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 10, 64])
 @pytest.mark.parametrize("roots", [True, False])
-def test_streaming_verifier_agrees_with_verify_on_a_healthy_ledger(chunk: int, roots: bool) -> None:
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_streaming_verifier_agrees_with_verify_on_a_healthy_ledger(chunk: int, roots: bool, workers: int) -> None:
     for rows in (ROWS, None, ROWS[:35]):
         lag = rows is not None and len(rows) < len(ENTRIES)
         cps = [cp for cp in CPS if cp.tree_size <= 30] if lag else CPS  # a lagging mirror under no checkpoint
-        got, sv = _stream(ENTRIES, rows, cps, chunk=chunk, roots=roots, lag=lag)
+        got, sv = _stream(ENTRIES, rows, cps, chunk=chunk, roots=roots, lag=lag,
+                          scanner=_forked(workers) if workers > 1 and chunk > 1 else None)
         assert got == verify(ENTRIES, rows, cps, KEYS, recompute_roots=roots, mirror_may_lag=lag), sv.failed
         assert got is not None and got.ok
 
 
 @pytest.mark.parametrize("damage", ["tombstone", "gap", "postgres_row", "postgres_short", "postgres_long",
                                     "forged_cp", "cp_beyond_end", "rehashed_under_cp"])
-def test_streaming_verifier_hands_any_problem_to_verify(damage: str) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streaming_verifier_hands_any_problem_to_verify(damage: str, workers: int) -> None:
     items: list = list(ENTRIES)
     rows: list = list(ROWS)
     cps = list(CPS)
@@ -348,6 +367,8 @@ def test_streaming_verifier_hands_any_problem_to_verify(damage: str) -> None:
         items = [chain.record({"event_id": f"x-{i}"}, event_id=f"x{i}", occurred_at=i, producer="ledger",
                               recorded_topic="t", recorded_type="t") for i in range(N)]
         rows = [tuple(e) for e in items]
-    got, sv = _stream(items, rows, cps, chunk=8)
+    got, sv = _stream(items, rows, cps, chunk=8, scanner=_forked() if workers > 1 else None)
     assert got is None and sv.failed
     assert not verify(items, rows, cps, KEYS).ok  # ... and verify names it
+    if workers > 1:
+        assert verify(items, rows, cps, KEYS, scanner=_forked()) == verify(items, rows, cps, KEYS)
