@@ -215,3 +215,74 @@ def test_gate_two_with_the_keyboard_only(browser, bus_settings, tmp_path):
         page.keyboard.press("Enter")
         expect(page.locator(".flash")).to_contain_text("you approved")
     assert not errors, errors
+
+
+def test_the_browser_signs_and_a_foreign_key_is_refused_in_process(browser, tmp_path):
+    """The signing path alone, without the broker: the real console app served by uvicorn, a recording sink in place
+    of Kafka. Rita validates and Ada releases a kill switch, each signed in the browser with their own key; a
+    validation signed with someone else's key is refused with the reason and nothing is sent."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from pilothouse.console.auth import LocalAccounts
+    from pilothouse.console.config import ConsoleSettings
+    from pilothouse.console.domain import ReadModel
+    from pilothouse.console.web import Console
+    from tests.e2e.console_harness import free_port
+
+    class Sink:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, record):
+            self.sent.append(record)
+
+    w = World()
+    model, sink, port = ReadModel(), Sink(), free_port()
+    for r in w.upstream():
+        model.apply(r)
+    registry = write_human_keys(tmp_path)
+    settings = ConsoleSettings(users_file=write_users_file(tmp_path), session_secret="t" * 48, port=port,
+                               secure_cookies=False, human_keys=registry)
+    console = Console(settings, model, sink, LocalAccounts.from_file(settings.users_file))
+    server = uvicorn.Server(uvicorn.Config(console.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url, errors = f"http://127.0.0.1:{port}", []
+    humans = attestation.HumanKeyRegistry.from_file(registry)
+    try:
+        page = new_page(browser, errors)
+        log_in(page, url, "rita")
+        page.locator("#signing-key-file").set_input_files(str(key_file(tmp_path, "ada")))  # the wrong file
+        page.goto(f"{url}/incidents/{w.incident_id}")
+        card = page.locator(f"#hyp-{w.h1}")
+        card.get_by_label("Validate").check()
+        card.get_by_role("button", name="Record verdict").click()
+        expect(page.get_by_text("not enrolled for rita")).to_be_visible()
+        assert sink.sent == []
+        page.goto(f"{url}/incidents/{w.incident_id}")
+        load_key(page, tmp_path, "rita")
+        card = page.locator(f"#hyp-{w.h1}")
+        card.get_by_label("Validate").check()
+        card.get_by_role("button", name="Record verdict").click()
+        expect(page.locator(".flash")).to_contain_text(f"you validated hypothesis {w.h1}")
+        assert humans.verify(sink.sent[-1]).signer == "rita" and sink.sent[-1].verdict == "validated"
+
+        admin = new_page(browser, errors)
+        log_in(admin, url, "ada")
+        load_key(admin, tmp_path, "ada")
+        admin.goto(f"{url}/status")
+        admin.get_by_label("Release").check()
+        admin.get_by_label("Reason").fill("drill over")
+        admin.get_by_role("button", name="Change kill switch").click()
+        expect(admin.locator(".flash")).to_contain_text("released")
+        rec = sink.sent[-1]
+        assert (rec.engaged, rec.changed_by) == (False, "ada") and humans.verify(rec).signer == "ada"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert not [e for e in errors if "Content Security Policy" in e or "Uncaught" in e], errors
