@@ -12,7 +12,9 @@ CpuUsage/CpuUsageRate of one signal count once):
   share of the endpoint's edges that are anomalous (a delayed pod delays *all* its edges; its busy caller has many
   healthy ones);
 - propagation: a caller's latency and errors are discounted when a callee (direct or transitive) shows a symptom at
-  least as strong that started no later — callee anomalies that start earlier explain caller anomalies;
+  least as strong that started no later — callee anomalies that start earlier explain caller anomalies; a caller's
+  changed call pattern is discounted when its requests stop right after calling a callee (evidence attribute
+  ``stopped_caller``: the callee's answer, not the caller's code, cut the requests short);
 - effects-only signals (client-side latency, traffic, host-level metrics) weigh little.
 
 Abstains when the best score does not clear ``abstain_below``; the result then says which data would decide it.
@@ -207,6 +209,8 @@ def rank_root_causes(
     net_items: list[tuple[float, EvidenceLike]] = []
     used = ignored = 0
     support: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    # caller -> strongest "its requests stop right after calling this service" item (see _feature_of's errors)
+    stopped_by: dict[str, float] = {}
     for e in evidence:
         s = strength(float(e.score), cfg.z_bar)
         if s <= 0.0:
@@ -216,6 +220,9 @@ def rank_root_causes(
         support[e.service].append((-s, e.evidence_id))
         if "caller" in e.attributes and e.attributes["caller"] != e.service:
             support[e.attributes["caller"]].append((-s, e.evidence_id))
+        stopped = e.attributes.get("stopped_caller")
+        if stopped and stopped != e.service and s > stopped_by.get(stopped, 0.0):
+            stopped_by[stopped] = s
         feat = _feature_of(e)
         if feat in _EDGE_FEATURES:
             net_items.append((s, e))
@@ -295,6 +302,10 @@ def rank_root_causes(
             w_attr, explainable = _FEATURES[feat]
             pts = v * getattr(cfg, w_attr)
             if explainable and cause_in_time and cause >= cfg.explain_ratio * v:
+                pts *= cfg.explained_factor
+                parts[f"{feat}_explained_by_callee"] = 1.0
+            elif feat == "call_pattern" and stopped_by.get(svc, 0.0) >= cfg.explain_ratio * v:
+                # its requests stop right after a call to a callee: the callee's answer changed its calls
                 pts *= cfg.explained_factor
                 parts[f"{feat}_explained_by_callee"] = 1.0
             elif feat == "call_pattern" and upstream_pattern(svc) >= cfg.explain_ratio * v:

@@ -483,6 +483,8 @@ class TraceProfile:
     fanout: Counter = field(default_factory=Counter)            # ((svc, op), (child svc, child op)) -> children
     service_edges: Counter = field(default_factory=Counter)     # (caller svc, callee svc) -> calls
     callee: dict = field(default_factory=dict)                  # client (svc, op) -> remote service it calls
+    last_child: Counter = field(default_factory=Counter)        # ((svc, op), (child svc, child op)) -> parent spans
+                                                                # whose last-started child is that one
 
 
 def trace_profile(spans: Iterable[Span], *, start_ms: int, source_link: str = "") -> TraceProfile:
@@ -491,6 +493,7 @@ def trace_profile(spans: Iterable[Span], *, start_ms: int, source_link: str = ""
     by_id = {s.span_id: (s.service, s.operation) for s in spans}
     prof = TraceProfile(start_ms=start_ms, source_link=source_link)
     durations: dict[tuple[str, str], list[float]] = defaultdict(list)
+    last: dict[str, tuple[int, tuple[str, str]]] = {}
     for s in spans:
         key = (s.service, s.operation)
         prof.count[key] += 1
@@ -500,9 +503,13 @@ def trace_profile(spans: Iterable[Span], *, start_ms: int, source_link: str = ""
         parent = by_id.get(s.parent_id)
         if parent is not None:
             prof.fanout[(parent, key)] += 1
+            if s.parent_id not in last or s.start_ms >= last[s.parent_id][0]:
+                last[s.parent_id] = (s.start_ms, key)
             if parent[0] != s.service:
                 prof.service_edges[(parent[0], s.service)] += 1
     prof.median_us = {k: float(np.median(v)) for k, v in durations.items()}
+    for pid, (_, child) in last.items():
+        prof.last_child[(by_id[pid], child)] += 1
     # A span whose children run in another service is a client (outbound) span: its latency measures the call
     # edge (callee time + network), not the caller's own work.
     remote: dict[tuple[str, str], Counter] = defaultdict(Counter)
@@ -626,7 +633,57 @@ def trace_hotspots(
         emit(service, signal, "call_pattern", z, base, val, onset,
              f"{signal.removeprefix('fanout:')} in {service} made {val:.2f} calls to {child} per request vs "
              f"baseline {base.median:.2f} (robust z {z:+.1f})", {"child": child})
+    _stopping_points(window_profiles, reference_profiles, pairs, z_threshold, min_spans, emit)
     return out
+
+
+def _stopping_points(window_profiles: Sequence[TraceProfile], reference_profiles: Sequence[TraceProfile],
+                     pairs: Sequence[tuple[tuple[str, str], tuple[str, str]]], z_threshold: float, min_spans: int,
+                     emit: Callable[..., None]) -> None:
+    """Where requests stop: a jump in the share of a parent operation's spans whose *last* call goes to another
+    service. A caller that gives up right after calling X (X answered with an error or an unusable result) changes
+    its own fan-out too, but the fan-out evidence alone blames the caller; this item names X. Reported against X
+    with class ``errors`` and the caller in ``stopped_caller`` (not ``caller``/``callee``: it is no edge delay).
+    The strongest such jump per (X, caller operation) is kept; window value = median over window buckets. Items go
+    out through ``emit`` (the one of :func:`trace_hotspots`)."""
+    callee_of: dict[tuple[str, str], str] = {}
+    for p in (*window_profiles, *reference_profiles):
+        for k, v in p.callee.items():
+            callee_of.setdefault(k, v)
+    remote = [(pa, ch, ch[0] if ch[0] != pa[0] else callee_of.get(ch)) for pa, ch in pairs]
+    remote = [(pa, ch, svc) for pa, ch, svc in remote if svc is not None and svc != pa[0]]
+    if not remote:
+        return
+    parents = [pa for pa, _, _ in remote]
+
+    def ratios(profiles: Sequence[TraceProfile]) -> np.ndarray:
+        n = np.array([[p.count.get(pa, 0) for pa in parents] for p in profiles], dtype=np.float64)
+        k = np.array([[p.last_child.get((pa, ch), 0) for pa, ch, _ in remote] for p in profiles], dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n >= min_spans, k / n, np.nan).reshape(len(profiles), len(remote))
+
+    r_ref, r_win = ratios(reference_profiles), ratios(window_profiles)
+    bases = _column_baselines(r_ref, rel_floor=0.02, abs_floor=0.01, tail=False)
+    starts = [p.start_ms for p in window_profiles]
+    best: dict[tuple[str, str, str], tuple[float, Baseline, float, int, str]] = {}
+    for j, (pa, ch, svc) in enumerate(remote):
+        base, col = bases[j], r_win[:, j]
+        if base is None or not np.isfinite(col).any():
+            continue
+        val = float(np.nanmedian(col))
+        z = (val - base.median) / base.scale
+        if z < z_threshold:
+            continue
+        dev = (col - base.median) / base.scale >= z_threshold
+        onset = starts[int(np.argmax(dev))] if dev.any() else starts[int(np.argmax(np.isfinite(col)))]
+        k = (svc, pa[0], pa[1])
+        if k not in best or z > best[k][0]:
+            best[k] = (z, base, val, onset, ch[1])
+    for (svc, caller, op), (z, base, val, onset, child_op) in sorted(best.items()):
+        emit(svc, f"stops_after:{caller}:{op}->{child_op}", "errors", z, base, val, onset,
+             f"{val:.0%} of {op} requests in {caller} ended right after calling {svc} ({child_op}) vs "
+             f"{base.median:.0%} normally (robust z {z:+.1f}): the caller gave up after {svc} answered",
+             {"stopped_caller": caller, "operation": child_op})
 
 
 def service_edges_from_traces(profiles: Iterable[TraceProfile]) -> set[tuple[str, str]]:
