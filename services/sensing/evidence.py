@@ -650,7 +650,9 @@ def _stopping_points(window_profiles: Sequence[TraceProfile], reference_profiles
     for p in (*window_profiles, *reference_profiles):
         for k, v in p.callee.items():
             callee_of.setdefault(k, v)
-    remote = [(pa, ch, ch[0] if ch[0] != pa[0] else callee_of.get(ch)) for pa, ch in pairs]
+    # only a pair that ends some window request can have jumped up
+    ending = set().union(*(p.last_child.keys() for p in window_profiles))
+    remote = [(pa, ch, ch[0] if ch[0] != pa[0] else callee_of.get(ch)) for pa, ch in pairs if (pa, ch) in ending]
     remote = [(pa, ch, svc) for pa, ch, svc in remote if svc is not None and svc != pa[0]]
     if not remote:
         return
