@@ -626,6 +626,7 @@ def evaluate(cases: Iterator[Case], config: EngineConfig = DEFAULT_CONFIG, *, ll
     out.update({
         # abstaining means answering "inconclusive": counted as a miss here, ignored by ac_at_k above
         "ac_at_1_abstain_as_miss": _acc(strict, 1),
+        "ac_at_3_abstain_as_miss": _acc(strict, 3),
         "answered_correct_at_1": sum(1 for r, d in zip(ranks, details, strict=True) if r == 1 and not d["abstain"]),
         "answered": len(ranks) - abstained,
         "per_fault_type": {t: _summary(v) for t, v in sorted(by_type.items())},

@@ -107,6 +107,11 @@ def test_eval_rca_on_rcaeval_layout_writes_the_report(rcaeval_dir: Path, tmp_pat
     assert all(d["top_evidence"][0]["evidence_id"].startswith("ev-") for d in report["details"])
     assert all(d["top_evidence"][0]["summary"] for d in report["details"])
     assert report["answered"] + report["abstained"] == 4
+    # abstaining keeps the ranked list (ac_at_k counts it); the strict figures count an abstention as a miss
+    assert report["ac_at_1_abstain_as_miss"] <= report["ac_at_1"]
+    assert report["ac_at_3_abstain_as_miss"] <= report["ac_at_3"]
+    assert report["ac_at_3_abstain_as_miss"] == sum(
+        1 for d in report["details"] if not d["abstain"] and d["rank"] is not None and d["rank"] <= 3) / 4
     assert report["time_per_case_ms"]["p99"] >= report["time_per_case_ms"]["p50"] > 0
     assert "AC@1=1.000" in capsys.readouterr().out
 
