@@ -12,8 +12,10 @@ Reports AC@1, AC@3, AC@5, Avg@5 (overall and per fault type), abstentions and ti
 plus ranking; loading files is reported apart). Dataset layouts:
 
 - ``nezha``: ``rca_data/<day>/<day>-fault_list.json``, ``rca_data/<day>/metric/<pod>_metric.csv[.gz]``,
-  ``dependency.csv``, ``source_50.csv``/``destination_50.csv`` (per-edge latency at client/server side),
-  optional ``trace/HH_MM_trace.csv[.gz]``; ``construct_data/<day>/metric`` is the normal reference.
+  ``front_service.csv`` (the entry service's own success rate and latency), ``dependency.csv``,
+  ``source_50.csv``/``destination_50.csv`` (per-edge latency at client/server side), optional
+  ``trace/HH_MM_trace.csv[.gz]``; ``construct_data/<day>/metric`` is the normal reference, with every listed
+  fault's window left out of it (in the published data it is the fault recording itself).
 - ``rcaeval``: one directory per case named ``<service>_<fault>`` or ``<service>-<fault>`` (optionally with
   repetition subdirectories) holding ``data.csv`` + ``inject_time.txt`` or ``normal.csv`` + ``anomalous.csv``;
   columns ``time`` plus ``<service>_<metric>``.

@@ -10,7 +10,8 @@ Readers covered here:
 - edge metrics: :func:`network_time_series` derives the network share of a call edge's latency
   (client-observed minus server-observed);
 - traces: :func:`trace_profile` summarises the spans of one time bucket; :func:`trace_hotspots` compares window
-  buckets with reference buckets (latency per operation, call fan-out per parent operation, error ratio);
+  buckets with reference buckets (latency per operation, call fan-out per parent operation, error ratio, and
+  where requests stop: the callee after which a caller's requests end);
 - logs: :func:`log_template` masks variable tokens; :func:`log_bursts` finds templates whose rate jumped;
 - changes: :func:`change_evidence` turns deploy/config events near the window into evidence;
 - alerts: :func:`alert_evidence` turns firing alerts into evidence scored by severity.
