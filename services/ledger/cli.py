@@ -133,13 +133,13 @@ def read_sources(settings: Settings, args: argparse.Namespace) -> Sources:
 
 
 STREAM_CHUNK = 10_000
-PARALLEL_CHUNK = 1 << 16  # with --workers: fewer forks, and chunks on Merkle subtree boundaries
+PARALLEL_CHUNK = 1 << 16  # with --processes: fewer forks, and chunks on Merkle subtree boundaries
 
 
 def _scanner(args: argparse.Namespace) -> Any:
-    """The hash-chain scanner for --workers N (None: this process only)."""
-    workers = getattr(args, "workers", 1)
-    return parallel_scanner(workers) if workers > 1 else None
+    """The hash-chain scanner for --processes N (None: this process only)."""
+    processes = getattr(args, "processes", 1)
+    return parallel_scanner(processes) if processes > 1 else None
 
 
 def _kafka_chunks(reader: Any, size: int, timeout_s: float) -> Iterator[list[Any]]:
@@ -369,18 +369,21 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-roots", action="store_true",
                    help="confirm checkpoints by their signed head hash only (skip rebuilding the Merkle tree)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to read each topic to its end")
-    p.add_argument("--workers", type=_workers, default=1,
-                   help="processes that check the hash chain (default 1; forking pays only where page faults are "
-                        "cheap: measure with `pilothouse bench ledger` first)")
+    p.add_argument("--processes", type=_processes, default=1,
+                   help="processes that check the hash chain, forked (default 1: forking pays only where page faults "
+                        "are cheap; `pilothouse bench ledger` measures both on your machine)")
     p.add_argument("--full", action="store_true",
                    help="load everything and diagnose (default: a bounded-memory streaming pass first, the full "
                         "verifier only if it finds something)")
 
 
-def _workers(text: str) -> int:
-    n = int(text)
+def _processes(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
     if not 1 <= n <= 64:
-        raise argparse.ArgumentTypeError("--workers must be between 1 and 64")
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64, got {text!r}")
     return n
 
 

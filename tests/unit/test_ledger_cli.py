@@ -73,18 +73,18 @@ def test_offline_dump_with_a_changed_entry_or_a_tombstone_fails_with_the_sequenc
     assert cli.main(["prove", "ev-3", *args]) == 1  # refuses to prove on a ledger that does not verify
 
 
-def test_workers_option_gives_the_same_verdict_and_refuses_nonsense(offline, capsys) -> None:
+def test_processes_option_gives_the_same_verdict_and_refuses_nonsense(offline, capsys) -> None:
     entries, write, args = offline
     rc, one = _run(capsys, "verify", *args)
-    rc2, two = _run(capsys, "verify", "--workers", "2", *args)
+    rc2, two = _run(capsys, "verify", "--processes", "2", *args)
     assert rc == rc2 == 0 and one == two
     changed = list(entries)
     changed[4] = changed[4]._replace(producer="mallory")
     write(changed)
-    rc, report = _run(capsys, "verify", "--workers", "2", *args)
+    rc, report = _run(capsys, "verify", "--processes", "2", *args)
     assert rc == 1 and (report["first"]["sequence"], report["first"]["kind"]) == (4, "hash_mismatch")
     with pytest.raises(SystemExit) as e:
-        cli.main(["verify", "--workers", "0", *args])
+        cli.main(["verify", "--processes", "0", *args])
     assert e.value.code == 2
 
 
