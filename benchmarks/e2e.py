@@ -33,13 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenario names")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--baseline-s", type=float, default=150.0, help="healthy seconds before each fault")
     args = ap.parse_args(argv)
     samples, failures = [], []
     for _ in range(args.repeat):
         for name in args.scenarios.split(","):
+            first = not samples and not failures
             ns = argparse.Namespace(scenario=name, validate_as="responder-1", approve_as=["approver-1", "approver-2"],
-                                    out=None, stage_timeout=240.0, human_timeout=600.0, stop=False, baseline_s=150.0, restart=not samples
-                                    and not failures, no_llm=True, quiet=True)
+                                    out=None, stage_timeout=240.0, human_timeout=600.0, stop=False,
+                                    baseline_s=args.baseline_s, restart=False, fresh=first, no_llm=True, quiet=True)
             try:
                 rep = run(ns)
             except DemoFailed as e:
