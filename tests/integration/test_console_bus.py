@@ -11,10 +11,19 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
+from pilothouse.bus import attestation
 from pilothouse.bus.errors import NotAuthorized
 from pilothouse.bus.producer import BusProducer
 from pilothouse.bus.records import ApprovalRecorded, HypothesisValidated, LedgerEntry
-from tests.e2e.console_harness import RunningConsole, password_of, publish, read_topic_until, write_users_file
+from tests.e2e.console_harness import (
+    HUMAN_KEYS,
+    RunningConsole,
+    password_of,
+    publish,
+    read_topic_until,
+    write_human_keys,
+    write_users_file,
+)
 from tests.e2e.console_world import World
 
 APPROVALS = "pilothouse.console.approvals.v1"
@@ -25,6 +34,15 @@ def find_on_topic(bus_settings, topic: str, event_id: str, timeout_s: float = 30
     """Read ``topic`` as admin from the beginning until the record with ``event_id`` shows up."""
     found = read_topic_until(bus_settings("admin"), topic, lambda r: r.event_id == event_id, timeout_s=timeout_s)
     return found[0] if found else None
+
+
+def post_signed(c: httpx.Client, csrf: str, user: str, path: str, body: dict) -> httpx.Response:
+    """The person's client: asked to sign (428), sign the statement with their own key and send again."""
+    r = c.post(path, json=body, headers={"X-CSRF-Token": csrf})
+    if r.status_code != 428:
+        return r
+    signed = attestation.answer_statement(HUMAN_KEYS[user], r.json()["statement"], {})
+    return c.post(path, json={**body, **signed}, headers={"X-CSRF-Token": csrf})
 
 
 def login(c: httpx.Client, user: str) -> str:
@@ -54,21 +72,21 @@ def test_console_principal_cannot_write_authorizations(bus_settings):
     console.send(ok, key=w.action_id, timeout=20)
 
 
-def test_decisions_over_http_land_on_the_console_topics(bus_settings, users_file):
+def test_decisions_over_http_land_on_the_console_topics(bus_settings, users_file, tmp_path):
     w = World()
-    with RunningConsole(bus_settings("console"), users_file) as rc:
+    registry = write_human_keys(tmp_path)
+    with RunningConsole(bus_settings("console"), users_file, human_keys=registry) as rc:
         publish(bus_settings("admin"), w.upstream())
         rc.wait_for(lambda m: w.action_id in m.pending and w.h1 in str(m.hypotheses.get(w.incident_id)),
                     what="the upstream records")
         with httpx.Client(base_url=rc.url) as rita, httpx.Client(base_url=rc.url) as alice:
-            r = rita.post(f"/api/hypotheses/{w.h1}/decision", json={"verdict": "validated", "comment": "deploy"},
-                          headers={"X-CSRF-Token": login(rita, "rita")})
+            r = post_signed(rita, login(rita, "rita"), "rita", f"/api/hypotheses/{w.h1}/decision",
+                            {"verdict": "validated", "comment": "deploy"})
             assert r.status_code == 201, r.text
             validation_id = r.json()["event_id"]
             csrf = login(alice, "alice")
-            r = alice.post(f"/api/actions/{w.action_id}/decision",
-                           json={"decision": "approve", "action_hash": w.hash, "comment": "shadow looks right"},
-                           headers={"X-CSRF-Token": csrf})
+            r = post_signed(alice, csrf, "alice", f"/api/actions/{w.action_id}/decision",
+                            {"decision": "approve", "action_hash": w.hash, "comment": "shadow looks right"})
             assert r.status_code == 201, r.text
             approval_event = r.json()["event_id"]
             again = alice.post(f"/api/actions/{w.action_id}/decision",
@@ -82,6 +100,9 @@ def test_decisions_over_http_land_on_the_console_topics(bus_settings, users_file
     assert rec.producer == "console" and rec.causation_id == w.events["pending-0"]
     val = find_on_topic(bus_settings, VALIDATIONS, validation_id)
     assert isinstance(val, HypothesisValidated) and (val.validator_id, val.verdict) == ("rita", "validated")
+    # The signatures survived the broker unchanged: they verify as policy checks them.
+    humans = attestation.HumanKeyRegistry.from_file(registry)
+    assert humans.verify(rec).signer == "alice" and humans.verify(val).signer == "rita"
 
 
 def test_a_restarted_console_learns_past_approvals_from_the_ledger(bus_settings, users_file, new_topic):
