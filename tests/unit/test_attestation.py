@@ -137,3 +137,41 @@ def test_key_file_is_private_and_round_trips(tmp_path):
     path.write_text("not a key")
     with pytest.raises(ConfigurationError, match="PKCS#8"):
         at.load_human_key(path)
+
+
+def test_kill_switch_release_rules():
+    admin, responder = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    reg = registry(**{"admin-1": (["admin"], [admin]), "responder-1": (["responder"], [responder])})
+
+    def switch(engaged: bool, who: str = "admin-1", at: datetime = NOW) -> KillSwitchChanged:
+        return KillSwitchChanged(event_id="k", correlation_id="k", occurred_at=at, scope="global", engaged=engaged,
+                                 changed_by=who)
+
+    assert at.kill_switch_refusal(reg, switch(True, "anyone"), NOW) is None  # engaging only stops things
+    assert "unsigned" in at.kill_switch_refusal(reg, switch(False), NOW)
+    assert at.kill_switch_refusal(reg, at.sign_record(admin, switch(False)), NOW) is None
+    assert "not enrolled as admin" in at.kill_switch_refusal(
+        reg, at.sign_record(responder, switch(False, "responder-1")), NOW)
+    future = at.sign_record(admin, switch(False, at=NOW + timedelta(minutes=10)))
+    assert "in the future" in at.kill_switch_refusal(reg, future, NOW)
+    assert at.kill_switch_refusal(reg, future, NOW + timedelta(minutes=9)) is None  # within the skew by then
+
+
+def test_registry_file_is_reread_when_it_changes_and_a_bad_edit_keeps_the_last_good(tmp_path):
+    import os
+
+    k1, k2 = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    path = tmp_path / "humans.json"
+    path.write_text(json.dumps(registry(**{"approver-1": (["approver"], [k1])}).document()))
+    live = at.HumanKeyFile(path)
+    assert set(live.registry().humans) == {"approver-1"}
+    path.write_text(json.dumps(registry(**{"approver-1": (["approver"], [k1]), "approver-2": (["approver"], [k2])})
+                               .document()))
+    os.utime(path, ns=(1, 10**18))  # a new modification time, whatever the clock's resolution
+    assert set(live.registry().humans) == {"approver-1", "approver-2"}
+    path.write_text("{broken")
+    os.utime(path, ns=(1, 2 * 10**18))
+    assert set(live.registry().humans) == {"approver-1", "approver-2"} and live.last_error
+    with pytest.raises(ConfigurationError):
+        at.HumanKeyFile(path)  # a bad file at start-up is refused
+    assert at.HumanKeyFile(None).registry().humans == {}  # nothing configured: nobody counts
