@@ -2,9 +2,9 @@
 
 * **verify** (pure CPU): :func:`pilothouse.ledger.domain.verify` over N entries as read from Kafka, with the same rows
   as read from Postgres (separate string objects, as psycopg returns them) and signed checkpoints every 10,000
-  entries, in several modes, on one core and (``ledger verify --processes N``) on forked processes. Baseline: a bare SHA-256 hash
-  chain over the very same canonical entry bytes (``prev = sha256(prev + bytes)``) — the least any chain verifier
-  must do. Rates are per CPU-second of this process and its children (the machine is shared) and wall-clock.
+  entries, in several modes, on one core and (``ledger verify --processes N``) on forked processes. Baseline: a bare
+  SHA-256 hash chain over the very same canonical entry bytes (``prev = sha256(prev + bytes)``) — the least any chain
+  verifier must do. Rates are per CPU-second of this process and its children (the machine is shared) and wall-clock.
   Reading and decoding the sources is not included here (see **service** for that, end to end).
 * **merkle**: building the RFC 9162 tree (per leaf), inclusion-proof generation and verification (per entry, over a
   random sample), consistency proofs.
@@ -131,8 +131,8 @@ def page_fault_cost(mib: int = 64) -> dict[str, Any]:
     wall = time.perf_counter() - w0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"pages": pages, "faults": after.ru_minflt - before.ru_minflt, "us_per_page_cpu": round(cpu / pages * 1e6, 2),
-            "us_per_page_wall": round(wall / pages * 1e6, 2)}
+    return {"pages": pages, "faults": after.ru_minflt - before.ru_minflt,
+            "us_per_page_cpu": round(cpu / pages * 1e6, 2), "us_per_page_wall": round(wall / pages * 1e6, 2)}
 
 
 def bench_verify(n: int, kind: str, repeat: int, signer: CheckpointSigner, workers: int = 2) -> dict[str, Any]:
