@@ -26,16 +26,13 @@ import base64
 import binascii
 import hashlib
 import json
-import logging
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
@@ -50,6 +47,7 @@ from pilothouse.bus.actions import canonical_json
 from pilothouse.bus.errors import ConfigurationError, PermanentError
 from pilothouse.bus.identity import IdentityInvalid, normalise_identity
 from pilothouse.bus.records import ApprovalRecorded, HypothesisValidated, KillSwitchChanged
+from pilothouse.bus.watched import WatchedFile
 
 APPROVAL_CONTEXT = b"pilothouse.approval.v1\n"
 VALIDATION_CONTEXT = b"pilothouse.validation.v1\n"
@@ -286,16 +284,8 @@ class HumanKeyRegistry:
 
     @classmethod
     def from_file(cls, path: Path) -> HumanKeyRegistry:
-        """Load the registry file (``.json``, else YAML)."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigurationError(f"human keys file {path}: {e.strerror}") from e
-        try:
-            doc = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        except (ValueError, yaml.YAMLError) as e:
-            raise ConfigurationError(f"human keys file {path}: not valid JSON/YAML: {e}") from e
-        return cls.from_document(doc, source=str(path))
+        """Load the registry file once (``.json``, else YAML); :class:`HumanKeyFile` follows it as it changes."""
+        return HumanKeyFile(Path(path)).registry()
 
     def document(self) -> dict[str, Any]:
         """The registry as its file holds it (what :meth:`from_document` reads back)."""
@@ -368,39 +358,18 @@ def now_utc() -> datetime:
 
 class HumanKeyFile:
     """The enrolled human keys from a settings file, re-read whenever its modification time changes (admins enrol
-    and rotate keys without restarting the verifier). The first load raises on an unreadable or invalid file; a later
-    bad edit keeps the last good registry and logs an error. No file: an empty registry (nothing counts)."""
+    and rotate keys without restarting the verifier). The first load raises on an unreadable or invalid file; a
+    later bad edit keeps the last good registry and logs an error. No file: an empty registry (nothing counts)."""
 
     def __init__(self, path: Path | None):
-        self.path = path
-        self.last_error: str | None = None
-        self._mtime: float | None = None
-        self._registry = HumanKeyRegistry({}, source="<none configured>")
-        self._lock = threading.Lock()
-        if path is not None:
-            self._load(initial=True)
+        self._file = WatchedFile(path, lambda doc: HumanKeyRegistry.from_document(doc, source=str(path)),
+                                 empty=HumanKeyRegistry({}, source="<none configured>"), what="human keys",
+                                 error=ConfigurationError, logger="pilothouse.attestation")
 
-    def _load(self, *, initial: bool = False) -> None:
-        assert self.path is not None
-        try:
-            mtime = self.path.stat().st_mtime
-            if mtime == self._mtime:
-                return
-            registry = HumanKeyRegistry.from_file(self.path)
-        except (OSError, ConfigurationError) as e:
-            if initial:
-                raise ConfigurationError(str(e) if isinstance(e, ConfigurationError)
-                                         else f"human keys file {self.path}: {e}") from e
-            self.last_error = str(e)
-            logging.getLogger("pilothouse.attestation").error(
-                "human keys file invalid: keeping the last good registry", extra={"error": self.last_error[:500]})
-            return
-        self._registry, self._mtime, self.last_error = registry, mtime, None
+    @property
+    def last_error(self) -> str | None:
+        return self._file.last_error
 
     def registry(self) -> HumanKeyRegistry:
         """The current registry (re-read first if the file changed)."""
-        if self.path is None:
-            return self._registry
-        with self._lock:
-            self._load()
-            return self._registry
+        return self._file.current()

@@ -5,17 +5,13 @@ Read once, in ``__main__``. The signing key and the database URI are SecretStr: 
 
 from __future__ import annotations
 
-import json
-import logging
-import threading
 from datetime import timedelta
 from pathlib import Path
-
-import yaml
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pilothouse.bus.watched import WatchedFile
 from pilothouse.policy.domain import FreezeWindow, PolicyInputInvalid, parse_freeze_windows
 
 TOPIC_INCIDENTS = "pilothouse.sensing.incidents.v1"
@@ -119,36 +115,12 @@ class FreezeCalendar:
     """
 
     def __init__(self, path: Path | None):
-        self.path = path
-        self.last_error: str | None = None
-        self._mtime: float | None = None
-        self._windows: list[FreezeWindow] = []
-        self._lock = threading.Lock()
-        if path is not None:
-            self._load(initial=True)
+        self._file = WatchedFile(path, parse_freeze_windows, empty=[], what="freeze windows",
+                                 error=PolicyInputInvalid, logger="pilothouse.policy")
 
-    def _load(self, *, initial: bool = False) -> None:
-        assert self.path is not None
-        try:
-            mtime = self.path.stat().st_mtime
-            if mtime == self._mtime:
-                return
-            text = self.path.read_text(encoding="utf-8")
-            data = json.loads(text) if self.path.suffix == ".json" else yaml.safe_load(text)
-            windows = parse_freeze_windows(data)
-        except (OSError, ValueError, yaml.YAMLError, PolicyInputInvalid) as e:
-            if initial:
-                raise PolicyInputInvalid(f"freeze windows file {self.path}: {e}") from e
-            self.last_error = f"{self.path}: {e}"
-            logging.getLogger("pilothouse.policy").error("freeze windows file invalid: keeping the last good windows",
-                                                         extra={"error": self.last_error[:500]})
-            return
-        self._windows, self._mtime, self.last_error = windows, mtime, None
+    @property
+    def last_error(self) -> str | None:
+        return self._file.last_error
 
     def windows(self) -> list[FreezeWindow]:
-        if self.path is None:
-            return []
-        with self._lock:
-            self._load()
-            return list(self._windows)
-
+        return list(self._file.current())
