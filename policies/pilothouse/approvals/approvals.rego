@@ -166,11 +166,12 @@ first_approval_of_same_human[i] := min(earlier) if {
 	count(earlier) > 0
 }
 
-duplicate_refusal(i) := {{"code": "duplicate_approver", "message": msg} |
+duplicate_refusal(i) := {duplicate_note(ids[i], object.get(recorded[j], "approval_id", j)) |
 	j := first_approval_of_same_human[i]
-	msg := sprintf("%v already approved (approval %v): the same human counts once", [
-		ids[i], object.get(recorded[j], "approval_id", j),
-	])
+}
+
+duplicate_note(id, first) := {"code": "duplicate_approver", "message": msg} if {
+	msg := sprintf("%v already approved (approval %v): the same human counts once", [id, first])
 }
 
 refusals[i] := (own(i) | block_refusals) | duplicate_refusal(i) if some i, _ in recorded
@@ -213,22 +214,27 @@ still_needed := max({0, risk.approvers_needed - count(accepted)}) if outcome == 
 
 else := 0
 
-status_notes contains {"code": "approvals_sufficient", "message": msg} if {
+status_notes contains sufficient_note(count(accepted), risk.approvers_needed) if {
 	outcome == "allow"
 	risk.state_changing
-	msg := sprintf("%d of %d required approvals accepted", [count(accepted), risk.approvers_needed])
 }
 
-status_notes contains {"code": "approvals_pending", "message": msg} if {
+sufficient_note(n, needed) := {"code": "approvals_sufficient", "message": msg} if {
+	msg := sprintf("%d of %d required approvals accepted", [n, needed])
+}
+
+status_notes contains pending_note(count(accepted), risk.approvers_needed, still_needed) if {
 	outcome == "pending_approval"
-	msg := sprintf("%d of %d required approvals accepted; %d more needed", [
-		count(accepted), risk.approvers_needed, still_needed,
-	])
 }
 
-status_notes contains {"code": "approvals_refused", "message": msg} if {
-	count(refused) > 0
-	msg := sprintf("%d approval(s) refused: see refused_approvals", [count(refused)])
+pending_note(n, needed, still) := {"code": "approvals_pending", "message": msg} if {
+	msg := sprintf("%d of %d required approvals accepted; %d more needed", [n, needed, still])
+}
+
+status_notes contains refused_note(count(refused)) if count(refused) > 0
+
+refused_note(k) := {"code": "approvals_refused", "message": msg} if {
+	msg := sprintf("%d approval(s) refused: see refused_approvals", [k])
 }
 
 all_reasons := (risk.blocks | risk.notes) | status_notes
@@ -245,7 +251,100 @@ reason_codes := sort(risk.codes(all_reasons)) if {
 # title: Approvals decision
 # description: Are the recorded approvals sufficient now? Lists accepted and refused approvals with reasons.
 # entrypoint: true
-decision := {
+decision := usual_decision if {
+	risk.usual
+} else := full_decision
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast path: the usual input (risk.usual: no block, freeze or veto) whose approvals all pass their own checks, in
+# one body. Only one refusal is possible then: the same human twice. Anything else (a malformed, expired,
+# mismatched, self- or validator approval, a reused approval id, a missing role) leaves usual_decision undefined
+# and the full rules decide. Must equal full_decision wherever it is defined (tested).
+# ---------------------------------------------------------------------------------------------------------------
+
+usual_decision := {
+	"entrypoint": "approvals",
+	"outcome": o,
+	"allow": o == "allow",
+	"requires_approval": o == "pending_approval",
+	"approvers_needed": needed,
+	"approvals_still_needed": still,
+	"approver_roles": u.approver_roles,
+	"risk": u.assessment,
+	"reasons": risk.format_reasons(all),
+	"reason_codes": sort(risk.codes(all)),
+	"accepted_approvals": accepted_ids,
+	"refused_approvals": refused_dups,
+	"action_hash": h,
+	"bundle_revision": c.bundle_revision,
+} if {
+	u := risk.usual
+	c := data.pilothouse.config
+	rec := object.get(input, "approvals", [])
+	h := input.action.action_hash
+	now := u.now_ns
+	roles := u.approver_roles
+
+	# the normalised approver id of every approval that passes its own checks (approval_ok, inlined)
+	checked := {i: id |
+		some i, a in rec
+		is_string(a.approval_id)
+		p := a.approver
+		p.kind == "human"
+		is_array(p.roles)
+		a.action_hash == h
+		time.parse_rfc3339_ns(a.granted_at) <= now
+		time.parse_rfc3339_ns(a.expires_at) > now
+		id := identity.normalise(p.id)
+		id != ""
+		not id in c.service_principals
+		not strings.any_prefix_match(id, c.non_human_prefixes)
+		id != u.proposer_id
+		not u.validator_ids[id]
+		some r in p.roles
+		lower(trim_space(r)) in roles
+	}
+	count(checked) == count(rec)
+	count({a.approval_id | some a in rec}) == count(rec)
+
+	# the same human twice counts once: the first approval of each id is accepted
+	first := {id: min({j | some j, x in checked; x == id}) | some id in checked}
+	accepted_ids := [a.approval_id | some i, a in rec; first[checked[i]] == i]
+	refused_dups := [{
+		"approval_id": a.approval_id,
+		"approver_id": checked[i],
+		"codes": ["duplicate_approver"],
+		"reasons": risk.format_reasons({duplicate_note(checked[i], rec[j].approval_id)}),
+	} |
+		some i, a in rec
+		j := first[checked[i]]
+		j != i
+	]
+
+	n := count(accepted_ids)
+	needed := u.approvers_needed
+	o := usual_outcome(u.read_only, n, needed)
+	still := usual_still_needed(o, n, needed)
+	progress := {x | x := usual_progress_note(o, u.read_only, n, needed, still)}
+	all := (u.notes | progress) | {refused_note(k) | k := count(refused_dups); k > 0}
+}
+
+usual_outcome(true, _, _) := "allow"
+
+usual_outcome(false, n, needed) := "allow" if n >= needed
+
+usual_outcome(false, n, needed) := "pending_approval" if n < needed
+
+usual_still_needed("pending_approval", n, needed) := max({0, needed - n})
+
+usual_still_needed("allow", _, _) := 0
+
+usual_progress_note("allow", false, n, needed, _) := sufficient_note(n, needed)
+
+usual_progress_note("pending_approval", _, n, needed, still) := pending_note(n, needed, still)
+
+# The full rules: every refusal reason of every approval, blocks, freezes and vetoes.
+full_decision := {
 	"entrypoint": "approvals",
 	"outcome": outcome,
 	"allow": outcome == "allow",

@@ -270,3 +270,41 @@ test_early_exit_agrees_with_every_refusal_rule if {
 		fixtures.alice,
 	)
 }
+
+# The fast path (usual_decision) must be defined for the usual input and equal the full rules there.
+fast_path_agrees(patch, recorded) if {
+	inp := object.union(object.union(base, patch), {"approvals": recorded})
+	fast := approvals.usual_decision with input as inp
+	fast == approvals.full_decision with input as inp
+}
+
+test_fast_path_equals_full_rules if {
+	fast_path_agrees({}, [])
+	fast_path_agrees({}, [fixtures.alice])
+	fast_path_agrees(high_risk, [fixtures.alice])
+	fast_path_agrees(high_risk, [fixtures.alice, fixtures.bob])
+	fast_path_agrees(high_risk, [fixtures.alice, by("ALICE", {}), by("\u200ba\u200dlice\ufe0f ", {})])
+	fast_path_agrees(high_risk, [by("Bob", {}), fixtures.alice, fixtures.bob, fixtures.root])
+	fast_path_agrees({"budget": {"consumed": 27}}, [fixtures.alice])
+	fast_path_agrees({"action": {"facts": {"read_only": true}}}, [])
+}
+
+# An approval that fails any of its own checks, and any block or freeze, is left to the full rules.
+test_fast_path_leaves_unusual_approvals_to_the_full_rules if {
+	not fast_path_defined({}, [object.union(fixtures.alice, {"expires_at": "2026-11-25T11:59:00Z"})])
+	not fast_path_defined({}, [object.union(fixtures.alice, {"granted_at": "2026-11-25T12:01:00Z"})])
+	not fast_path_defined({}, [object.union(fixtures.alice, {"action_hash": fixtures.other_hash})])
+	not fast_path_defined({}, [by("dave", {"roles": ["responder"]})])
+	not fast_path_defined({}, [by("oncall-1", {})])
+	not fast_path_defined({}, [by("svc:deployer", {})])
+	not fast_path_defined({}, [by("reasoning", {})])
+	not fast_path_defined({}, [by("carol", {"kind": "service"})])
+	not fast_path_defined({"proposal": {"proposed_by": {"id": "alice"}}}, [fixtures.alice])
+	not fast_path_defined({}, [fixtures.alice, object.union(fixtures.bob, {"approval_id": "ap-alice"})])
+	not fast_path_defined({"action": {"facts": {"read_only": true}}}, [fixtures.alice])
+	not fast_path_defined({"controls": {"kill_switch": {"global": true}}}, [fixtures.alice])
+}
+
+fast_path_defined(patch, recorded) if {
+	approvals.usual_decision with input as object.union(object.union(base, patch), {"approvals": recorded})
+}

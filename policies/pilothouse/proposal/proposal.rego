@@ -32,7 +32,38 @@ reason_codes := sort(risk.codes(risk.blocks) | risk.codes(risk.notes)) if {
 # title: Proposal decision
 # description: The decision document for a newly arrived proposal.
 # entrypoint: true
-decision := {
+decision := usual_decision if {
+	risk.usual
+} else := full_decision
+
+# The usual input (risk.usual: no block, freeze or veto) in one body: read-only diagnostics are allowed, anything
+# else waits for its approvers. Must equal full_decision for every input where risk.usual is defined (tested).
+usual_decision := {
+	"entrypoint": "proposal",
+	"outcome": o,
+	"allow": o == "allow",
+	"requires_approval": o == "pending_approval",
+	"approvers_needed": u.approvers_needed,
+	"approvals_still_needed": u.approvers_needed,
+	"approver_roles": u.approver_roles,
+	"risk": u.assessment,
+	"reasons": risk.format_reasons(u.notes),
+	"reason_codes": sort(risk.codes(u.notes)),
+	"accepted_approvals": [],
+	"refused_approvals": [],
+	"action_hash": input.action.action_hash,
+	"bundle_revision": data.pilothouse.config.bundle_revision,
+} if {
+	u := risk.usual
+	o := usual_outcome(u.read_only)
+}
+
+usual_outcome(true) := "allow"
+
+usual_outcome(false) := "pending_approval"
+
+# The full rules: every block, freeze and veto, with all their reasons.
+full_decision := {
 	"entrypoint": "proposal",
 	"outcome": outcome,
 	"allow": outcome == "allow",

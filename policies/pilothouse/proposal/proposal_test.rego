@@ -235,3 +235,36 @@ test_empty_input_denied_with_reasons if {
 	"input_now_invalid" in d.reason_codes
 	count(d.reasons) == count(d.reason_codes)
 }
+
+# The fast path (usual_decision) must be defined for the usual input and equal the full rules there.
+fast_path_agrees(patch) if {
+	inp := object.union(base, patch)
+	fast := proposal.usual_decision with input as inp
+	fast == proposal.full_decision with input as inp
+}
+
+test_fast_path_equals_full_rules if {
+	fast_path_agrees({})
+	fast_path_agrees(read_only_facts)
+	fast_path_agrees({"action": {"target": {"environment": "staging"}}})
+	fast_path_agrees({"action": {"target": {"environment": "qa"}}, "incident": {"severity": "SEV1"}})
+	fast_path_agrees({"action": {"action_type": "shift_traffic", "facts": {"blast_radius": "high", "reversible": false}}})
+	fast_path_agrees({"budget": {"consumed": 27}})
+	fast_path_agrees(object.union(read_only_facts, {"budget": {"consumed": 39}}))
+	fast_path_agrees({"rejections": []})
+}
+
+# Anything that blocks, freezes or vetoes is left to the full rules.
+test_fast_path_leaves_unusual_inputs_to_the_full_rules if {
+	not proposal.usual_decision with input as object.union(base, {"controls": {"in_flight_on_target": 1}})
+	not proposal.usual_decision with input as object.union(base, {"controls": {"kill_switch": {"global": true}}})
+	not proposal.usual_decision with input as object.union(base, {"controls": {"kill_switch": {"services": ["x"]}}})
+	not proposal.usual_decision with input as object.union(base, {"controls": {"freeze_windows": [{"name": "f"}]}})
+	not proposal.usual_decision with input as object.union(base, {"rejections": [{"rejecter": {"id": "zed"}}]})
+	not proposal.usual_decision with input as object.union(base, {"budget": {"consumed": 37}})
+	not proposal.usual_decision with input as object.union(base, {"now": "2026-11-26T00:00:00Z"})
+	not proposal.usual_decision with input as object.union(base, {"proposal": {"hypothesis": {"validations": []}}})
+	not proposal.usual_decision with input as object.union(base, {"proposal": {"proposed_by": {"id": "oncall-1"}}})
+	not proposal.usual_decision with input as object.union(base, {"action": {"facts": {"blast_radius": "huge"}}})
+	not proposal.usual_decision with input as object.remove(base, ["controls"])
+}
