@@ -134,12 +134,16 @@ def read_sources(settings: Settings, args: argparse.Namespace) -> Sources:
 
 STREAM_CHUNK = 10_000
 PARALLEL_CHUNK = 1 << 16  # with --processes: fewer forks, and chunks on Merkle subtree boundaries
+PARALLEL_MIN_ENTRIES = 20_000  # below this a chunk is checked in this process (a fork costs more)
+PARALLEL_ALIGN = 4096  # range boundaries, in chain positions (each range hashes its Merkle subtrees up to this size)
 
 
 def _scanner(args: argparse.Namespace) -> Any:
     """The hash-chain scanner for --processes N (None: this process only)."""
     processes = getattr(args, "processes", 1)
-    return parallel_scanner(processes) if processes > 1 else None
+    if processes < 2:
+        return None
+    return parallel_scanner(processes, min_entries=PARALLEL_MIN_ENTRIES, align=PARALLEL_ALIGN)
 
 
 def _kafka_chunks(reader: Any, size: int, timeout_s: float) -> Iterator[list[Any]]:

@@ -185,6 +185,15 @@ def test_one_entry_per_event_mirrored_checkpointed_verified_and_proven(env, caps
     assert report["read"]["kafka"]["checkpoints"] == report["read"]["postgres"]["checkpoints"] \
         == report["read"]["checkpoint_file"]["checkpoints"] >= 1
 
+    # --processes 2, forced to fork even for 62 entries while the Kafka consumer and the Postgres cursor are open:
+    # the same report
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "PARALLEL_MIN_ENTRIES", 0)
+        mp.setattr(cli, "PARALLEL_ALIGN", 1)
+        rc, forked = _cli(capsys, "verify", "--timeout", "30", "--processes", "2")
+    assert rc == 0 and {k: forked[k] for k in ("ok", "mode", "entries", "checkpoints_verified", "first")} \
+        == {k: report[k] for k in ("ok", "mode", "entries", "checkpoints_verified", "first")}
+
     rc, proof = _cli(capsys, "prove", first[40].event_id, "--timeout", "30")
     assert rc == 0 and proof["ok"] and proof["recorded_event_id"] == first[40].event_id
     assert proof["tree_size"] == 62 and len(proof["proof"]) == 6
@@ -200,6 +209,11 @@ def test_one_entry_per_event_mirrored_checkpointed_verified_and_proven(env, caps
     assert report["first"]["kind"] == ProblemKind.HASH_MISMATCH.value
     rc, pg_only = _cli(capsys, "verify", "--no-kafka")  # Postgres alone still shows it: the hash no longer matches
     assert rc == 1 and pg_only["first"]["sequence"] == 17 and pg_only["first"]["kind"] == "hash_mismatch"
+    with pytest.MonkeyPatch.context() as mp:  # and so do forked processes
+        mp.setattr(cli, "PARALLEL_MIN_ENTRIES", 0)
+        mp.setattr(cli, "PARALLEL_ALIGN", 1)
+        rc, forked = _cli(capsys, "verify", "--timeout", "30", "--processes", "2")
+    assert rc == 1 and forked["first"] == report["first"]
 
 
 def _checkpointed(e) -> int:
