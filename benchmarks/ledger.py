@@ -161,7 +161,7 @@ def bench_verify(n: int, kind: str, repeat: int, signer: CheckpointSigner, worke
         "postgres_only_with_checkpoints": lambda: verify(None, rows, cps, keys),
         "kafka_only_no_checkpoints": lambda: verify(entries, None, [], keys),
         # The CLI's default pass: chunks of 10,000 Kafka entries with the Postgres rows at the same positions, bounded
-        # memory (32 B per entry kept for the Merkle roots, nothing per entry with head hashes only).
+        # memory (~64 B per entry kept: the Merkle levels, nothing per entry with head hashes only).
         "streaming_kafka_and_postgres_with_checkpoints": lambda: _stream(entries, rows, cps, keys, True),
         "streaming_kafka_and_postgres_head_hash_only": lambda: _stream(entries, rows, cps, keys, False),
         # the setup of the runs before (Postgres rows sharing the Kafka entries' string objects): comparable figure

@@ -822,7 +822,7 @@ class StreamingVerifier:
     """Verify one chain chunk by chunk in bounded memory: the fast path for a large, healthy ledger.
 
     Feed the primary source (Kafka) in order, each chunk with the secondary source's (Postgres) rows at the same
-    positions; memory is one chunk plus 32 bytes per entry when Merkle roots are rebuilt (nothing per entry with
+    positions; memory is one chunk plus ~64 bytes per entry when Merkle roots are rebuilt (nothing per entry with
     ``recompute_roots=False``). It only ever says "verified" — with exactly what :func:`verify` would report for a
     healthy ledger — or that it cannot (``finish()`` returns None, ``failed`` says why): then run :func:`verify` over
     the full data, which names the first bad sequence and what is wrong. Tamper evidence is rare; its diagnosis may
