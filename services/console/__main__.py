@@ -48,11 +48,14 @@ def serve(argv: list[str]) -> int:
     from pilothouse.console.handlers import build_handlers
     from pilothouse.console.publish import BusDecisionSink
     from pilothouse.console.web import Console
+    from pilothouse.bus.attestation import HumanKeyRegistry
 
     try:
         settings = ConsoleSettings()
         bus = BusSettings()
         identity = LocalAccounts.from_file(settings.users_file)
+        if settings.human_keys is not None:  # refuse a bad registry at start, not at the first decision
+            HumanKeyRegistry.from_file(settings.human_keys)
         if bus.security_protocol.startswith("SASL") and (not bus.username or bus.password is None):
             print("pilothouse console: set PILOTHOUSE_KAFKA_USERNAME and PILOTHOUSE_KAFKA_PASSWORD (the console "
                   "principal's credentials)", file=sys.stderr)
