@@ -36,7 +36,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,7 +158,8 @@ class _NezhaDay:
     notes: list[str]
 
 
-def _nezha_table(path: Path, link_root: str, notes: list[str], name_col: str, service_of) -> list[Series]:
+def _nezha_table(path: Path, link_root: str, notes: list[str], name_col: str,
+                 service_of: Callable[[str], str]) -> list[Series]:
     """One scrape table ``Time,TimeStamp,<name_col>,<metric>...``: one series per metric column."""
     header, rows = _read_csv(path)
     if len(header) < 4 or header[:3] != ["Time", "TimeStamp", name_col]:
