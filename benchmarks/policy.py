@@ -4,6 +4,9 @@ Starts its own ``opa run --server`` on policies/, then, on one reused connection
 
 * **decision**: ``OpaPolicyEngine.decide()`` for a rotating mix of proposal/approvals inputs — input serialisation,
   HTTP round trip, Rego evaluation, decision validation and the replay record (input hash, decision id);
+* **full_rules** (the "before" of the Rego, same run, same rate): the same work, but OPA evaluates each entrypoint's
+  ``full_decision`` — the rule-per-concept policy without the one-body fast path for the usual input. Both give
+  byte-identical decisions (tests/integration/test_opa_fast_path.py), so the difference is evaluation cost only;
 * **baseline** (same run, same rate, same input documents): a POST of the same input to a trivial OPA path
   (``pilothouse/config/bundle_revision``), i.e. transport + JSON parsing without policy evaluation;
 * **no_reuse** (short, informative): the decision with a new client (new TCP connection) per request;
@@ -12,7 +15,10 @@ Starts its own ``opa run --server`` on policies/, then, on one reused connection
   own HTTP/1.1 connection.
 
 Open loop: request *i* is due at ``t0 + i / rate``; latency is measured from the due time, so a stall shows up as
-latency of the requests that queued behind it (no coordinated omission). Writes JSON (and a PNG of the latency CDFs).
+latency of the requests that queued behind it (no coordinated omission). Besides CPU per call, each phase records
+how long the client and OPA waited for a CPU while runnable (``/proc/<pid>/task/*/schedstat``): on a shared machine
+that run-queue wait, not the code under test, is what the latency tail is made of. Writes JSON (and a PNG of the
+latency CDFs).
 
 Usage: ``python -m benchmarks.policy [--rate 500] [--seconds 5] [--out bench-out/policy.json]``
 """
@@ -38,9 +44,11 @@ from pilothouse.policy.domain import (
     Decision,
     PolicyInput,
     action_hash,
+    canonical_json,
     input_digest,
     parse_policy_input,
     record_decision,
+    sha256_hex,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +129,48 @@ def process_cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def runqueue_wait_s(pid: int | None) -> float:
+    """Seconds the threads of a process spent runnable but waiting for a CPU (Linux schedstat), or 0.0 when unknown.
+
+    Threads that exited during a phase drop out of the sum; OPA's and this process's threads are long-lived."""
+    if pid is None:
+        return 0.0
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+class PhaseCost:
+    """CPU and run-queue wait of the client (this process) and the OPA server, accumulated over a phase's rounds."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self.totals = [0.0, 0.0, 0.0, 0.0]  # client cpu, opa cpu, client wait, opa wait
+
+    def _sample(self) -> list[float]:
+        return [time.process_time(), process_cpu_s(self.server_pid), runqueue_wait_s(os.getpid()),
+                runqueue_wait_s(self.server_pid)]
+
+    def measure(self, operation: Callable[[], Any]) -> Any:
+        before = self._sample()
+        result = operation()
+        self.totals = [t + a - b for t, a, b in zip(self.totals, self._sample(), before)]
+        return result
+
+    def per_call(self, count: int) -> dict[str, float]:
+        names = ("client_cpu_us_per_call", "opa_cpu_us_per_call", "client_runqueue_wait_us_per_call",
+                 "opa_runqueue_wait_us_per_call")
+        return {name: total / count * 1e6 for name, total in zip(names, self.totals)}
+
+
 def summarise(chunks: list[tuple[np.ndarray, np.ndarray, float]]) -> dict[str, Any]:
     latencies = np.concatenate([c[0] for c in chunks]) * 1e3
     service = np.concatenate([c[1] for c in chunks]) * 1e3
@@ -154,26 +204,32 @@ def run(rate: float, seconds: float, warmup: int, no_reuse_count: int) -> dict[s
         def trivial(i: int) -> None:
             engine.evaluate("pilothouse/config/bundle_revision", documents[i % len(documents)])
 
+        def decide_full_rules(i: int) -> None:
+            # decide()'s work, step for step, on the entrypoint's full_decision rule
+            entrypoint, policy_input = inputs[i % len(inputs)]
+            canonical = canonical_json(policy_input.to_opa())
+            result = engine.evaluate_json(f"pilothouse/{entrypoint}/full_decision", canonical)
+            record_decision(policy_input, Decision.model_validate(result), digest=sha256_hex(canonical))
+
         for i in range(warmup):  # warms OPA's caches, the kept-alive connection and the allocator
             decide(i)
             trivial(i)
+            decide_full_rules(i)
         outcomes.clear()
-        # Alternate one-second rounds of baseline and decision so that a noisy neighbour on the shared machine
-        # weighs on both series alike; the ratio is the figure to compare across runs.
+        # Alternate one-second rounds of baseline, decision and full rules so that a noisy neighbour on the shared
+        # machine weighs on all series alike; the ratios are the figures to compare across runs.
         # CPU seconds per call, for the client (this process) and the OPA server: unlike latency, CPU time is
         # barely affected by neighbours waiting for the same cores, so it is the steadier capacity figure.
-        cpu = {"baseline": [0.0, 0.0], "decision": [0.0, 0.0]}
-        baseline_chunks, decision_chunks = [], []
+        phases = (("baseline", trivial), ("decision", decide), ("full_rules", decide_full_rules))
+        costs = {name: PhaseCost(engine.server_pid) for name, _ in phases}
+        chunks: dict[str, list] = {name: [] for name, _ in phases}
         for r in range(rounds):
-            for name, operation, chunks in (("baseline", trivial, baseline_chunks), ("decision", decide, decision_chunks)):
-                client0, server0 = time.process_time(), process_cpu_s(engine.server_pid)
-                chunks.append(open_loop(operation, rate, per_round, r * per_round))
-                cpu[name][0] += time.process_time() - client0
-                cpu[name][1] += process_cpu_s(engine.server_pid) - server0
-        baseline, decision = summarise(baseline_chunks), summarise(decision_chunks)
-        for name, summary in (("baseline", baseline), ("decision", decision)):
-            summary["client_cpu_us_per_call"] = cpu[name][0] / summary["count"] * 1e6
-            summary["opa_cpu_us_per_call"] = cpu[name][1] / summary["count"] * 1e6
+            for name, operation in phases:
+                chunks[name].append(costs[name].measure(lambda: open_loop(operation, rate, per_round, r * per_round)))
+        summaries = {name: summarise(chunks[name]) for name, _ in phases}
+        for name, summary in summaries.items():
+            summary.update(costs[name].per_call(summary["count"]))
+        baseline, decision, full_rules = summaries["baseline"], summaries["decision"], summaries["full_rules"]
 
         port = int(engine.endpoint.rsplit(":", 1)[1])
 
@@ -208,10 +264,9 @@ def run(rate: float, seconds: float, warmup: int, no_reuse_count: int) -> dict[s
             body = sdk.query_rule(document, package_path=package, rule_name=rule)
             record_decision(policy_input, Decision.model_validate(body["result"]), digest=input_digest(document))
 
-        client0, server0 = time.process_time(), process_cpu_s(engine.server_pid)
-        sdk_client = summarise([open_loop(decide_sdk, rate, per_round)])
-        sdk_client["client_cpu_us_per_call"] = (time.process_time() - client0) / sdk_client["count"] * 1e6
-        sdk_client["opa_cpu_us_per_call"] = (process_cpu_s(engine.server_pid) - server0) / sdk_client["count"] * 1e6
+        sdk_cost = PhaseCost(engine.server_pid)
+        sdk_client = summarise([sdk_cost.measure(lambda: open_loop(decide_sdk, rate, per_round))])
+        sdk_client.update(sdk_cost.per_call(sdk_client["count"]))
         sdk.close_connection()
         revision = engine.bundle_revision()
 
@@ -223,10 +278,14 @@ def run(rate: float, seconds: float, warmup: int, no_reuse_count: int) -> dict[s
         "p99_ms": decision["p99_ms"],
         "target": {"p99_ms_max": 5.0, "met": decision["p99_ms"] <= 5.0},
         "decision": decision,
+        "full_rules_before": full_rules,
         "baseline_trivial_opa_query": baseline,
         "no_connection_reuse": no_reuse,
         "sdk_client_before": sdk_client,
         "ratio_client_cpu_sdk_to_adapter": sdk_client["client_cpu_us_per_call"] / decision["client_cpu_us_per_call"],
+        "ratio_opa_cpu_full_rules_to_decision": full_rules["opa_cpu_us_per_call"] / decision["opa_cpu_us_per_call"],
+        "ratio_p50_full_rules_to_decision": full_rules["p50_ms"] / decision["p50_ms"],
+        "ratio_p99_full_rules_to_decision": full_rules["p99_ms"] / decision["p99_ms"],
         "opa_reported": opa_side,
         "ratio_p50_decision_to_baseline": decision["p50_ms"] / baseline["p50_ms"],
         "ratio_p99_decision_to_baseline": decision["p99_ms"] / baseline["p99_ms"],
@@ -252,6 +311,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (
         ("decision", "decide() via adapter"),
+        ("full_rules_before", "before: full rules, no fast path (same run)"),
         ("baseline_trivial_opa_query", "trivial OPA query (baseline)"),
         ("no_connection_reuse", f"decide(), new connection each, at {min(result['offered_per_s'], 100.0):.0f}/s"),
         ("sdk_client_before", "before: opa-python-client (requests)"),
@@ -287,12 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         png = args.out.with_suffix(".png")
         plot(result, png)
         result["plot"] = str(png)
-    for key in ("decision", "baseline_trivial_opa_query", "no_connection_reuse", "sdk_client_before"):
+    for key in ("decision", "full_rules_before", "baseline_trivial_opa_query", "no_connection_reuse", "sdk_client_before"):
         result[key].pop("_latencies_ms", None)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True), encoding="utf-8")
     print(json.dumps({k: result[k] for k in ("offered_per_s", "decisions_per_s", "p50_ms", "p99_ms",
                                               "ratio_p50_decision_to_baseline", "ratio_service_p50_decision_to_baseline",
-                                              "ratio_client_cpu_sdk_to_adapter")}))
+                                              "ratio_client_cpu_sdk_to_adapter", "ratio_opa_cpu_full_rules_to_decision",
+                                              "ratio_p99_full_rules_to_decision")}))
     return 0
 
 

@@ -26,4 +26,10 @@ def test_benchmark_writes_report(tmp_path: Path) -> None:
     assert report["p50_ms"] <= report["p99_ms"]
     assert sum(report["outcomes"].values()) == 100
     assert set(report["outcomes"]) == {"allow", "pending_approval"}
+    # the same-run "before" of the Rego (full rules, no fast path) and the run-queue waits are reported per phase
+    assert report["full_rules_before"]["count"] == 100
+    for phase in ("decision", "full_rules_before", "baseline_trivial_opa_query", "sdk_client_before"):
+        for key in ("opa_cpu_us_per_call", "client_cpu_us_per_call", "client_runqueue_wait_us_per_call"):
+            assert report[phase][key] >= 0, (phase, key)
+    assert report["ratio_opa_cpu_full_rules_to_decision"] > 0
     assert (tmp_path / "policy.png").stat().st_size > 0
