@@ -2,14 +2,18 @@
 
 Real path: the gateway (``python -m pilothouse.sensing gateway``) and the Faust correlator
 (``python -m pilothouse.sensing correlator``) run as subprocesses pinned to one core each (when the machine has two),
-against the local stack's broker on ``bench.*`` topics; this process posts Alertmanager webhooks (``--batch`` alerts
+against the local stack's broker on uuid-named ``test.bench-sensing-*`` topics (deleted afterwards, with the Faust
+app's changelog topics and consumer group); this process posts Alertmanager webhooks (``--batch`` alerts
 each) and reads the incident topic.
 
 * ``alerts_per_s`` — alerts posted at full speed divided by the time from the first POST until every alert appears
   in an IncidentUpdated (its fingerprint in ``alert_fingerprints``).
-* ``cpu_limit_per_s`` — the same stages in memory, in this run, one core each: stage 1 = normalise + redact + Avro
-  encode (the gateway's work), stage 2 = Avro decode + correlate + build the incident record (evidence, hash) +
-  encode (the correlator's work). A pipeline with one core per stage is bounded by its slower stage.
+* ``cpu_limit_per_s`` — the same stages in memory, in this run, on the same alerts, CPU time of one core each:
+  stage 1 = normalise + redact + Avro encode (the gateway's work), stage 2 = Avro decode + correlate in batches +
+  build the incident records (evidence, hash) + encode (the correlator's work, its own ``correlate_batch`` code at the
+  mean batch size the real correlator used at full speed: same coalescing, same work per alert). A pipeline with one
+  core per stage is bounded by its slower stage. ``real_path.cpu_share`` says how much of a core each stage's process
+  actually got (the broker, this client and anything else on the machine share the same cores).
 * ``p99_latency_ms`` — alert → incident update latency (from the POST being sent to the update read back) with alerts
   sent at half the measured ``alerts_per_s``, same batch size.
 
@@ -23,6 +27,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -55,8 +60,11 @@ def _webhook(run: str, start: int, n: int, now: datetime) -> bytes:
 
 # ---------------------------------------------------------------------------------------------------- in memory
 
-def cpu_limit(n: int, batch: int) -> dict:
-    """Per-stage CPU-time rates of the same work in memory (this process, one core)."""
+def cpu_limit(n: int, batch: int, correlator_batches: dict[str, int]) -> dict:
+    """Per-stage CPU-time rates of the same work in memory (this process, one core).
+
+    Stage 2 runs the worker's own batch code (``IncidentHandler.correlate_batch``: one state write and one update
+    per changed incident per batch) with each batch size in ``correlator_batches`` (label -> alerts per batch)."""
     from pilothouse.bus.serde import Serde
     from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
     from pilothouse.sensing.correlation import Correlator, DependencyMap, MemoryStore
@@ -77,17 +85,22 @@ def cpu_limit(n: int, batch: int) -> dict:
             encoded.append(serde.encode(o.record))
     stage1 = time.process_time() - t0
 
-    handler = IncidentHandler(Correlator(DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())), redactor)
-    store = MemoryStore()
-    t0 = time.process_time()
-    for offset, raw in enumerate(encoded):
-        record = serde.decode(raw, expected="pilothouse.sensing.AlertReceived").record
-        outcome, update = handler.handle_alert(record, store, sequence=offset)
-        if update is not None:
-            serde.encode(update)
-    stage2 = time.process_time() - t0
-    rates = {"gateway_stage_per_s": len(encoded) / stage1, "correlator_stage_per_s": len(encoded) / stage2}
-    return {**rates, "cpu_limit_per_s": min(rates.values()), "alerts": len(encoded)}
+    stage2: dict[str, dict] = {}
+    for label, size in correlator_batches.items():
+        size = max(1, int(size))
+        handler = IncidentHandler(Correlator(DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())), redactor)
+        store, updates = MemoryStore(), 0
+        t0 = time.process_time()
+        for first in range(0, len(encoded), size):
+            alerts = [(serde.decode(raw, expected="pilothouse.sensing.AlertReceived").record, first + i)
+                      for i, raw in enumerate(encoded[first:first + size])]
+            for inc in handler.correlate_batch(alerts, store).incidents:
+                serde.encode(handler.incident_record(inc))
+                updates += 1
+        elapsed = time.process_time() - t0
+        stage2[label] = {"batch": size, "per_s": round(len(encoded) / elapsed, 1), "updates": updates}
+    return {"gateway_stage_per_s": round(len(encoded) / stage1, 1), "correlator_stage": stage2,
+            "alerts": len(encoded)}
 
 
 # ---------------------------------------------------------------------------------------------------- real path
@@ -116,9 +129,9 @@ class IncidentWatch:
             if msg is None or msg.error():
                 continue
             now = time.perf_counter()
-            rec = self._serde.decode(msg.value()).record
+            data = self._serde.decode(msg.value()).data  # the dict: no pydantic model, this client is no stage
             self.updates += 1
-            for fp in rec.alert_fingerprints:
+            for fp in data["alert_fingerprints"]:
                 self.first_seen.setdefault(fp, now)
 
     def wait_for(self, fps: list[str], timeout_s: float) -> bool:
@@ -175,6 +188,53 @@ def _post_all(url: str, bodies: list[tuple[float, bytes, list[str]]], sent_at: d
     return statuses
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _batch_metric(port: int) -> tuple[float, float]:
+    """(sum, count) of the correlator's alerts-per-batch histogram, from its /metrics."""
+    import httpx
+
+    total = count = 0.0
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
+        if line.startswith("pilothouse_sensing_correlate_batch_alerts_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("pilothouse_sensing_correlate_batch_alerts_count"):
+            count = float(line.split()[-1])
+    return total, count
+
+
+def delete_app_topics(admin, app_id: str, extra: list[str] = ()) -> list[str]:
+    """Delete ``extra`` topics and what a Faust app ``app_id`` created on the broker: its changelog and assignor
+    topics (``<app_id>-*``) and its consumer group. Returns what could not be deleted (best effort: names are
+    uuid-scoped, nothing else matches them)."""
+    names = list(extra) + [t for t in admin.list_topics(timeout=10).topics if t.startswith(app_id + "-")]
+    failed = []
+    for name, fut in (admin.delete_topics(names).items() if names else []):
+        try:
+            fut.result(30)
+        except Exception:  # noqa: BLE001 - reported to the caller
+            failed.append(name)
+    try:
+        for fut in admin.delete_consumer_groups([app_id]).values():
+            fut.result(30)
+    except Exception:  # noqa: BLE001 - a group that never formed (or is still leaving) is no leak worth failing on
+        pass
+    return failed
+
+
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
@@ -184,13 +244,14 @@ def real_path(args, info) -> dict:
     from confluent_kafka.admin import AdminClient, NewTopic
 
     run = uuid.uuid4().hex[:8]
+    app_id = f"pilothouse-sensing-bench-{run}"
     # test.* names: the bus producer accepts uuid-named topics outside the catalogue only with that prefix
     topics = {k: f"test.bench-sensing-{k}-{run}" for k in ("alerts", "telemetry", "incidents")}
     admin = AdminClient(info.kafka_config("admin"))
     for f in admin.create_topics([NewTopic(t, 1 if k != "alerts" else 3, 1)
                                   for k, t in topics.items()]).values():
         f.result(30)
-    port, obs, cobs = 18470 + os.getpid() % 500, 0, 0
+    port, obs, cobs = _free_port(), 0, _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILOTHOUSE_")}
     env.update({
         "PILOTHOUSE_KAFKA_BOOTSTRAP_SERVERS": info.kafka.bootstrap_servers, "PILOTHOUSE_KAFKA_USERNAME": "admin",
@@ -200,9 +261,10 @@ def real_path(args, info) -> dict:
         "PILOTHOUSE_SENSING_CORRELATOR_OBSERVABILITY_PORT": str(cobs),
         "PILOTHOUSE_SENSING_ALERTS_TOPIC": topics["alerts"], "PILOTHOUSE_SENSING_TELEMETRY_TOPIC": topics["telemetry"],
         "PILOTHOUSE_SENSING_INCIDENTS_TOPIC": topics["incidents"],
-        "PILOTHOUSE_SENSING_APP_ID": f"pilothouse-sensing-bench-{run}",
+        "PILOTHOUSE_SENSING_APP_ID": app_id,
         "PILOTHOUSE_SENSING_DATA_DIR": f"/tmp/pilothouse-bench-sensing-{run}",
         "PILOTHOUSE_SENSING_MAX_IN_FLIGHT": "256",
+        "PILOTHOUSE_SENSING_BATCH_MAX": str(args.correlator_batch_max),
     })
     cores = os.cpu_count() or 1
     log_dir = Path(f"/tmp/pilothouse-bench-sensing-{run}")
@@ -244,12 +306,19 @@ def real_path(args, info) -> dict:
             fps = [f"bench-{run}-{i:07d}" for i in range(start, start + args.batch)]
             bodies.append((0.0, _webhook(run, start, args.batch, now), fps))
         sent: dict[str, float] = {}
+        batch0 = _batch_metric(cobs)
+        cpu0 = [_cpu_seconds(p.pid) for p in procs]
         t0 = time.perf_counter()
         statuses = _post_all(url, bodies, sent, args.concurrency)
         posted_s = time.perf_counter() - t0
         all_fps = [fp for _, _, fps in bodies for fp in fps]
         complete = watch.wait_for(all_fps, 300)
         end = max(watch.first_seen.get(fp, time.perf_counter()) for fp in all_fps)
+        # CPU share of each stage's process over the full-speed phase (1.0 = it had its core to itself)
+        cpu_share = {mode: round((_cpu_seconds(p.pid) - c) / (time.perf_counter() - t0), 2)
+                     for mode, p, c in zip(("gateway", "correlator"), procs, cpu0)}
+        batch1 = _batch_metric(cobs)
+        mean_batch = (batch1[0] - batch0[0]) / max(1.0, batch1[1] - batch0[1])
         alerts_per_s = len(all_fps) / (end - t0)
         full_lat = [(watch.first_seen[fp] - sent[fp]) * 1000 for fp in all_fps if fp in watch.first_seen]
 
@@ -268,7 +337,8 @@ def real_path(args, info) -> dict:
         return {
             "alerts": len(all_fps), "batch": args.batch, "concurrency": args.concurrency,
             "http_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
-            "complete": complete, "post_seconds": round(posted_s, 3),
+            "complete": complete, "post_seconds": round(posted_s, 3), "cpu_share": cpu_share,
+            "correlator_mean_batch": round(mean_batch, 1),
             "alerts_per_s": round(alerts_per_s, 1),
             "full_speed_latency_ms": {"p50": round(_pct(full_lat, 0.5), 1), "p99": round(_pct(full_lat, 0.99), 1)},
             "half_rate_alerts_per_s": round(rate, 1), "half_rate_alerts": len(fps2), "half_rate_complete": complete2,
@@ -287,11 +357,9 @@ def real_path(args, info) -> dict:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-        for f in admin.delete_topics(list(topics.values())).values():
-            try:
-                f.result(30)
-            except Exception:  # noqa: BLE001 - best effort; bench topics are uuid-named
-                pass
+        left = delete_app_topics(admin, app_id, list(topics.values()))
+        if left:
+            print(f"could not delete bench topics: {left}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,15 +370,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=50, help="alerts per webhook request")
     ap.add_argument("--concurrency", type=int, default=4, help="concurrent HTTP clients")
     ap.add_argument("--latency-seconds", type=float, default=10.0, help="length of the half-rate phase")
+    ap.add_argument("--correlator-batch-max", type=int, default=500,
+                    help="PILOTHOUSE_SENSING_BATCH_MAX of the correlator under test")
     args = ap.parse_args(argv)
 
     from pilothouse.stack.info import StackInfo
 
     info = StackInfo.load()
-    memory_before = cpu_limit(min(args.alerts, 3000), args.batch)
+    # The in-memory stages see the same alerts as the real path (incident sizes, hence update sizes, match).
+    # The correlator stage runs at the mean batch size the real correlator used at full speed ("run": the same
+    # coalescing, so the same work per alert), and for reference one alert at a time and at full batches.
+    bounds = {"one_at_a_time": 1, "full_batches": args.correlator_batch_max}
+    memory_before = cpu_limit(args.alerts, args.batch, bounds)
     real = real_path(args, info)
-    memory_after = cpu_limit(min(args.alerts, 3000), args.batch)  # the machine is noisy: bracket the real run
-    limit = (memory_before["cpu_limit_per_s"] + memory_after["cpu_limit_per_s"]) / 2
+    memory_after = cpu_limit(args.alerts, args.batch, {"run": real["correlator_mean_batch"], **bounds})
+    gateway_limit = (memory_before["gateway_stage_per_s"] + memory_after["gateway_stage_per_s"]) / 2
+    correlator_limit = memory_after["correlator_stage"]["run"]["per_s"]
+    limit = min(gateway_limit, correlator_limit)
     latencies = real.pop("latencies_ms")
     result = {
         "benchmark": "sensing",
@@ -322,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         "p99_latency_ms": real["p99_latency_ms"],
         "targets": {"ratio_min": 0.5, "p99_latency_ms_max": 50,
                     "ratio_met": real["alerts_per_s"] >= 0.5 * limit, "p99_met": real["p99_latency_ms"] <= 50},
-        "in_memory": {"before": memory_before, "after": memory_after},
+        "in_memory": {"gateway_stage_per_s": round(gateway_limit, 1), "correlator_stage_per_s": correlator_limit,
+                      "before": memory_before, "after": memory_after},
         "real_path": real,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

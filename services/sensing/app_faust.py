@@ -3,20 +3,25 @@
 Consumes ``AlertReceived`` (alerts topic) and ``TelemetryReceived`` (telemetry topic); writes ``IncidentUpdated`` to
 the compacted incidents topic, keyed by incident id, with a monotonic version per incident.
 
-State: three Faust tables (``incidents``, ``alert_index``, ``service_index``), in memory, backed by changelog topics
-``<app_id>-<table>-changelog`` that Faust creates (the sensing principal owns the ``pilothouse-sensing-`` prefix).
-Every table has ONE changelog partition and uses the key partitioner, so recovery replays the writes in the order they
-were made: grouping needs a global view (an alert of one partition joins an incident of another), which a
-per-partition state would not give. Consequence: run one correlator instance (a second one would split the
-partitions between them and group only within its share); the worker logs an error if it is not assigned every
-partition of the alerts topic.
+State: one Faust table (``incidents``: the incidents and, under ``service:`` keys, the service index), in memory,
+backed by the changelog topic ``<app_id>-incidents-changelog`` that Faust creates (the sensing principal owns the
+``pilothouse-sensing-`` prefix). The alert index (dedup key -> incident) is derived from the incidents and rebuilt
+after every assignment. The table has ONE changelog partition and uses the key partitioner, so recovery replays the
+writes in the order they were made: grouping needs a global view (an alert of one partition joins an incident of
+another), which a per-partition state would not give. Consequence: run one correlator instance (a second one would
+split the partitions between them and group only within its share); the worker logs the partitions it holds.
 
-Delivery: ``at_least_once``. Faust flushes the producer (changelog and incident writes) before it commits offsets, so
-after a crash the records since the last commit are applied again; correlation detects them (the Kafka offset is the
+Batches: the agent takes the alerts already queued (up to ``batch_max``, never waiting for more), applies them one
+by one through a read cache, writes state after every alert, waits until the broker acknowledged those writes, then
+publishes ONE IncidentUpdated per changed incident (its latest version), and only then acks the batch's alerts.
+
+Delivery: ``at_least_once``. Offsets are committed only for acked alerts, whose state writes are on the broker, so
+after a crash the alerts since the last commit are applied again; correlation detects them (the Kafka offset is the
 alert's sequence) and re-emits the incident's current version instead of changing it, and opening an incident is
-deterministic (its id derives from the opening alert's event id). A restart therefore neither loses nor duplicates
-incidents. Faust's ``exactly_once`` (aiokafka transactions against Kafka 4.1) is not used: it is unproven there (see
-docs/kafka-from-maven.md) and the versioned, replay-safe writes make it unnecessary.
+deterministic (its id derives from the opening alert's event id). A published version's state is always durable,
+so versions on the topic only grow, and a restart neither loses nor duplicates incidents. Faust's ``exactly_once``
+(aiokafka transactions against Kafka 4.1) is not used: it is unproven there (see docs/kafka-from-maven.md) and the
+versioned, replay-safe writes make it unnecessary.
 
 Undecodable records are dead-lettered to ``<topic>.dlq`` with the reason in headers; the stream goes on.
 """
@@ -37,7 +42,14 @@ from pilothouse.bus.errors import PermanentError
 from pilothouse.bus.faust_codec import AvroCodec
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.config import SensingSettings
-from pilothouse.sensing.correlation import CorrelationRules, Correlator, DependencyMap, Incident, MappingStore
+from pilothouse.sensing.correlation import (
+    CorrelationRules,
+    Correlator,
+    DependencyMap,
+    Incident,
+    MappingStore,
+    alert_index_from,
+)
 from pilothouse.sensing.handlers import IncidentHandler, MetricEvidence, TelemetryBuffer
 from pilothouse.sensing.redaction import Redactor
 
@@ -46,9 +58,31 @@ log = logging.getLogger("pilothouse.sensing.correlator")
 OUTCOMES = Counter("pilothouse_sensing_correlation_total", "Alerts by correlation outcome", ["outcome"])
 DEAD_LETTERS = Counter("pilothouse_sensing_dead_letters_total", "Records dead-lettered", ["topic"])
 TELEMETRY = Counter("pilothouse_sensing_telemetry_total", "Telemetry records buffered for evidence", ["kind"])
-CORRELATE_SECONDS = Histogram("pilothouse_sensing_correlate_seconds", "Alert in -> incident record queued",
+CORRELATE_SECONDS = Histogram("pilothouse_sensing_correlate_seconds", "Alert batch in -> incident records queued",
                               buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2))
+BATCH_SIZE = Histogram("pilothouse_sensing_correlate_batch_alerts", "Alerts per correlation batch",
+                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 OPEN_INCIDENTS = Gauge("pilothouse_sensing_incidents_in_state", "Incidents in the state tables")
+
+
+SERVICE_KEY = "service:"  # key prefix of the service index in the state table
+
+
+class KeyPrefixed:
+    """The entries of a mapping whose keys start with ``prefix``, seen without it (what MappingStore reads/writes)."""
+
+    def __init__(self, mapping: Any, prefix: str) -> None:
+        self.mapping = mapping
+        self.prefix = prefix
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.mapping.get(self.prefix + key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.mapping[self.prefix + key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.mapping[self.prefix + key] = value
 
 
 def _credentials(bus: BusSettings) -> Any:
@@ -94,10 +128,14 @@ class CorrelationWorker:
             table_cleanup_interval=3600.0,
         )
         app = self.app
-        table = dict(partitions=1, use_partitioner=True)  # keys str (raw codec), values JSON (app default)
-        self.tables = MappingStore(app.Table("incidents", default=None, **table),
-                                 app.Table("alert_index", default=None, **table),
-                                 app.Table("service_index", default=None, **table))
+        # ONE table, so ONE changelog partition: the producer keeps its writes in order, and after a crash the
+        # durable state is that of a prefix of the alerts (plus part of the next one's writes, which the replay
+        # rules repair). Incidents are keyed by their id ("inc-..."), service index entries by SERVICE_KEY + key.
+        # The alert index (dedup key -> incident id) is no table at all: the incidents imply it (alert_index_from),
+        # so it is rebuilt after every assignment instead of costing a changelog record per new alert.
+        self.state = app.Table("incidents", default=None, partitions=1, use_partitioner=True)  # values: JSON
+        self.tables = MappingStore(self.state, {}, KeyPrefixed(self.state, SERVICE_KEY))
+        self._index_stale = True
         self.alerts_topic = app.topic(settings.alerts_topic, value_serializer="raw", key_serializer="raw")
         self.telemetry_topic = app.topic(settings.telemetry_topic, value_serializer="raw", key_serializer="raw")
         self.incidents_topic = app.topic(settings.incidents_topic, value_serializer="raw", key_serializer="raw")
@@ -107,34 +145,82 @@ class CorrelationWorker:
 
     # ---- agents -----------------------------------------------------------------------------------------------------
     async def _alerts(self, stream: Any) -> None:
+        # Batches without waiting: events are collected while more are already queued, and the batch is processed
+        # as soon as the queue runs dry (or batch_max is reached). Idle, an alert is processed alone at once; under
+        # load, batches grow and a busy incident costs one state write and one update per batch, not per alert.
+        # (stream.take_events would wait out its `within` timeout even for a single event: latency for nothing.)
+        # Acks are manual (noack): an event counts as processed only after its batch's writes were handed to the
+        # producer, and Faust flushes the producer before it commits offsets.
+        stream = stream.noack()
+        pending: list[Any] = []
         async for event in stream.events():
-            msg = event.message
-            started = time.perf_counter()
+            pending.append(event)
+            if len(pending) < self.settings.batch_max and not stream.channel.empty():
+                continue
             try:
-                record = self.alert_codec.decode(event.value)
+                await self._alert_batch(pending)
+            finally:
+                for e in pending:
+                    await stream.ack(e)
+                pending.clear()
+
+    async def _alert_batch(self, events: list[Any]) -> None:
+        started = time.perf_counter()
+        records: list[tuple[Any, Any]] = []  # (record, message)
+        for event in events:
+            try:
+                records.append((self.alert_codec.decode(event.value), event.message))
             except PermanentError as e:
-                await self._dead_letter(msg, e)
+                await self._dead_letter(event.message, e)
+        if not records:
+            return
+        BATCH_SIZE.observe(len(records))
+        if self._index_stale:  # first batch after an assignment: the table is recovered by now
+            incidents = [v for k, v in self.state.items() if not k.startswith(SERVICE_KEY)]
+            self.tables.alert_index = alert_index_from(incidents)
+            self._index_stale = False
+            OPEN_INCIDENTS.set(len(incidents))
+        result = self.handler.correlate_batch([(r, m.offset) for r, m in records], self.tables)
+        cause: dict[str, Any] = {}  # incident id -> message of the last alert that changed it
+        for (record, msg), outcome in zip(records, result.outcomes):
+            if isinstance(outcome, Exception):  # a bug on one record must not stop the stream or lose it
+                log.error("correlation failed", exc_info=outcome, extra={"offset": msg.offset})
+                await self._dead_letter(msg, outcome, prefix="handler crashed: ")
                 continue
+            OUTCOMES.labels(outcome.kind).inc()
+            if outcome.kind == "ignored":
+                log.info("alert ignored", extra={"event_id": record.event_id, "reason": outcome.reason})
+            if outcome.incident is not None:
+                cause[outcome.incident.incident_id] = msg
+        if not result.incidents:
+            return
+        # The state of every version about to be published is on the broker first (changelog acknowledged): a
+        # consumer never sees a version that a restart could not reproduce, so versions on the topic only grow
+        # even when the replay after a crash is batched differently.
+        await self._flush_state()
+        producer = self.app.producer
+        for inc in result.incidents:
             try:
-                outcome = self.handler.correlate(record, self.tables, sequence=msg.offset)
-                OUTCOMES.labels(outcome.kind).inc()
-                if outcome.kind == "ignored":
-                    log.info("alert ignored", extra={"event_id": record.event_id, "reason": outcome.reason})
-                update = None
-                if outcome.emits and outcome.incident is not None:
-                    metrics = await self._metrics_for(outcome.incident)
-                    update = self.handler.incident_record(outcome.incident, metrics=metrics)
-            except Exception as e:  # noqa: BLE001 - a bug on one record must not stop the stream or lose it
-                log.exception("correlation failed", extra={"offset": msg.offset})
-                await self._dead_letter(msg, e, prefix="handler crashed: ")
+                metrics = await self._metrics_for(inc)
+                update = self.handler.incident_record(inc, metrics=metrics)
+                value = self.incident_codec.encode(update)
+            except Exception as e:  # noqa: BLE001 - dead-letter the alert that caused this version, go on
+                log.exception("incident record failed", extra={"incident_id": inc.incident_id})
+                await self._dead_letter(cause[inc.incident_id], e, prefix="incident record failed: ")
                 continue
-            if update is not None:
-                # Handed to the producer, ack not awaited: Faust flushes the producer before it commits this
-                # offset, so an update is on the broker before its alert counts as processed. (send_soon, the
-                # buffered variant, held updates back until the stream ran dry: p50 latency rose ~5x.)
-                await self.incidents_topic.send(key=update.incident_id.encode(),
-                                                value=self.incident_codec.encode(update))
-            CORRELATE_SECONDS.observe(time.perf_counter() - started)
+            # Handed to the producer, ack not awaited: Faust flushes the producer before it commits these offsets.
+            await producer.send(self.settings.incidents_topic, update.incident_id.encode(), value, None, None, None)
+        CORRELATE_SECONDS.observe(time.perf_counter() - started)
+
+    async def _flush_state(self) -> None:
+        """Wait until every table write made so far is acknowledged by the broker.
+
+        Table writes go through Faust's producer buffer, whose ``flush()`` gives up after 0.1 s without a message
+        sent and returns with messages still buffered; so drain it until it is empty, then flush the client."""
+        producer = self.app.producer
+        while producer.buffer.size:
+            await producer.buffer.flush()
+        await producer.flush()
 
     async def _telemetry(self, stream: Any) -> None:
         async for event in stream.events():
@@ -177,6 +263,7 @@ class CorrelationWorker:
         log.warning("dead-lettered", extra={"topic": msg.topic, "offset": msg.offset, "reason": str(error)[:300]})
 
     async def _check_assignment(self, sender: Any, assigned: Any, **_: Any) -> None:
+        self._index_stale = True  # Faust recovers the tables before the streams resume
         mine = sorted(tp.partition for tp in assigned if tp.topic == self.settings.alerts_topic)
         # one instance must hold every partition (see the module docstring); make a split visible in the logs
         log.info("partitions assigned", extra={"alerts_partitions": mine})
@@ -211,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     health.add("faust", lambda: worker.app.started if hasattr(worker.app, "started") else True)
     server = serve_observability("127.0.0.1", worker.settings.correlator_observability_port, health)
     try:
-        faust.Worker(worker.app, loglevel=level, quiet=True).execute_from_commandline()
+        fw = faust.Worker(worker.app, loglevel=level, quiet=True)
+        # Faust's start-up spinner sets the root logger to DEBUG (so it spins on every record) and leaves it there:
+        # every debug call of Faust and aiokafka then built a LogRecord per message (~4% of the worker's CPU).
+        fw.spinner = None
+        fw.execute_from_commandline()
     finally:
         server.shutdown()
     return 0

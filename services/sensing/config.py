@@ -64,6 +64,9 @@ class SensingSettings(BaseSettings):
     # ~10-25% more alerts/s but a p99 alert->incident latency of ~5 s (the stall of a long commit); 1 s gave p99
     # ~0.2 s. Latency matters more for incidents. Any interval is replay-safe after a crash.
     commit_interval_s: float = Field(1.0, gt=0, description="how often the correlator commits offsets")
+    batch_max: int = Field(500, gt=0, le=10_000, description="most alerts the correlator applies as one batch "
+                           "(one state write and one update per changed incident per batch); a batch never waits "
+                           "for more alerts than are already queued")
     data_dir: Path = Path("/tmp/pilothouse-sensing")
     dependency_map: Path = DEFAULT_DEPENDENCY_MAP
     group_window_s: int = Field(900, gt=0, description="an alert joins an open incident seen within this window")

@@ -311,6 +311,87 @@ class MappingStore:
 MemoryStore = MappingStore  # the in-memory store is the mapping store over dicts
 
 
+def alert_index_from(incidents: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """The alert index (dedup key -> incident id) that the incidents themselves imply, e.g. after a restart.
+
+    A key held by several incidents (it fired again after the reopen window, into a new incident) belongs to the
+    one that took it last: the holder whose record of it is the latest (Kafka offset, then time). The old holder
+    is resolved and can no longer change that alert, so this is exactly what the live index points to.
+    """
+    best: dict[str, tuple[int, int, str]] = {}
+    for inc in incidents:
+        iid = inc["incident_id"]
+        for key, ref in inc["alerts"].items():
+            rank = (ref["last_sequence"], ref["last_seen"], iid)
+            if key not in best or rank > best[key]:
+                best[key] = rank
+    return {key: rank[2] for key, rank in best.items()}
+
+
+class BatchStore:
+    """A write-back CorrelationStore in front of another, for one batch of alerts.
+
+    Reads go through once and are kept (as live ``Incident`` objects: no ``from_dict`` per alert); writes stay here
+    until :meth:`flush`, which writes every changed key once, in the order the keys first changed. The worker
+    flushes after every alert (see ``IncidentHandler.correlate_batch`` for why); discard the object instead of
+    flushing it if an alert failed half-way.
+    """
+
+    def __init__(self, backing: CorrelationStore) -> None:
+        self.backing = backing
+        self._incidents: dict[str, Incident | None] = {}
+        self._alert_index: dict[str, str | None] = {}
+        self._service_index: dict[str, str | None] = {}
+        self._dirty: dict[tuple[str, str], None] = {}  # (table, key), insertion-ordered
+
+    def get_incident(self, incident_id: str) -> Incident | None:
+        if incident_id not in self._incidents:
+            self._incidents[incident_id] = self.backing.get_incident(incident_id)
+        return self._incidents[incident_id]
+
+    def put_incident(self, incident: Incident) -> None:
+        self._incidents[incident.incident_id] = incident
+        self._dirty[("incidents", incident.incident_id)] = None
+
+    def get_alert_index(self, key: str) -> str | None:
+        if key not in self._alert_index:
+            self._alert_index[key] = self.backing.get_alert_index(key)
+        return self._alert_index[key]
+
+    def put_alert_index(self, key: str, incident_id: str) -> None:
+        self._alert_index[key] = incident_id
+        self._dirty[("alert_index", key)] = None
+
+    def get_service_index(self, scoped_service: str) -> str | None:
+        if scoped_service not in self._service_index:
+            self._service_index[scoped_service] = self.backing.get_service_index(scoped_service)
+        return self._service_index[scoped_service]
+
+    def put_service_index(self, scoped_service: str, incident_id: str) -> None:
+        self._service_index[scoped_service] = incident_id
+        self._dirty[("service_index", scoped_service)] = None
+
+    @property
+    def changed_incidents(self) -> list[str]:
+        """Ids of the incidents written in this batch (first change first)."""
+        return [key for table, key in self._dirty if table == "incidents"]
+
+    def flush(self) -> int:
+        """Write every changed key to the backing store once; returns the number of writes."""
+        for table, key in self._dirty:
+            if table == "incidents":
+                inc = self._incidents[key]
+                assert inc is not None  # only put_incident marks an incident dirty
+                self.backing.put_incident(inc)
+            elif table == "alert_index":
+                self.backing.put_alert_index(key, self._alert_index[key])  # type: ignore[arg-type]
+            else:
+                self.backing.put_service_index(key, self._service_index[key])  # type: ignore[arg-type]
+        n = len(self._dirty)
+        self._dirty.clear()
+        return n
+
+
 @dataclass(frozen=True)
 class Outcome:
     kind: OutcomeKind

@@ -18,14 +18,14 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 import orjson
 
 from pilothouse.bus import records as avro
 from pilothouse.sensing import evidence as ev
-from pilothouse.sensing.correlation import AlertInput, Correlator, CorrelationStore, Incident, Outcome
+from pilothouse.sensing.correlation import AlertInput, BatchStore, Correlator, CorrelationStore, Incident, Outcome
 from pilothouse.sensing.mapping import MappingRules
 from pilothouse.sensing.normalize import DEFAULT_LIMITS, Limits, NormalizedAlert, TelemetryRecord, normalize
 from pilothouse.sensing.redaction import RedactionManifest, RedactionRefused, Redactor
@@ -202,6 +202,23 @@ class TelemetryBuffer:
         return out
 
 
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What a batch of alerts did: one outcome (or the exception that record raised) per alert, in order, and the
+    incidents to emit — each once, in its state after the batch, in the order they first changed."""
+
+    outcomes: list[Outcome | Exception]
+    incidents: list[Incident]
+
+
+def _emitted(outcomes: Iterable[Outcome | Exception]) -> list[Incident]:
+    emit: dict[str, Incident] = {}
+    for o in outcomes:
+        if isinstance(o, Outcome) and o.emits and o.incident is not None:
+            emit[o.incident.incident_id] = o.incident  # the batch's live object: its final state
+    return list(emit.values())
+
+
 MetricEvidence = tuple[list[ev.EvidenceItem], str]
 """Metric evidence of an incident and where it came from ("prometheus", "not configured", "unreachable: ...")."""
 
@@ -220,6 +237,38 @@ class IncidentHandler:
     def correlate(self, record: avro.AlertReceived, store: CorrelationStore, *, sequence: int = -1) -> Outcome:
         """Apply one alert; ``outcome.emits`` says whether an IncidentUpdated must be written."""
         return self.correlator.apply(alert_input(record, sequence), store)
+
+    def correlate_batch(self, alerts: Sequence[tuple[avro.AlertReceived, int]],
+                        store: CorrelationStore) -> BatchOutcome:
+        """Apply a batch of ``(record, sequence)`` in order; emit each changed incident once, in its final state.
+
+        Reads go through a :class:`BatchStore` (live incidents, no ``from_dict`` per alert); its writes are flushed
+        to ``store`` after EVERY alert, in alert order, so the store sees exactly the writes of one-at-a-time
+        processing: after a crash, the durable writes are those of some prefix of the alerts plus part of the next
+        alert's, which the replay rules repair. (Coalescing the state writes of a batch would let a crash keep a
+        later alert's write and lose an earlier one's, and a replay could then see the future: measured, it made
+        crash replays diverge from the crash-free run.) Only the updates are coalesced: a skipped intermediate
+        version is one consumers, idempotent on incident id + version and keeping the highest, never needed.
+
+        A record that raises is reported as its outcome (the exception); nothing of it is written, and the live
+        state it may have half-changed is dropped.
+        """
+        cache = BatchStore(store)
+        outcomes: list[Outcome | Exception] = []
+        failed = False
+        for record, sequence in alerts:
+            try:
+                outcome = self.correlate(record, cache, sequence=sequence)
+            except Exception as e:  # noqa: BLE001 - reported per record; the worker dead-letters it
+                outcomes.append(e)
+                cache, failed = BatchStore(store), True  # forget what the failure may have touched in place
+                continue
+            cache.flush()
+            outcomes.append(outcome)
+        emitted = _emitted(outcomes)
+        if failed:  # an incident emitted before the failure may have been damaged in place: take the stored state
+            emitted = [inc for inc in (store.get_incident(i.incident_id) for i in emitted) if inc is not None]
+        return BatchOutcome(outcomes, emitted)
 
     def handle_alert(self, record: avro.AlertReceived, store: CorrelationStore, *, sequence: int = -1,
                      metrics: MetricEvidence | None = None) -> tuple[Outcome, avro.IncidentUpdated | None]:

@@ -61,6 +61,25 @@ def _env(stack_info, settings: dict[str, str], data_dir: Path) -> dict[str, str]
     return env
 
 
+@pytest.fixture
+def app_id(stack_info):
+    """A uuid-named Faust app id; afterwards its changelog/assignor topics and consumer group are deleted (Faust
+    creates them on the broker and would leave them behind)."""
+    from confluent_kafka.admin import AdminClient
+
+    name = f"pilothouse-sensing-test-{uuid.uuid4().hex[:8]}"
+    yield name
+    admin = AdminClient(stack_info.kafka_config("admin"))
+    mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith(name + "-")]
+    for fut in (admin.delete_topics(mine).values() if mine else []):
+        fut.result(30)
+    for fut in admin.delete_consumer_groups([name]).values():
+        try:
+            fut.result(30)
+        except Exception:  # noqa: BLE001 - a group with no committed offsets may already be gone
+            pass
+
+
 def _start(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pilothouse.sensing.app_faust"], env=env,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -125,14 +144,15 @@ def _wait_for(predicate, timeout_s: float, worker: subprocess.Popen | None = Non
 
 
 @pytest.mark.timeout(240)
-def test_sigkill_mid_stream_neither_loses_nor_duplicates_incidents(stack_info, bus_settings, new_topic, tmp_path):
+def test_sigkill_mid_stream_neither_loses_nor_duplicates_incidents(stack_info, bus_settings, new_topic, tmp_path,
+                                                                   app_id):
     alerts_topic, telemetry_topic, incidents_topic = new_topic(1), new_topic(1), new_topic(1)
     run = uuid.uuid4().hex[:8]
     env = _env(stack_info, {
         "PILOTHOUSE_SENSING_ALERTS_TOPIC": alerts_topic,
         "PILOTHOUSE_SENSING_TELEMETRY_TOPIC": telemetry_topic,
         "PILOTHOUSE_SENSING_INCIDENTS_TOPIC": incidents_topic,
-        "PILOTHOUSE_SENSING_APP_ID": f"pilothouse-sensing-test-{run}",
+        "PILOTHOUSE_SENSING_APP_ID": app_id,
         "PILOTHOUSE_SENSING_COMMIT_INTERVAL_S": "1.0",
     }, tmp_path / "data")
     alerts = _alerts(300, run)
@@ -148,7 +168,8 @@ def test_sigkill_mid_stream_neither_loses_nor_duplicates_incidents(stack_info, b
         for a in alerts[:100]:
             producer.produce(a, key=a.fingerprint, topic=alerts_topic)
         producer.flush(10)
-        assert _wait_for(lambda: len(reader.records) >= 10, 90, worker), log_path.read_text()[-3000:]
+        # the worker coalesces updates per batch: a backlog of 100 alerts may come out as a handful of updates
+        assert _wait_for(lambda: len(reader.records) >= 1, 90, worker), log_path.read_text()[-3000:]
         for a in alerts[100:200]:
             producer.produce(a, key=a.fingerprint, topic=alerts_topic)
         producer.flush(10)
@@ -201,14 +222,14 @@ def test_sigkill_mid_stream_neither_loses_nor_duplicates_incidents(stack_info, b
 
 
 @pytest.mark.timeout(180)
-def test_a_poison_pill_is_dead_lettered_and_the_stream_goes_on(stack_info, bus_settings, new_topic, tmp_path):
+def test_a_poison_pill_is_dead_lettered_and_the_stream_goes_on(stack_info, bus_settings, new_topic, tmp_path, app_id):
     alerts_topic, telemetry_topic, incidents_topic = new_topic(1), new_topic(1), new_topic(1)
     run = uuid.uuid4().hex[:8]
     env = _env(stack_info, {
         "PILOTHOUSE_SENSING_ALERTS_TOPIC": alerts_topic,
         "PILOTHOUSE_SENSING_TELEMETRY_TOPIC": telemetry_topic,
         "PILOTHOUSE_SENSING_INCIDENTS_TOPIC": incidents_topic,
-        "PILOTHOUSE_SENSING_APP_ID": f"pilothouse-sensing-test-{run}",
+        "PILOTHOUSE_SENSING_APP_ID": app_id,
     }, tmp_path / "data")
     producer = BusProducer(bus_settings("admin"))
     good = _alerts(1, run)[0]
