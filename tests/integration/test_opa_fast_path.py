@@ -50,6 +50,11 @@ def tweaks(rng: random.Random) -> list[Callable[[Doc], None]]:
     return [
         lambda d: d["controls"].update(freeze_windows=[window]),
         lambda d: d["controls"].update(freeze_windows=[{**window, "services": ["other"]}]),
+        lambda d: d["controls"].update(freeze_windows=[
+            {**window, "start": "2026-11-25T12:00:01Z"},  # later today
+            {**window, "end": "2026-11-25T12:00:00Z"},  # ended at now
+            {**window, "environments": [rng.choice(["staging", "Production", "*"])]},
+        ]),
         lambda d: d["controls"]["kill_switch"].update(services=[rng.choice(["Checkout", "other"])]),
         lambda d: d["controls"]["kill_switch"].update(**{"global": rng.choice([True, False, "yes"])}),
         lambda d: d.update(rejections=[{"rejecter": {"id": rng.choice(["zed", "svc:x"]), "kind": "human", "roles": []}}]),

@@ -252,14 +252,29 @@ test_fast_path_equals_full_rules if {
 	fast_path_agrees({"budget": {"consumed": 27}})
 	fast_path_agrees(object.union(read_only_facts, {"budget": {"consumed": 39}}))
 	fast_path_agrees({"rejections": []})
+	fast_path_agrees({"controls": {"kill_switch": {"services": ["payments"]}}})
+	fast_path_agrees({"controls": {"freeze_windows": [
+		object.union(window_now, {"start": "2026-11-25T13:00:00Z"}),
+		object.union(window_now, {"end": "2026-11-25T12:00:00Z"}),
+		object.union(window_now, {"environments": ["staging"]}),
+		object.union(window_now, {"services": ["payments"]}),
+		object.remove(window_now, ["name"]),
+		object.union(window_now, {"start": "not a time"}),
+	]}})
 }
+
+window_now := {"name": "f", "start": "2026-11-25T11:00:00Z", "end": "2026-11-25T13:00:00Z"}
 
 # Anything that blocks, freezes or vetoes is left to the full rules.
 test_fast_path_leaves_unusual_inputs_to_the_full_rules if {
 	not proposal.usual_decision with input as object.union(base, {"controls": {"in_flight_on_target": 1}})
 	not proposal.usual_decision with input as object.union(base, {"controls": {"kill_switch": {"global": true}}})
-	not proposal.usual_decision with input as object.union(base, {"controls": {"kill_switch": {"services": ["x"]}}})
-	not proposal.usual_decision with input as object.union(base, {"controls": {"freeze_windows": [{"name": "f"}]}})
+	not proposal.usual_decision with input as object.union(base, {"controls": {"kill_switch": {"services": ["CheckOut"]}}})
+	not proposal.usual_decision with input as object.union(base, {"controls": {"freeze_windows": [window_now]}})
+	not proposal.usual_decision with input as object.union(base, {"controls": {"freeze_windows": [object.union(
+		window_now,
+		{"services": ["checkout"], "environments": ["production"]},
+	)]}})
 	not proposal.usual_decision with input as object.union(base, {"rejections": [{"rejecter": {"id": "zed"}}]})
 	not proposal.usual_decision with input as object.union(base, {"budget": {"consumed": 37}})
 	not proposal.usual_decision with input as object.union(base, {"now": "2026-11-26T00:00:00Z"})

@@ -365,20 +365,29 @@ usual := {
 	is_boolean(ro)
 	blast := c.risk.blast_radius_points[facts.blast_radius]
 	env := lower(action.target.environment)
-	identity.normalise(action.target.service)
+	service := identity.normalise(action.target.service)
 	budget := input.budget
 	is_number(budget.consumed)
 	budget.consumed >= 0
 	scope := budget.scope
 	is_string(scope)
 
-	# budget window current, no kill switch, freeze, veto or action in flight
+	# budget window current, no kill switch, freeze, veto or action in flight. Kill switches on other services
+	# and freeze windows that are not active for this target (later, over, scoped elsewhere) are usual: the
+	# service sends every window that has not ended yet. The freeze test is active_freezes, expression for
+	# expression.
 	time.parse_rfc3339_ns(budget.window_start) <= now
 	now < time.parse_rfc3339_ns(budget.window_end)
 	controls := input.controls
 	controls.kill_switch.global == false
-	controls.kill_switch.services == []
-	controls.freeze_windows == []
+	not service in {identity.normalise(x) | some x in controls.kill_switch.services}
+	count([w.name |
+		some w in controls.freeze_windows
+		time.parse_rfc3339_ns(w.start) <= now
+		now < time.parse_rfc3339_ns(w.end)
+		matches_scope(object.get(w, "environments", ["*"]), env)
+		matches_scope(object.get(w, "services", ["*"]), service)
+	]) == 0
 	object.get(input, "rejections", []) == []
 	in_flight_now := object.get(controls, "in_flight_on_target", 0)
 	is_number(in_flight_now)
