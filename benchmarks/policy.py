@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         png = args.out.with_suffix(".png")
         plot(result, png)
         result["plot"] = str(png)
-    for key in ("decision", "full_rules_before", "baseline_trivial_opa_query", "no_connection_reuse", "sdk_client_before"):
+    for key in ("decision", "full_rules_before", "baseline_trivial_opa_query", "no_connection_reuse",
+                "sdk_client_before"):
         result[key].pop("_latencies_ms", None)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True), encoding="utf-8")
     print(json.dumps({k: result[k] for k in ("offered_per_s", "decisions_per_s", "p50_ms", "p99_ms",

@@ -12,13 +12,14 @@ from __future__ import annotations
 import copy
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from pilothouse.policy.adapters.opa import OpaPolicyEngine, find_opa_binary, local_opa_server
-from tests.integration.test_policy_opa import CASES, POLICIES, build, raw_document
+from pilothouse.policy.adapters.opa import OpaPolicyEngine
+from tests.integration.test_policy_opa import CASES, build, raw_document
+from tests.integration.test_policy_opa import engine  # noqa: F401 - the module's private OPA server fixture
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +27,6 @@ SEED = 20261125
 VARIATIONS = 600
 
 Doc = dict[str, Any]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[OpaPolicyEngine]:
-    if find_opa_binary() is None:
-        pytest.fail("no opa binary (~/.cache/pilothouse/bin/opa, /tmp/gobin/opa or PATH): run `pilothouse stack up`")
-    with local_opa_server(POLICIES) as running:
-        yield running
 
 
 def raw(engine: OpaPolicyEngine, path: str, doc: Doc) -> tuple[int, bytes]:
@@ -57,7 +50,8 @@ def tweaks(rng: random.Random) -> list[Callable[[Doc], None]]:
         ]),
         lambda d: d["controls"]["kill_switch"].update(services=[rng.choice(["Checkout", "other"])]),
         lambda d: d["controls"]["kill_switch"].update(**{"global": rng.choice([True, False, "yes"])}),
-        lambda d: d.update(rejections=[{"rejecter": {"id": rng.choice(["zed", "svc:x"]), "kind": "human", "roles": []}}]),
+        lambda d: d.update(rejections=[{"rejecter": {"id": rng.choice(["zed", "svc:x"]), "kind": "human",
+                                                      "roles": []}}]),
         lambda d: d["budget"].update(consumed=rng.choice([0, 20, 27, 30, 33, 35, 36, 39, 39.5, 40, 50])),
         lambda d: d["incident"].update(severity=rng.choice(["sev1", "SEV2", "sev3", "sev9", ""])),
         lambda d: d["action"]["target"].update(environment=rng.choice(["production", "Staging", "development", "qa"])),
@@ -70,7 +64,8 @@ def tweaks(rng: random.Random) -> list[Callable[[Doc], None]]:
                    for a in approvals(d)],
         lambda d: [a["approver"].update(id=rng.choice(["Alice", "bob", "oncall-1", "svc:x", "al\u200bice"]))
                    for a in approvals(d)],
-        lambda d: [a.update(expires_at=rng.choice(["2026-11-25T11:59:00Z", "2026-11-25T12:00:00Z", "2026-11-25T12:30:00Z"]))
+        lambda d: [a.update(expires_at=rng.choice(["2026-11-25T11:59:00Z", "2026-11-25T12:00:00Z",
+                                                   "2026-11-25T12:30:00Z"]))
                    for a in approvals(d)],
     ]
 
