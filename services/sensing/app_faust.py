@@ -3,10 +3,9 @@
 Consumes ``AlertReceived`` (alerts topic) and ``TelemetryReceived`` (telemetry topic); writes ``IncidentUpdated`` to
 the compacted incidents topic, keyed by incident id, with a monotonic version per incident.
 
-State: one Faust table (``incidents``: the incidents and, under ``service:`` keys, the service index), in memory,
-backed by the changelog topic ``<app_id>-incidents-changelog`` that Faust creates (the sensing principal owns the
-``pilothouse-sensing-`` prefix). The alert index (dedup key -> incident) is derived from the incidents and rebuilt
-after every assignment. The table has ONE changelog partition and uses the key partitioner, so recovery replays the
+State: one Faust table (``incidents``), in memory, backed by the changelog topic ``<app_id>-incidents-changelog``
+that Faust creates (the sensing principal owns the ``pilothouse-sensing-`` prefix). The alert index (dedup key ->
+incident) and the service index (service -> incident) are derived from the incidents after every assignment. The table has ONE changelog partition and uses the key partitioner, so recovery replays the
 writes in the order they were made: grouping needs a global view (an alert of one partition joins an incident of
 another), which a per-partition state would not give. Consequence: run one correlator instance (a second one would
 split the partitions between them and group only within its share); the worker logs the partitions it holds.
@@ -42,14 +41,7 @@ from pilothouse.bus.errors import PermanentError
 from pilothouse.bus.faust_codec import AvroCodec
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.config import SensingSettings
-from pilothouse.sensing.correlation import (
-    CorrelationRules,
-    Correlator,
-    DependencyMap,
-    Incident,
-    MappingStore,
-    alert_index_from,
-)
+from pilothouse.sensing.correlation import CorrelationRules, Correlator, DependencyMap, Incident, MappingStore
 from pilothouse.sensing.handlers import IncidentHandler, MetricEvidence, TelemetryBuffer
 from pilothouse.sensing.redaction import Redactor
 
@@ -63,26 +55,6 @@ CORRELATE_SECONDS = Histogram("pilothouse_sensing_correlate_seconds", "Alert bat
 BATCH_SIZE = Histogram("pilothouse_sensing_correlate_batch_alerts", "Alerts per correlation batch",
                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 OPEN_INCIDENTS = Gauge("pilothouse_sensing_incidents_in_state", "Incidents in the state tables")
-
-
-SERVICE_KEY = "service:"  # key prefix of the service index in the state table
-
-
-class KeyPrefixed:
-    """The entries of a mapping whose keys start with ``prefix``, seen without it (what MappingStore reads/writes)."""
-
-    def __init__(self, mapping: Any, prefix: str) -> None:
-        self.mapping = mapping
-        self.prefix = prefix
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.mapping.get(self.prefix + key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        return self.mapping[self.prefix + key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.mapping[self.prefix + key] = value
 
 
 def _credentials(bus: BusSettings) -> Any:
@@ -128,13 +100,10 @@ class CorrelationWorker:
             table_cleanup_interval=3600.0,
         )
         app = self.app
-        # ONE table, so ONE changelog partition: the producer keeps its writes in order, and after a crash the
-        # durable state is that of a prefix of the alerts (plus part of the next one's writes, which the replay
-        # rules repair). Incidents are keyed by their id ("inc-..."), service index entries by SERVICE_KEY + key.
-        # The alert index (dedup key -> incident id) is no table at all: the incidents imply it (alert_index_from),
-        # so it is rebuilt after every assignment instead of costing a changelog record per new alert.
-        self.state = app.Table("incidents", default=None, partitions=1, use_partitioner=True)  # values: JSON
-        self.tables = MappingStore(self.state, {}, KeyPrefixed(self.state, SERVICE_KEY))
+        # Only the incidents are persisted (one table, one changelog partition, written in alert order). The alert
+        # and service indexes are derived from them after every assignment (MappingStore.rebuild_indexes), so they
+        # always match the durable incidents and cost no changelog records (the alert index was two of every three).
+        self.tables = MappingStore(app.Table("incidents", default=None, partitions=1, use_partitioner=True), {}, {})
         self._index_stale = True
         self.alerts_topic = app.topic(settings.alerts_topic, value_serializer="raw", key_serializer="raw")
         self.telemetry_topic = app.topic(settings.telemetry_topic, value_serializer="raw", key_serializer="raw")
@@ -176,10 +145,9 @@ class CorrelationWorker:
             return
         BATCH_SIZE.observe(len(records))
         if self._index_stale:  # first batch after an assignment: the table is recovered by now
-            incidents = [v for k, v in self.state.items() if not k.startswith(SERVICE_KEY)]
-            self.tables.alert_index = alert_index_from(incidents)
+            self.tables.rebuild_indexes()
             self._index_stale = False
-            OPEN_INCIDENTS.set(len(incidents))
+            OPEN_INCIDENTS.set(len(self.tables.incidents))
         result = self.handler.correlate_batch([(r, m.offset) for r, m in records], self.tables)
         cause: dict[str, Any] = {}  # incident id -> message of the last alert that changed it
         for (record, msg), outcome in zip(records, result.outcomes):

@@ -7,7 +7,8 @@ Rules, in order, for one alert (deduplication key: ``(source, fingerprint)``):
 
 1. **Replay.** The alert's ``event_id`` is already recorded on its incident: it was applied before a crash. Nothing
    changes; the incident's current state is emitted again (same version: consumers keep the highest version, so a
-   repeated version is harmless) and the indexes are repaired.
+   repeated version is harmless). Only incidents need persisting: the alert and service indexes are derived from
+   them after a restart (``MappingStore.rebuild_indexes``; service-index writes stamp the incident with a mark).
 2. **Known fingerprint, open incident.** firing→firing and resolved→resolved are duplicates (``unchanged``: Alertmanager
    re-sends firing alerts every ``repeat_interval``). firing→resolved marks the alert resolved; when every alert of
    the incident is resolved the incident is ``resolved``, otherwise ``updated``. resolved→firing is ``updated``.
@@ -219,6 +220,10 @@ class Incident:
     resolved_at: int | None
     alerts: dict[str, AlertRef]  # dedup key -> alert
     causation_id: str  # event id of the alert that caused the latest version
+    #: service -> mark (a store-wide counter) of this incident's latest service-index write for that service: the
+    #: service index is derived from the incidents after a restart (the highest mark wins), so it never needs
+    #: writes of its own that a crash could lose or reorder
+    service_marks: dict[str, int] = field(default_factory=dict)
 
     # -- derived views (what IncidentUpdated carries) -------------------------------------------------------------
     @property
@@ -260,11 +265,14 @@ class Incident:
             "scope": self.scope, "first_seen": self.first_seen, "last_seen": self.last_seen,
             "resolved_at": self.resolved_at, "causation_id": self.causation_id,
             "alerts": {k: dict(a.__dict__) for k, a in self.alerts.items()},
+            "service_marks": dict(self.service_marks),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Incident:
-        return cls(**{**d, "alerts": {k: AlertRef(**v) for k, v in d["alerts"].items()}})
+        # copies: the stored dict must never change behind the store's back (a Faust table would not persist it)
+        return cls(**{**d, "alerts": {k: AlertRef(**v) for k, v in d["alerts"].items()},
+                      "service_marks": dict(d.get("service_marks", {}))})
 
 
 class CorrelationStore(Protocol):
@@ -276,6 +284,7 @@ class CorrelationStore(Protocol):
     def put_alert_index(self, key: str, incident_id: str) -> None: ...
     def get_service_index(self, scoped_service: str) -> str | None: ...
     def put_service_index(self, scoped_service: str, incident_id: str) -> None: ...
+    def next_mark(self) -> int: ...
 
 
 class MappingStore:
@@ -307,6 +316,17 @@ class MappingStore:
     def put_service_index(self, scoped_service: str, incident_id: str) -> None:
         self.service_index[scoped_service] = incident_id
 
+    def next_mark(self) -> int:
+        self.last_mark = getattr(self, "last_mark", 0) + 1
+        return self.last_mark
+
+    def rebuild_indexes(self) -> None:
+        """Derive the alert and service indexes (and the mark counter) from the incidents, e.g. after a restart:
+        only the incidents are persisted, so the indexes always match the durable state."""
+        incidents = [d for d in self.incidents.values() if isinstance(d, Mapping)]
+        self.alert_index = alert_index_from(incidents)
+        self.service_index, self.last_mark = service_index_from(incidents)
+
 
 MemoryStore = MappingStore  # the in-memory store is the mapping store over dicts
 
@@ -326,6 +346,22 @@ def alert_index_from(incidents: Iterable[Mapping[str, Any]]) -> dict[str, str]:
             if key not in best or rank > best[key]:
                 best[key] = rank
     return {key: rank[2] for key, rank in best.items()}
+
+
+def service_index_from(incidents: Iterable[Mapping[str, Any]]) -> tuple[dict[str, str], int]:
+    """The service index (scope + service -> incident id) the incidents' service marks imply, and the highest mark.
+
+    Each service-index write stamps the incident with a fresh mark for that service, in the same incident write, so
+    the incident with the highest mark for a service is the one the live index points to."""
+    best: dict[str, tuple[int, str]] = {}
+    top = 0
+    for inc in incidents:
+        for service, mark in inc.get("service_marks", {}).items():
+            key = f"{inc['scope']}\x1f{service}"
+            top = max(top, mark)
+            if key not in best or (mark, inc["incident_id"]) > best[key]:
+                best[key] = (mark, inc["incident_id"])
+    return {key: v[1] for key, v in best.items()}, top
 
 
 class BatchStore:
@@ -370,6 +406,9 @@ class BatchStore:
     def put_service_index(self, scoped_service: str, incident_id: str) -> None:
         self._service_index[scoped_service] = incident_id
         self._dirty[("service_index", scoped_service)] = None
+
+    def next_mark(self) -> int:
+        return self.backing.next_mark()
 
     @property
     def changed_incidents(self) -> list[str]:
@@ -428,13 +467,15 @@ class Correlator:
         if inc is not None and alert.key in inc.alerts:
             ref = inc.alerts[alert.key]
             if ref.already_applied(alert):
-                return self._replayed(inc, store)
+                return self._replayed(inc, alert, store)
             return self._known(alert, ref, inc, store, now)
         return self._new(alert, store, now)
 
     # -- rule 1 ---------------------------------------------------------------------------------------------------
-    def _replayed(self, inc: Incident, store: CorrelationStore) -> Outcome:
-        self._index(inc, store)  # a crash may have persisted the incident but not its index entries
+    def _replayed(self, inc: Incident, alert: AlertInput, store: CorrelationStore) -> Outcome:
+        # Nothing to repair: only incidents are persisted, and the indexes are derived from them after a restart
+        # (MappingStore.rebuild_indexes). (Re-indexing here, as before, overwrote newer service-index entries that
+        # point at other incidents, and later alerts grouped differently than in the crash-free run.)
         return Outcome("replayed", inc, "event already applied; current state re-emitted")
 
     # -- rules 2 and 3 --------------------------------------------------------------------------------------------
@@ -462,13 +503,13 @@ class Correlator:
         new_id = incident_id_for(alert.event_id)
         existing = store.get_incident(new_id)
         if existing is not None and alert.key in existing.alerts:
-            return self._replayed(existing, store)  # opened before a crash; its indexes may be missing
+            return self._replayed(existing, alert, store)  # opened before a crash; its indexes may be missing
         ref = AlertRef(alert.source, alert.fingerprint, alert.service, "firing", alert.severity, alert.summary,
                        now, now, alert.event_id, alert.sequence)
         target = self._candidate(alert, store, now)
         if target is not None:
             if alert.key in target.alerts and target.alerts[alert.key].already_applied(alert):
-                return self._replayed(target, store)
+                return self._replayed(target, alert, store)
             target.alerts[alert.key] = ref
             target.last_seen = max(target.last_seen, now)
             return self._commit(target, "updated", alert, store)
@@ -508,20 +549,27 @@ class Correlator:
         inc.version += 1
         inc.change = change
         inc.causation_id = alert.event_id
-        store.put_incident(inc)
         # Only this alert's entries can have changed, except on reopen (the incident's services point back to it).
-        # Replays repair everything (_replayed indexes the whole incident).
-        self._index(inc, store, None if change == "reopened" else alert.key)
-        return Outcome(change, inc, reason)
-
-    def _index(self, inc: Incident, store: CorrelationStore, only_key: str | None = None) -> None:
+        only_key = None if change == "reopened" else alert.key
+        services = self._indexed_services(inc, only_key)
+        if services:  # stamped in the incident write itself: the service index can be derived from incidents
+            mark = store.next_mark()
+            for service in services:
+                inc.service_marks[service] = mark
+        store.put_incident(inc)
         keys = [only_key] if only_key is not None else list(inc.alerts)
         for key in keys:
             if store.get_alert_index(key) != inc.incident_id:
                 store.put_alert_index(key, inc.incident_id)
-        if inc.state == "open":
-            services = [inc.alerts[only_key].service] if only_key is not None else inc.services
-            for service in filter(None, services):
-                scoped = f"{inc.scope}\x1f{service}"
-                if store.get_service_index(scoped) != inc.incident_id:
-                    store.put_service_index(scoped, inc.incident_id)
+        for service in services:
+            scoped = f"{inc.scope}\x1f{service}"
+            if store.get_service_index(scoped) != inc.incident_id:
+                store.put_service_index(scoped, inc.incident_id)
+        return Outcome(change, inc, reason)
+
+    @staticmethod
+    def _indexed_services(inc: Incident, only_key: str | None) -> list[str]:
+        """The services whose index entry a commit points at the incident (only while it is open)."""
+        if inc.state != "open":
+            return []
+        return [s for s in ([inc.alerts[only_key].service] if only_key is not None else inc.services) if s]
