@@ -251,8 +251,8 @@ reason_codes := sort(risk.codes(all_reasons)) if {
 # title: Approvals decision
 # description: Are the recorded approvals sufficient now? Lists accepted and refused approvals with reasons.
 # entrypoint: true
-decision := usual_decision if {
-	risk.usual
+decision := fast if {
+	fast := usual_decision
 } else := full_decision
 
 # ---------------------------------------------------------------------------------------------------------------

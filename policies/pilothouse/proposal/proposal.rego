@@ -32,8 +32,8 @@ reason_codes := sort(risk.codes(risk.blocks) | risk.codes(risk.notes)) if {
 # title: Proposal decision
 # description: The decision document for a newly arrived proposal.
 # entrypoint: true
-decision := usual_decision if {
-	risk.usual
+decision := fast if {
+	fast := usual_decision
 } else := full_decision
 
 # The usual input (risk.usual: no block, freeze or veto) in one body: read-only diagnostics are allowed, anything
