@@ -184,6 +184,8 @@ def summarise(chunks: list[tuple[np.ndarray, np.ndarray, float]]) -> dict[str, A
         "max_ms": float(latencies.max()),
         "service_p50_ms": float(np.percentile(service, 50)),
         "service_p99_ms": float(np.percentile(service, 99)),
+        # how late the sender itself started requests (its own wake-up and any backlog): latency minus service time
+        "send_lateness_p99_ms": float(np.percentile(latencies - service, 99)),
         "_latencies_ms": latencies,
     }
 
