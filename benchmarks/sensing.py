@@ -41,14 +41,15 @@ PSEUDONYM_KEY = "bench-pseudonym-key-000000000001"
 SERVICES = 200  # alerts spread over services outside the dependency map: incidents of moderate size
 
 
-def _webhook(run: str, start: int, n: int, now: datetime) -> bytes:
+def _webhook(run: str, start: int, n: int, now: datetime, svc: str = "svc") -> bytes:
+    """Alertmanager webhook of alerts start..start+n over SERVICES services named ``<svc>-<k>``."""
     alerts = []
     for i in range(start, start + n):
         alerts.append({
             "status": "firing",
-            "labels": {"alertname": "HighErrorRate", "service": f"svc-{i % SERVICES}", "severity": "critical",
-                       "namespace": "prod", "pod": f"svc-{i % SERVICES}-7d9f8b6c5-x{i % 9}"},
-            "annotations": {"summary": f"High error rate on svc-{i % SERVICES} (5xx > 5%)",
+            "labels": {"alertname": "HighErrorRate", "service": f"{svc}-{i % SERVICES}", "severity": "critical",
+                       "namespace": "prod", "pod": f"{svc}-{i % SERVICES}-7d9f8b6c5-x{i % 9}"},
+            "annotations": {"summary": f"High error rate on {svc}-{i % SERVICES} (5xx > 5%)",
                             "description": "5xx ratio 0.12 over 5m; runbook https://runbooks.example.org/5xx"},
             "startsAt": now.isoformat().replace("+00:00", "Z"), "endsAt": "0001-01-01T00:00:00Z",
             "generatorURL": "http://prometheus.example.org/graph?g0.expr=x", "fingerprint": f"bench-{run}-{i:07d}",
@@ -328,7 +329,9 @@ def real_path(args, info) -> dict:
         bodies2 = []
         for k, start in enumerate(range(0, n2, args.batch)):
             fps = [f"bench-{run}h-{i:07d}" for i in range(start, start + args.batch)]
-            bodies2.append((k * args.batch / rate, _webhook(f"{run}h", start, args.batch, now), fps))
+            # other services than phase 1: new incidents that grow as phase 1's did (an update's cost grows with
+            # its incident, so reusing phase 1's incidents would measure latency on a heavier workload)
+            bodies2.append((k * args.batch / rate, _webhook(f"{run}h", start, args.batch, now, svc="half"), fps))
         sent2: dict[str, float] = {}
         statuses2 = _post_all(url, bodies2, sent2, args.concurrency)
         fps2 = [fp for _, _, fps in bodies2 for fp in fps]

@@ -162,22 +162,26 @@ class CorrelationWorker:
                 cause[outcome.incident.incident_id] = msg
         if not result.incidents:
             return
+        # The records are built while the state writes travel: every await lets Faust's producer buffer hand them
+        # to the client and the client send them, so the acknowledgements are mostly in by the time they are needed.
+        built = []
+        for inc in result.incidents:
+            await asyncio.sleep(0)
+            try:
+                metrics = await self._metrics_for(inc)
+                update = self.handler.incident_record(inc, metrics=metrics)
+                built.append((update.incident_id.encode(), self.incident_codec.encode(update)))
+            except Exception as e:  # noqa: BLE001 - dead-letter the alert that caused this version, go on
+                log.exception("incident record failed", extra={"incident_id": inc.incident_id})
+                await self._dead_letter(cause[inc.incident_id], e, prefix="incident record failed: ")
         # The state of every version about to be published is on the broker first (changelog acknowledged): a
         # consumer never sees a version that a restart could not reproduce, so versions on the topic only grow
         # even when the replay after a crash is batched differently.
         await self._flush_state()
         producer = self.app.producer
-        for inc in result.incidents:
-            try:
-                metrics = await self._metrics_for(inc)
-                update = self.handler.incident_record(inc, metrics=metrics)
-                value = self.incident_codec.encode(update)
-            except Exception as e:  # noqa: BLE001 - dead-letter the alert that caused this version, go on
-                log.exception("incident record failed", extra={"incident_id": inc.incident_id})
-                await self._dead_letter(cause[inc.incident_id], e, prefix="incident record failed: ")
-                continue
+        for key, value in built:
             # Handed to the producer, ack not awaited: Faust flushes the producer before it commits these offsets.
-            await producer.send(self.settings.incidents_topic, update.incident_id.encode(), value, None, None, None)
+            await producer.send(self.settings.incidents_topic, key, value, None, None, None)
         CORRELATE_SECONDS.observe(time.perf_counter() - started)
 
     async def _flush_state(self) -> None:
