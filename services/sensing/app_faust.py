@@ -188,8 +188,14 @@ class CorrelationWorker:
         """Wait until every table write made so far is acknowledged by the broker.
 
         Table writes go through Faust's producer buffer, whose ``flush()`` gives up after 0.1 s without a message
-        sent and returns with messages still buffered; so drain it until it is empty, then flush the client."""
+        sent and returns with messages still buffered; so drain it until it is empty, then flush the client.
+        The buffer's task hands messages over without suspending, so a yield or two usually empties it; the timed
+        ``flush()`` (a task and a timer per message) is the fallback for a client that pushes back."""
         producer = self.app.producer
+        for _ in range(3):
+            if not producer.buffer.size:
+                break
+            await asyncio.sleep(0)
         while producer.buffer.size:
             await producer.buffer.flush()
         await producer.flush()
