@@ -368,9 +368,10 @@ class BatchStore:
     """A write-back CorrelationStore in front of another, for one batch of alerts.
 
     Reads go through once and are kept (as live ``Incident`` objects: no ``from_dict`` per alert); writes stay here
-    until :meth:`flush`, which writes every changed key once, in the order the keys first changed. The worker
-    flushes after every alert (see ``IncidentHandler.correlate_batch`` for why); discard the object instead of
-    flushing it if an alert failed half-way.
+    until :meth:`flush`, which writes every changed key once, in the order the keys first changed. The worker calls
+    :meth:`flush_superseded` after every alert and :meth:`flush` after the batch (see
+    ``IncidentHandler.correlate_batch`` for why); discard the object instead of flushing it if an alert failed
+    half-way.
     """
 
     def __init__(self, backing: CorrelationStore) -> None:
@@ -379,6 +380,7 @@ class BatchStore:
         self._alert_index: dict[str, str | None] = {}
         self._service_index: dict[str, str | None] = {}
         self._dirty: dict[tuple[str, str], None] = {}  # (table, key), insertion-ordered
+        self._last_incident: str | None = None
 
     def get_incident(self, incident_id: str) -> Incident | None:
         if incident_id not in self._incidents:
@@ -388,6 +390,7 @@ class BatchStore:
     def put_incident(self, incident: Incident) -> None:
         self._incidents[incident.incident_id] = incident
         self._dirty[("incidents", incident.incident_id)] = None
+        self._last_incident = incident.incident_id
 
     def get_alert_index(self, key: str) -> str | None:
         if key not in self._alert_index:
@@ -415,9 +418,24 @@ class BatchStore:
         """Ids of the incidents written in this batch (first change first)."""
         return [key for table, key in self._dirty if table == "incidents"]
 
+    def flush_superseded(self) -> int:
+        """Write what the next alert cannot supersede: everything changed before the incident changed last. That
+        incident (and the index entries changed with it) stays held: if the next alert changes it again, the
+        write in between is one no crash could have needed (no other key was written between the two), so a
+        burst of alerts on one incident costs one write instead of one per alert."""
+        if self._last_incident is None:
+            return 0
+        held = ("incidents", self._last_incident)
+        order = list(self._dirty)
+        cut = order.index(held) if held in self._dirty else len(order)
+        return self._write(order[:cut])
+
     def flush(self) -> int:
         """Write every changed key to the backing store once; returns the number of writes."""
-        for table, key in self._dirty:
+        return self._write(list(self._dirty))
+
+    def _write(self, keys: list[tuple[str, str]]) -> int:
+        for table, key in keys:
             if table == "incidents":
                 inc = self._incidents[key]
                 assert inc is not None  # only put_incident marks an incident dirty
@@ -426,9 +444,8 @@ class BatchStore:
                 self.backing.put_alert_index(key, self._alert_index[key])  # type: ignore[arg-type]
             else:
                 self.backing.put_service_index(key, self._service_index[key])  # type: ignore[arg-type]
-        n = len(self._dirty)
-        self._dirty.clear()
-        return n
+            del self._dirty[(table, key)]
+        return len(keys)
 
 
 @dataclass(frozen=True)

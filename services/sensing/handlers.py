@@ -242,13 +242,14 @@ class IncidentHandler:
                         store: CorrelationStore) -> BatchOutcome:
         """Apply a batch of ``(record, sequence)`` in order; emit each changed incident once, in its final state.
 
-        Reads go through a :class:`BatchStore` (live incidents, no ``from_dict`` per alert); its writes are flushed
-        to ``store`` after EVERY alert, in alert order, so the store sees exactly the writes of one-at-a-time
-        processing: after a crash, the durable writes are those of some prefix of the alerts plus part of the next
-        alert's, which the replay rules repair. (Coalescing the state writes of a batch would let a crash keep a
-        later alert's write and lose an earlier one's, and a replay could then see the future: measured, it made
-        crash replays diverge from the crash-free run.) Only the updates are coalesced: a skipped intermediate
-        version is one consumers, idempotent on incident id + version and keeping the highest, never needed.
+        Reads go through a :class:`BatchStore` (live incidents, no ``from_dict`` per alert). Its writes reach
+        ``store`` in alert order, as one-at-a-time processing makes them, except a write that the very next write
+        replaces (same incident, no other key in between; a burst on one incident costs one write): so every
+        prefix of the writes is the state after some prefix of the alerts, which is what a restart may find and the
+        replay rules expect. (Coalescing ALL of a batch's writes per key would let a crash keep a later alert's
+        write and lose an earlier one's; a replay then saw the future and diverged from the crash-free run.)
+        The updates are coalesced per batch: a skipped intermediate version is one consumers, idempotent on
+        incident id + version and keeping the highest, never needed.
 
         A record that raises is reported as its outcome (the exception); nothing of it is written, and the live
         state it may have half-changed is dropped.
@@ -256,15 +257,23 @@ class IncidentHandler:
         cache = BatchStore(store)
         outcomes: list[Outcome | Exception] = []
         failed = False
-        for record, sequence in alerts:
+        for i, (record, sequence) in enumerate(alerts):
             try:
                 outcome = self.correlate(record, cache, sequence=sequence)
             except Exception as e:  # noqa: BLE001 - reported per record; the worker dead-letters it
                 outcomes.append(e)
-                cache, failed = BatchStore(store), True  # forget what the failure may have touched in place
+                # Forget what the failure may have half-changed in place; that includes the held write of the
+                # alerts just before it, so apply the batch's earlier alerts again: those already written are
+                # recognised as replays and change nothing, the others redo their writes.
+                cache, failed = BatchStore(store), True
+                for (r, seq), o in zip(alerts[:i], outcomes[:i]):
+                    if not isinstance(o, Exception):
+                        self.correlate(r, cache, sequence=seq)
+                        cache.flush_superseded()
                 continue
-            cache.flush()
+            cache.flush_superseded()
             outcomes.append(outcome)
+        cache.flush()
         emitted = _emitted(outcomes)
         if failed:  # an incident emitted before the failure may have been damaged in place: take the stored state
             emitted = [inc for inc in (store.get_incident(i.incident_id) for i in emitted) if inc is not None]
