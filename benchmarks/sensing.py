@@ -275,7 +275,7 @@ def real_path(args, info) -> dict:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "pilothouse.sensing", mode], env=env, start_new_session=True,
             stdout=open(log_dir / f"{mode}.log", "wb"), stderr=subprocess.STDOUT,
-            preexec_fn=_pinned(i if cores >= 2 else None)))
+            preexec_fn=_pinned(i if cores >= 2 and args.pin else None)))
     watch = IncidentWatch(info.kafka_config("admin"), topics["incidents"])
     url = f"http://127.0.0.1:{port}/v1/alerts/alertmanager"
     try:
@@ -340,7 +340,7 @@ def real_path(args, info) -> dict:
         return {
             "alerts": len(all_fps), "batch": args.batch, "concurrency": args.concurrency,
             "http_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
-            "complete": complete, "post_seconds": round(posted_s, 3), "cpu_share": cpu_share,
+            "complete": complete, "post_seconds": round(posted_s, 3), "cpu_share": cpu_share, "pinned": args.pin,
             "correlator_mean_batch": round(mean_batch, 1),
             "alerts_per_s": round(alerts_per_s, 1),
             "full_speed_latency_ms": {"p50": round(_pct(full_lat, 0.5), 1), "p99": round(_pct(full_lat, 0.99), 1)},
@@ -373,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=50, help="alerts per webhook request")
     ap.add_argument("--concurrency", type=int, default=4, help="concurrent HTTP clients")
     ap.add_argument("--latency-seconds", type=float, default=10.0, help="length of the half-rate phase")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin the gateway and the correlator to a core each (each is one Python process: "
+                    "its GIL still bounds it to about one core)")
     ap.add_argument("--correlator-batch-max", type=int, default=500,
                     help="PILOTHOUSE_SENSING_BATCH_MAX of the correlator under test")
     args = ap.parse_args(argv)

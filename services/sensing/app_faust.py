@@ -5,10 +5,11 @@ the compacted incidents topic, keyed by incident id, with a monotonic version pe
 
 State: one Faust table (``incidents``), in memory, backed by the changelog topic ``<app_id>-incidents-changelog``
 that Faust creates (the sensing principal owns the ``pilothouse-sensing-`` prefix). The alert index (dedup key ->
-incident) and the service index (service -> incident) are derived from the incidents after every assignment. The table has ONE changelog partition and uses the key partitioner, so recovery replays the
-writes in the order they were made: grouping needs a global view (an alert of one partition joins an incident of
-another), which a per-partition state would not give. Consequence: run one correlator instance (a second one would
-split the partitions between them and group only within its share); the worker logs the partitions it holds.
+incident) and the service index (service -> incident) are derived from the incidents after every assignment. The
+table has ONE changelog partition and uses the key partitioner, so recovery replays the writes in the order they
+were made: grouping needs a global view (an alert of one partition joins an incident of another), which a
+per-partition state would not give. Consequence: run one correlator instance (a second one would split the
+partitions between them and group only within its share); the worker logs the partitions it holds.
 
 Batches: the agent takes the alerts already queued (up to ``batch_max``, never waiting for more), applies them one
 by one through a read cache, writes state after every alert, waits until the broker acknowledged those writes, then
