@@ -364,6 +364,10 @@ def service_index_from(incidents: Iterable[Mapping[str, Any]]) -> tuple[dict[str
     return {key: v[1] for key, v in best.items()}, top
 
 
+_GETTERS = {"incidents": "get_incident", "alert_index": "get_alert_index", "service_index": "get_service_index"}
+_PUTTERS = {"alert_index": "put_alert_index", "service_index": "put_service_index"}
+
+
 class BatchStore:
     """A write-back CorrelationStore in front of another, for one batch of alerts.
 
@@ -376,39 +380,38 @@ class BatchStore:
 
     def __init__(self, backing: CorrelationStore) -> None:
         self.backing = backing
-        self._incidents: dict[str, Incident | None] = {}
-        self._alert_index: dict[str, str | None] = {}
-        self._service_index: dict[str, str | None] = {}
+        self._cache: dict[str, dict[str, Any]] = {"incidents": {}, "alert_index": {}, "service_index": {}}
         self._dirty: dict[tuple[str, str], None] = {}  # (table, key), insertion-ordered
         self._last_incident: str | None = None
 
+    def _get(self, table: str, key: str) -> Any:
+        cache = self._cache[table]
+        if key not in cache:
+            cache[key] = getattr(self.backing, _GETTERS[table])(key)
+        return cache[key]
+
+    def _put(self, table: str, key: str, value: Any) -> None:
+        self._cache[table][key] = value
+        self._dirty[(table, key)] = None
+
     def get_incident(self, incident_id: str) -> Incident | None:
-        if incident_id not in self._incidents:
-            self._incidents[incident_id] = self.backing.get_incident(incident_id)
-        return self._incidents[incident_id]
+        return self._get("incidents", incident_id)
 
     def put_incident(self, incident: Incident) -> None:
-        self._incidents[incident.incident_id] = incident
-        self._dirty[("incidents", incident.incident_id)] = None
+        self._put("incidents", incident.incident_id, incident)
         self._last_incident = incident.incident_id
 
     def get_alert_index(self, key: str) -> str | None:
-        if key not in self._alert_index:
-            self._alert_index[key] = self.backing.get_alert_index(key)
-        return self._alert_index[key]
+        return self._get("alert_index", key)
 
     def put_alert_index(self, key: str, incident_id: str) -> None:
-        self._alert_index[key] = incident_id
-        self._dirty[("alert_index", key)] = None
+        self._put("alert_index", key, incident_id)
 
     def get_service_index(self, scoped_service: str) -> str | None:
-        if scoped_service not in self._service_index:
-            self._service_index[scoped_service] = self.backing.get_service_index(scoped_service)
-        return self._service_index[scoped_service]
+        return self._get("service_index", scoped_service)
 
     def put_service_index(self, scoped_service: str, incident_id: str) -> None:
-        self._service_index[scoped_service] = incident_id
-        self._dirty[("service_index", scoped_service)] = None
+        self._put("service_index", scoped_service, incident_id)
 
     def next_mark(self) -> int:
         return self.backing.next_mark()
@@ -436,14 +439,11 @@ class BatchStore:
 
     def _write(self, keys: list[tuple[str, str]]) -> int:
         for table, key in keys:
+            value = self._cache[table][key]
             if table == "incidents":
-                inc = self._incidents[key]
-                assert inc is not None  # only put_incident marks an incident dirty
-                self.backing.put_incident(inc)
-            elif table == "alert_index":
-                self.backing.put_alert_index(key, self._alert_index[key])  # type: ignore[arg-type]
+                self.backing.put_incident(value)
             else:
-                self.backing.put_service_index(key, self._service_index[key])  # type: ignore[arg-type]
+                getattr(self.backing, _PUTTERS[table])(key, value)
             del self._dirty[(table, key)]
         return len(keys)
 
