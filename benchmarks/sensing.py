@@ -204,17 +204,15 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def _batch_metric(port: int) -> tuple[float, float]:
-    """(sum, count) of the correlator's alerts-per-batch histogram, from its /metrics."""
+def _correlator_metrics(port: int) -> dict[str, float]:
+    """Sums and counts of the correlator's histograms, from its /metrics."""
     import httpx
 
-    total = count = 0.0
+    out = {}
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
-        if line.startswith("pilothouse_sensing_correlate_batch_alerts_sum"):
-            total = float(line.split()[-1])
-        elif line.startswith("pilothouse_sensing_correlate_batch_alerts_count"):
-            count = float(line.split()[-1])
-    return total, count
+        if line.startswith("pilothouse_sensing_") and line.split()[0].endswith(("_sum", "_count")):
+            out[line.split()[0]] = float(line.split()[-1])
+    return out
 
 
 def delete_app_topics(admin, app_id: str, extra: list[str] = ()) -> list[str]:
@@ -276,6 +274,10 @@ def real_path(args, info) -> dict:
             [sys.executable, "-m", "pilothouse.sensing", mode], env=env, start_new_session=True,
             stdout=open(log_dir / f"{mode}.log", "wb"), stderr=subprocess.STDOUT,
             preexec_fn=_pinned(i if cores >= 2 and args.pin else None)))
+    # this client (HTTP posts, reading the incident topic) shares the gateway's core, not the correlator's
+    own_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if own_affinity is not None and cores >= 2 and args.pin:
+        os.sched_setaffinity(0, {0})
     watch = IncidentWatch(info.kafka_config("admin"), topics["incidents"])
     url = f"http://127.0.0.1:{port}/v1/alerts/alertmanager"
     try:
@@ -307,7 +309,7 @@ def real_path(args, info) -> dict:
             fps = [f"bench-{run}-{i:07d}" for i in range(start, start + args.batch)]
             bodies.append((0.0, _webhook(run, start, args.batch, now), fps))
         sent: dict[str, float] = {}
-        batch0 = _batch_metric(cobs)
+        metrics0 = _correlator_metrics(cobs)
         cpu0 = [_cpu_seconds(p.pid) for p in procs]
         t0 = time.perf_counter()
         statuses = _post_all(url, bodies, sent, args.concurrency)
@@ -318,8 +320,11 @@ def real_path(args, info) -> dict:
         # CPU share of each stage's process over the full-speed phase (1.0 = it had its core to itself)
         cpu_share = {mode: round((_cpu_seconds(p.pid) - c) / (time.perf_counter() - t0), 2)
                      for mode, p, c in zip(("gateway", "correlator"), procs, cpu0)}
-        batch1 = _batch_metric(cobs)
-        mean_batch = (batch1[0] - batch0[0]) / max(1.0, batch1[1] - batch0[1])
+        metrics1 = _correlator_metrics(cobs)
+        delta = {k: metrics1.get(k, 0.0) - metrics0.get(k, 0.0) for k in metrics1}
+        mean_batch = (delta.get("pilothouse_sensing_correlate_batch_alerts_sum", 0.0)
+                      / max(1.0, delta.get("pilothouse_sensing_correlate_batch_alerts_count", 0.0)))
+        ack_wait_s = delta.get("pilothouse_sensing_state_ack_wait_seconds_sum", 0.0)
         alerts_per_s = len(all_fps) / (end - t0)
         full_lat = [(watch.first_seen[fp] - sent[fp]) * 1000 for fp in all_fps if fp in watch.first_seen]
 
@@ -341,7 +346,7 @@ def real_path(args, info) -> dict:
             "alerts": len(all_fps), "batch": args.batch, "concurrency": args.concurrency,
             "http_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
             "complete": complete, "post_seconds": round(posted_s, 3), "cpu_share": cpu_share, "pinned": args.pin,
-            "correlator_mean_batch": round(mean_batch, 1),
+            "correlator_mean_batch": round(mean_batch, 1), "correlator_state_ack_wait_s": round(ack_wait_s, 3),
             "alerts_per_s": round(alerts_per_s, 1),
             "full_speed_latency_ms": {"p50": round(_pct(full_lat, 0.5), 1), "p99": round(_pct(full_lat, 0.99), 1)},
             "half_rate_alerts_per_s": round(rate, 1), "half_rate_alerts": len(fps2), "half_rate_complete": complete2,
@@ -352,6 +357,8 @@ def real_path(args, info) -> dict:
         }
     finally:
         watch.close()
+        if own_affinity is not None:
+            os.sched_setaffinity(0, own_affinity)
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)

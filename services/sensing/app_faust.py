@@ -53,6 +53,9 @@ DEAD_LETTERS = Counter("pilothouse_sensing_dead_letters_total", "Records dead-le
 TELEMETRY = Counter("pilothouse_sensing_telemetry_total", "Telemetry records buffered for evidence", ["kind"])
 CORRELATE_SECONDS = Histogram("pilothouse_sensing_correlate_seconds", "Alert batch in -> incident records queued",
                               buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2))
+ACK_WAIT_SECONDS = Histogram("pilothouse_sensing_state_ack_wait_seconds",
+                             "Per batch: waiting for the broker to acknowledge the state writes before publishing",
+                             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2))
 BATCH_SIZE = Histogram("pilothouse_sensing_correlate_batch_alerts", "Alerts per correlation batch",
                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 OPEN_INCIDENTS = Gauge("pilothouse_sensing_incidents_in_state", "Incidents in the state tables")
@@ -127,12 +130,12 @@ class CorrelationWorker:
             pending.append(event)
             if len(pending) < self.settings.batch_max and not stream.channel.empty():
                 continue
-            try:
-                await self._alert_batch(pending)
-            finally:
-                for e in pending:
-                    await stream.ack(e)
-                pending.clear()
+            # acked only once processed: if the batch fails unexpectedly, the worker stops with it unacked and
+            # the restarted worker replays it (an ack in a `finally` could have let its offsets be committed)
+            await self._alert_batch(pending)
+            for e in pending:
+                await stream.ack(e)
+            pending.clear()
 
     async def _alert_batch(self, events: list[Any]) -> None:
         started = time.perf_counter()
@@ -178,7 +181,9 @@ class CorrelationWorker:
         # The state of every version about to be published is on the broker first (changelog acknowledged): a
         # consumer never sees a version that a restart could not reproduce, so versions on the topic only grow
         # even when the replay after a crash is batched differently.
+        waited = time.perf_counter()
         await self._flush_state()
+        ACK_WAIT_SECONDS.observe(time.perf_counter() - waited)
         producer = self.app.producer
         for key, value in built:
             # Handed to the producer, ack not awaited: Faust flushes the producer before it commits these offsets.
