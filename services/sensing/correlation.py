@@ -296,6 +296,7 @@ class MappingStore:
         self.incidents = {} if incidents is None else incidents
         self.alert_index = {} if alert_index is None else alert_index
         self.service_index = {} if service_index is None else service_index
+        self.last_mark = 0  # the service-mark counter (rebuild_indexes restores it from the incidents)
 
     def get_incident(self, incident_id: str) -> Incident | None:
         d = self.incidents.get(incident_id)
@@ -317,7 +318,7 @@ class MappingStore:
         self.service_index[scoped_service] = incident_id
 
     def next_mark(self) -> int:
-        self.last_mark = getattr(self, "last_mark", 0) + 1
+        self.last_mark += 1
         return self.last_mark
 
     def rebuild_indexes(self) -> None:
