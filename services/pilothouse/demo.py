@@ -41,8 +41,7 @@ GATEWAY_PORT = 8470
 CONSOLE_PORT = 8420
 OBS_PORTS = {"sensing": 9470, "reasoning": 19130, "policy": 19135, "actuator": 19140, "ledger": 19150,
              "console": 9420}
-DEMO_USERS = {"responder-1": ["responder"], "responder-2": ["responder"], "approver-1": ["approver"],
-              "approver-2": ["approver"], "admin-1": ["admin", "approver", "responder"]}
+DEMO_USERS = humans.DEMO_HUMANS  # console accounts = the people enrolled with signing keys by `stack up`
 
 
 @dataclass(frozen=True)
@@ -432,7 +431,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     say(f"\n== fault injected: {scenario.summary}")
     if scenario.fault["kind"] == "bad_deploy":
         announce_deploy(fleet, scenario.fault["service"], demo.cd_token, say)
-    say(f"   console: {console_url}   (accounts and passwords: {work / 'secrets.json'})")
+    say(f"   console: {console_url}   (accounts and passwords: {work / 'secrets.json'}; each person signs their "
+        f"decisions with their own key: load {humans.humans_dir(settings.data_dir)}/<account>.key in the console's "
+        f"header once)")
 
     def stage(name: str, detail: str = "") -> None:
         say(f"[{time.time() - t0:6.1f}s] {name:<24} {detail}")
