@@ -90,6 +90,11 @@ class Catalogue(_Frozen):
         except KeyError:
             raise ConfigurationError(f"topic {name!r} is not in the catalogue") from None
 
+    def record_of(self, topic: str) -> str | None:
+        """The Avro record name ``topic`` carries, or None for a topic outside the catalogue (tests' own topics)."""
+        spec = self.topics.get(topic)
+        return spec.record if spec is not None else None
+
     def topic_for_record(self, record: str) -> TopicSpec:
         """The topic that carries the Avro record ``record`` (each record type has exactly one topic)."""
         for t in self.topics.values():

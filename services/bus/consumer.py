@@ -102,10 +102,8 @@ class ConsumerLoop:
         for topic in self.handlers:
             if expected_records and topic in expected_records:
                 self.expected[topic] = expected_records[topic]
-            elif topic in self.catalogue.topics:
-                self.expected[topic] = self.catalogue.topics[topic].record
             else:
-                self.expected[topic] = None
+                self.expected[topic] = self.catalogue.record_of(topic)
         self.max_retries = max_retries
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s

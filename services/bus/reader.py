@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import Consumer
 
+from pilothouse.bus.catalogue import load_catalogue
 from pilothouse.bus.config import BusSettings
 from pilothouse.bus.errors import PermanentError
 from pilothouse.bus.records import AvroRecord
@@ -26,12 +27,14 @@ class TopicReader:
         self.serde = serde or Serde(max_message_bytes=settings.max_message_bytes)
         self._assigned = threading.Event()
         self._early: list = []  # messages polled while waiting for the assignment: handed out first, never lost
-        self.undecodable = 0
+        self.undecodable = 0  # undecodable, or not the record type the catalogue says the topic carries
+        catalogue = load_catalogue()
+        self._expected = {t: catalogue.record_of(t) for t in topics}
         self._consumer = Consumer({
             **settings.librdkafka(), "group.id": group_id or f"test.reader.{uuid.uuid4().hex}",
             "auto.offset.reset": start, "enable.auto.commit": False, "isolation.level": "read_committed",
         })
-        self._consumer.subscribe(list(topics), on_assign=lambda _c, _p: self._assigned.set())
+        self._consumer.subscribe(list(self._expected), on_assign=lambda _c, _p: self._assigned.set())
 
     def wait_assigned(self, timeout_s: float) -> bool:
         """Poll until partitions are assigned (records from then on are seen); False on timeout."""
@@ -48,12 +51,13 @@ class TopicReader:
         return self._early.pop(0) if self._early else self._consumer.poll(timeout_s)
 
     def poll(self, timeout_s: float = 0.2) -> tuple[str, AvroRecord] | None:
-        """The next decoded (topic, record), or None (nothing yet, or undecodable: counted, skipped)."""
+        """The next decoded (topic, record), or None (nothing yet, or undecodable or of another record type than
+        the topic carries, e.g. a poison pill: counted, skipped)."""
         m = self._next(timeout_s)
         if m is None or m.error():
             return None
         try:
-            return m.topic(), self.serde.decode(m.value()).record
+            return m.topic(), self.serde.decode(m.value(), expected=self._expected.get(m.topic())).record
         except PermanentError:
             self.undecodable += 1
             return None
