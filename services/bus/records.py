@@ -483,6 +483,7 @@ class IncidentUpdated(AvroRecord):
     dependency_edges: list[DependencyEdge] = Field(default_factory=list)
     evidence_sha256: str = ''
     redaction: RedactionManifest
+    episode: Int32 = 1
 
 
 class TelemetryReceived(AvroRecord):

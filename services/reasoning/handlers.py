@@ -133,6 +133,14 @@ class ModelStep:
                             detail=f"{len(hyps)} hypotheses, {result.tokens} tokens, {result.latency_ms:.0f} ms")
 
 
+def episode_key(incident: IncidentUpdated) -> str:
+    """What hypothesis ids (and so proposal ids) are derived from: the incident, and its episode once it re-opened.
+    A re-opened incident (the same bad deploy again, an hour later) gets new hypotheses to validate and new actions
+    to approve; reusing the first episode's ids would make policy and the actuator treat the new rollback as a
+    replay of the one already executed."""
+    return incident.incident_id if incident.episode <= 1 else f"{incident.incident_id}~{incident.episode}"
+
+
 def build_records(incident: IncidentUpdated, assessment: Assessment, outcome: ModelOutcome, *,
                   catalogue_version: str, now: datetime) -> tuple[HypothesesProposed, list[ActionProposed]]:
     """The output records of one incident version (ids derived from incident id + version)."""
@@ -217,7 +225,7 @@ class ReasoningHandlers:
             log.warning("model step gave no hypotheses; engine only",
                         extra={"incident_id": incident.incident_id, "llm_status": outcome.status,
                                "detail": outcome.detail})
-        assessment = assess(f"{incident.incident_id}#{incident.version}", incident.evidence, edges, services,
+        assessment = assess(f"{episode_key(incident)}#{incident.version}", incident.evidence, edges, services,
                             self.catalogue, model=outcome.hypotheses, model_name=outcome.model,
                             engine_hypotheses=self.settings.engine_hypotheses,
                             support_bar=self.settings.support_bar, ranking=ranking,

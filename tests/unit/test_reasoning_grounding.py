@@ -294,6 +294,23 @@ def test_handler_is_idempotent_on_incident_version_and_skips_stale(model) -> Non
     assert h.on_validation(v) == [] and h.validations[v.hypothesis_id] == "validated"
 
 
+def test_a_reopened_incident_gets_new_hypothesis_and_action_ids_and_an_update_keeps_them(model) -> None:
+    model.script = [("json", {"hypotheses": []})] * 3
+    h = handlers_for(model)
+
+    def ids(inc):
+        out = h.on_incident(inc)
+        hyps = {x.hypothesis_id for x in out[0].record.hypotheses}
+        return hyps, {o.record.action_id for o in out[1:]}
+
+    first = ids(incident(2))
+    update = ids(incident(3))   # same episode: a responder's validation and approvals keep holding
+    reopened = ids(incident(4).model_copy(update={"change": "reopened", "episode": 2}))
+    assert first[0] and first[1], "the fixture must yield hypotheses and proposals"
+    assert update == first
+    assert not (reopened[0] & first[0]) and not (reopened[1] & first[1])
+
+
 def test_eval_rca_with_a_scripted_llm_reports_model_figures(model, tmp_path: Path) -> None:
     from pilothouse.evaluation import main as eval_main
 
