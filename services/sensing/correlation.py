@@ -224,6 +224,8 @@ class Incident:
     #: service index is derived from the incidents after a restart (the highest mark wins), so it never needs
     #: writes of its own that a crash could lose or reorder
     service_marks: dict[str, int] = field(default_factory=dict)
+    #: 1 as opened, +1 per re-open: what happens in a later episode is decided afresh downstream
+    episode: int = 1
 
     # -- derived views (what IncidentUpdated carries) -------------------------------------------------------------
     @property
@@ -265,7 +267,7 @@ class Incident:
             "scope": self.scope, "first_seen": self.first_seen, "last_seen": self.last_seen,
             "resolved_at": self.resolved_at, "causation_id": self.causation_id,
             "alerts": {k: dict(a.__dict__) for k, a in self.alerts.items()},
-            "service_marks": dict(self.service_marks),
+            "service_marks": dict(self.service_marks), "episode": self.episode,
         }
 
     @classmethod
@@ -503,7 +505,7 @@ class Correlator:
                 return Outcome("unchanged", inc, "resolved alert of a resolved incident")
             if inc.resolved_at is not None and now - inc.resolved_at <= self.rules.reopen_window_ms:
                 self._touch(inc, ref, alert, now)
-                inc.state, inc.resolved_at = "open", None
+                inc.state, inc.resolved_at, inc.episode = "open", None, inc.episode + 1
                 return self._commit(inc, "reopened", alert, store)
             return self._new(alert, store, now, reason="fired again after the reopen window")
         if alert.status == ref.status:

@@ -320,7 +320,7 @@ class IncidentHandler:
             alert_count=len(inc.alerts), first_seen=_ts(inc.first_seen), last_seen=_ts(inc.last_seen),
             resolved_at=_ts(inc.resolved_at) if inc.resolved_at is not None else None, evidence=evidence,
             dependency_edges=edges, evidence_sha256=evidence_sha256(evidence),
-            redaction=to_avro_manifest([manifest]),
+            redaction=to_avro_manifest([manifest]), episode=inc.episode,
         )
 
     def _evidence(self, inc: Incident, services: list[str], window: ev.Window,

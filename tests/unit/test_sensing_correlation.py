@@ -15,6 +15,7 @@ from pilothouse.sensing.correlation import (
     Correlator,
     DependencyMap,
     DependencyMapError,
+    Incident,
     MemoryStore,
     incident_id_for,
 )
@@ -141,7 +142,10 @@ def test_lifecycle_open_update_resolve_reopen_and_new_after_window(deps, clock):
         out = c.apply(alert(clock, *args, **kw), store)
         kinds.append((out.kind, out.incident.version if out.incident else None,
                       out.incident.state if out.incident else None))
+        episodes.append(out.incident.episode if out.incident else None)
         return out
+
+    episodes = []
 
     first = step("a", "cart")
     step("b", "redis")
@@ -157,6 +161,8 @@ def test_lifecycle_open_update_resolve_reopen_and_new_after_window(deps, clock):
     assert kinds == [("opened", 1, "open"), ("updated", 2, "open"), ("updated", 3, "open"),
                      ("resolved", 4, "resolved"), ("reopened", 5, "open"), ("resolved", 6, "resolved"),
                      ("opened", 1, "open")]
+    assert episodes == [1, 1, 1, 1, 2, 2, 1]  # the re-open starts episode 2; a new incident starts at 1
+    assert Incident.from_dict(store.get_incident(first.incident.incident_id).to_dict()).episode == 2
     assert late.incident.incident_id != first.incident.incident_id
     assert store.get_alert_index(late.incident and next(iter(late.incident.alerts))) == late.incident.incident_id
 
