@@ -135,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     RECORDS_PATH.write_text(text)
     print(f"wrote {RECORDS_PATH}")
+    # a changed record's committed version stays readable (records written before the upgrade still decode)
+    from pilothouse.bus.compatibility import record_history, schemas_at  # noqa: PLC0415 - needs git, CLI only
+    from pilothouse.bus.schemas import HISTORY_DIR_NAME, SCHEMAS_DIR  # noqa: PLC0415
+
+    committed = schemas_at("HEAD", SCHEMAS_DIR.parent)
+    if committed is not None:
+        for path in record_history(committed, load_schemas(), SCHEMAS_DIR / HISTORY_DIR_NAME):
+            print(f"kept the committed version readable: {path.relative_to(SCHEMAS_DIR.parent)}")
     return 0
 
 

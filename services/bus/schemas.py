@@ -24,6 +24,9 @@ SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 
 
+HISTORY_DIR_NAME = "history"  # schemas/history/<Name>.<fingerprint hex>.json: earlier versions, still readable
+
+
 @dataclass(frozen=True)
 class RecordSchema:
     """One named type, ready to use."""
@@ -202,6 +205,28 @@ class SchemaSet:
             rs = RecordSchema(full, expanded, parsed, fp, canonical, p)
             self._by_name[full] = rs
             self._by_fp[fp] = rs
+        self._history: dict[bytes, RecordSchema] = {}
+        for p in sorted((self.directory / HISTORY_DIR_NAME).glob("*.json")):
+            rs = self._historical(p)
+            if rs.fingerprint not in self._by_fp:
+                self._history[rs.fingerprint] = rs
+
+    def _historical(self, p: Path) -> RecordSchema:
+        """An earlier version of a record (self-contained, as it was written): still decodable, resolved to the
+        current version of the same name (Avro schema resolution: fields added since then take their defaults)."""
+        try:
+            expanded = json.loads(p.read_text())
+            full = _full_name(expanded, None)
+            parsed = fastavro.parse_schema(expanded, _write_hint=False)
+            canonical = to_parsing_canonical_form(expanded)
+        except Exception as e:  # noqa: BLE001 - JSON and fastavro raise several types for invalid schemas
+            raise SchemaError(f"{p}: not a valid historical schema: {e}") from e
+        if full not in self._by_name:
+            raise SchemaError(f"{p}: {full} has no current version (a removed record cannot be read)")
+        fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))[::-1]
+        if p.name != history_file_name(full, fp):
+            raise SchemaError(f"{p}: file name must be {history_file_name(full, fp)}")
+        return RecordSchema(full, expanded, parsed, fp, canonical, p)
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
@@ -218,8 +243,22 @@ class SchemaSet:
             raise SchemaError(f"unknown schema {name!r}") from None
 
     def by_fingerprint(self, fp: bytes) -> RecordSchema | None:
-        """The schema whose single-object-encoding fingerprint is ``fp``, if known."""
+        """The current schema whose single-object-encoding fingerprint is ``fp``, if known."""
         return self._by_fp.get(fp)
+
+    def writer_by_fingerprint(self, fp: bytes) -> RecordSchema | None:
+        """The schema data with fingerprint ``fp`` was written with: a current one, or an earlier version kept in
+        ``schemas/history`` (so records written before an upgrade still decode after it)."""
+        return self._by_fp.get(fp) or self._history.get(fp)
+
+    def history(self) -> list[RecordSchema]:
+        """The earlier versions kept readable."""
+        return sorted(self._history.values(), key=lambda r: (r.name, r.path.name))
+
+
+def history_file_name(full_name: str, fp: bytes) -> str:
+    """``<Name>.<fingerprint hex>.json`` of an earlier version of ``full_name``."""
+    return f"{full_name.rsplit('.', 1)[-1]}.{fp.hex()}.json"
 
 
 @lru_cache(maxsize=4)

@@ -118,13 +118,14 @@ class Serde:
             raise DecodeError("null value (tombstone) where a record was expected")
         if len(data) > self.max_message_bytes:
             raise OversizedMessage(f"message of {len(data)} bytes is above the {self.max_message_bytes}-byte limit")
-        rs, offset = self._resolve_schema(data)
+        writer, offset = self._resolve_schema(data)
+        rs = self.schemas.get(writer.name)  # the current version: a record an earlier version wrote resolves to it
         if expected is not None and rs.name != expected:
             raise DecodeError(f"record {rs.name} is not the type this topic carries ({expected})")
         buf = io.BytesIO(data)
         buf.seek(offset)
         try:
-            obj = schemaless_reader(buf, rs.parsed, None)
+            obj = schemaless_reader(buf, writer.parsed, None if writer is rs else rs.parsed)
         except (EOFError, StopIteration, ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError,
                 UnicodeDecodeError, struct.error) as e:
             raise DecodeError(f"{rs.name}: body does not decode: {type(e).__name__}: {e}") from e
@@ -136,7 +137,7 @@ class Serde:
         if data[:2] == SINGLE_OBJECT_MAGIC:
             if len(data) < 10:
                 raise DecodeError(f"single-object header truncated ({len(data)} bytes)")
-            rs = self.schemas.by_fingerprint(bytes(data[2:10]))
+            rs = self.schemas.writer_by_fingerprint(bytes(data[2:10]))
             if rs is None:
                 raise DecodeError(f"unknown schema fingerprint {bytes(data[2:10]).hex()}")
             return rs, 10
@@ -164,7 +165,7 @@ class Serde:
                 canonical = to_parsing_canonical_form(json.loads(schema.schema_str))
             except (ValueError, SchemaError, Exception) as e:  # noqa: BLE001 - any parse failure is a decode error
                 raise DecodeError(f"schema id {sid} is not valid Avro: {e}") from e
-            rs = self.schemas.by_fingerprint(bytes.fromhex(_fp(canonical, "CRC-64-AVRO"))[::-1])
+            rs = self.schemas.writer_by_fingerprint(bytes.fromhex(_fp(canonical, "CRC-64-AVRO"))[::-1])
             if rs is None:
                 raise DecodeError(f"schema id {sid} is not one of our schemas")
             self._schema_by_id[sid] = rs

@@ -115,3 +115,41 @@ def test_compatibility_check_detects_a_breaking_change(tmp_path: Path):
     rec_added_with_default = {**rec, "fields": rec["fields"] + [{"name": "b", "type": "long", "default": 0}]}
     (new_dir / "R.avsc").write_text(json.dumps(rec_added_with_default))
     assert incompatibilities(SchemaSet(old_dir), SchemaSet(new_dir)) == []
+
+
+def test_a_record_written_with_an_earlier_version_still_decodes_after_the_upgrade(tmp_path: Path):
+    from pilothouse.bus.compatibility import record_history
+    from pilothouse.bus.errors import DecodeError
+    from pilothouse.bus.serde import Serde
+
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    for d in (old_dir, new_dir):
+        d.mkdir()
+    rec = {"type": "record", "name": "R", "namespace": "pilothouse.t", "fields": [{"name": "a", "type": "string"}]}
+    (old_dir / "R.avsc").write_text(json.dumps(rec))
+    (new_dir / "R.avsc").write_text(json.dumps({**rec, "fields": rec["fields"] + [
+        {"name": "episode", "type": "int", "default": 1}]}))
+    old = SchemaSet(old_dir)
+    written_before = Serde(old).encode_dict("pilothouse.t.R", {"a": "x"})
+    with pytest.raises(DecodeError, match="unknown schema fingerprint"):
+        Serde(SchemaSet(new_dir)).decode(written_before)  # what an upgrade without the kept version does
+    kept = record_history(old, SchemaSet(new_dir), new_dir / "history")
+    assert [p.name for p in kept] == [f"R.{old.get('pilothouse.t.R').fingerprint.hex()}.json"]
+    assert record_history(old, SchemaSet(new_dir), new_dir / "history") == []  # idempotent
+    new = SchemaSet(new_dir)
+    decoded = Serde(new).decode(written_before, expected="pilothouse.t.R")
+    assert decoded.schema.name == "pilothouse.t.R" and decoded.data == {"a": "x", "episode": 1}
+    assert [h.path.name for h in new.history()] == [kept[0].name]
+    kept[0].rename(new_dir / "history" / "R.0000000000000000.json")
+    with pytest.raises(SchemaError, match="file name must be"):
+        SchemaSet(new_dir)
+
+
+def test_every_kept_earlier_version_is_readable_by_the_current_schemas():
+    from pilothouse.bus.compatibility import unreadable
+
+    schemas = load_schemas()
+    assert schemas.history(), "schemas/history keeps the versions changed since the first release"
+    for h in schemas.history():
+        assert h.fingerprint != schemas.get(h.name).fingerprint
+        assert unreadable(h.name, h.expanded, schemas) == [], h.path.name
