@@ -590,9 +590,11 @@ def _wide(cfg: EngineConfig) -> EngineConfig:
 
 
 def engine_actions(svc: str, fault: str, view: IncidentView) -> list[tuple[ActionPick, str]]:
-    """Deterministic mitigation picks for a supported hypothesis, from its fault kind and the evidence on ``svc``
+    """Deterministic mitigation picks for a supported hypothesis, from the evidence on ``svc`` and its fault kind
     (a recent deploy → rollback; memory growth → restart; CPU saturation → scale out; a failing dependency → the
-    caller's fallback flag), always ending in the read-only collect_diagnostics."""
+    caller's fallback flag), always ending in the read-only collect_diagnostics. Memory growth and CPU saturation
+    are offered whatever the fault kind (a saturated service fails requests: the errors may outscore the CPU
+    signal, and scaling out is still the fix); the fault kind's own remedy comes first."""
     out: list[tuple[ActionPick, str]] = []
     items = [e for e in view.by_id.values() if e.service == svc]
     deploys = [e for e in items if e.kind == "change_event"
@@ -600,27 +602,29 @@ def engine_actions(svc: str, fault: str, view: IncidentView) -> list[tuple[Actio
     if deploys:
         out.append((ActionPick("rollback_deploy", {"service": svc}),
                     f"recent deploy of {svc} ({deploys[0].evidence_id}) precedes the anomaly"))
-    if fault == "memory_leak":
-        mem = [e for e in items if e.direction == "up" and e.attributes.get("signal_class") == "memory"]
-        if mem:
-            out.append((ActionPick("restart_service", {"service": svc}),
-                        f"memory growth on {svc} ({mem[0].evidence_id})"))
-    if fault == "cpu_saturation":
-        cpu = [e for e in items if e.direction == "up" and e.attributes.get("signal_class") == "cpu"]
-        if cpu:
-            replicas = next((int(e.attributes["replicas"]) for e in cpu
-                             if e.attributes.get("replicas", "").isdigit()), 0)
-            target = min(12, max(2, replicas * 2)) if replicas else 2
-            note = f"from {replicas}" if replicas else "current replica count not in the evidence"
-            out.append((ActionPick("scale_replicas", {"service": svc, "replicas": target}),
-                        f"CPU saturation on {svc} ({cpu[0].evidence_id}); scale to {target} ({note})"))
+    mem = [e for e in items if e.direction == "up" and e.attributes.get("signal_class") == "memory"]
+    cpu = [e for e in items if e.direction == "up" and e.attributes.get("signal_class") == "cpu"]
+    remedies: list[tuple[str, ActionPick, str]] = []  # (the fault kind it answers, pick, why)
+    if mem:
+        remedies.append(("memory_leak", ActionPick("restart_service", {"service": svc}),
+                         f"memory growth on {svc} ({mem[0].evidence_id})"))
+    if cpu:
+        replicas = next((int(e.attributes["replicas"]) for e in cpu
+                         if e.attributes.get("replicas", "").isdigit()), 0)
+        target = min(12, max(2, replicas * 2)) if replicas else 2
+        note = f"from {replicas}" if replicas else "current replica count not in the evidence"
+        remedies.append(("cpu_saturation", ActionPick("scale_replicas", {"service": svc, "replicas": target}),
+                         f"CPU saturation on {svc} ({cpu[0].evidence_id}); scale to {target} ({note})"))
     if fault in ("dependency_failure", "error_burst"):
         direct = sorted(c for c, d in view.edges if d == svc)
         if direct:
             caller = max(direct, key=lambda c: (view.power.get(c, 0.0), c))
             flag = re.sub(r"[^a-z0-9_]", "_", f"{svc}_fallback".lower())[:64]
-            out.append((ActionPick("toggle_feature_flag", {"service": caller, "flag": flag, "enabled": True}),
-                        f"{svc} is failing: switch its caller {caller} to a fallback"))
+            remedies.append((fault, ActionPick("toggle_feature_flag", {"service": caller, "flag": flag,
+                                                                       "enabled": True}),
+                             f"{svc} is failing: switch its caller {caller} to a fallback"))
+    remedies.sort(key=lambda r: r[0] != fault)  # the fault kind's own remedy first (stable otherwise)
+    out += [(pick, why) for _, pick, why in remedies]
     out.append((ActionPick("collect_diagnostics", {"service": svc}), f"read-only snapshot of {svc}"))
     return out
 

@@ -172,6 +172,18 @@ def test_a_failing_dependency_proposes_the_callers_fallback_flag() -> None:
     assert flags and flags[0].target == "checkout" and flags[0].params["enabled"] is True
 
 
+def test_a_saturated_service_whose_errors_outscore_its_cpu_is_still_offered_a_scale_out() -> None:
+    # CPU saturation shows up as failed requests: the errors make it an error burst, scaling out is still the fix
+    items = [ev("ev-pay-err", "payment", "error_ratio", 80, cls="errors", onset=MIN),
+             ev("ev-pay-cpu", "payment", "cpu_usage", 6, cls="cpu", onset=MIN),
+             ev("ev-chk-err", "checkout", "error_ratio", 20, cls="errors", onset=2 * MIN)]
+    a = assess("inc#3", items, EDGES, SERVICES, CAT)
+    assert a.hypotheses[0].root_cause_service == "payment" and a.hypotheses[0].fault_kind != "cpu_saturation"
+    picked = [p.action_type for p in a.proposals if p.hypothesis_id == a.hypotheses[0].hypothesis_id]
+    assert "scale_replicas" in picked and "toggle_feature_flag" in picked
+    assert picked.index("toggle_feature_flag") < picked.index("scale_replicas")  # the fault kind's remedy first
+
+
 def test_weak_evidence_is_inconclusive_with_deciding_data_and_only_a_read_only_action() -> None:
     items = [ev("ev-w1", "cart", "server_latency_p90", 4.5, cls="latency", side="server"),
              ev("ev-w2", "search", "cpu_usage", 4.4, cls="cpu")]
