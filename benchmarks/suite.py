@@ -139,7 +139,7 @@ def draw_charts(rows: list[Headline], out_dir: Path, machine: str) -> list[Path]
         ax.set_xlim(0, max(ratios) * 1.9)
         fig.tight_layout()
         p = out_dir / "throughput.png"
-        fig.savefig(p, dpi=110)
+        fig.savefig(p, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
     lat = [r for r in rows if r.kind == "latency" and r.value is not None]
@@ -157,7 +157,7 @@ def draw_charts(rows: list[Headline], out_dir: Path, machine: str) -> list[Path]
         ax.set_xlim(min(vals) / 2, max(vals) * 30)
         fig.tight_layout()
         p = out_dir / "latency.png"
-        fig.savefig(p, dpi=110)
+        fig.savefig(p, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
     return paths
