@@ -81,7 +81,7 @@ def test_validate_approve_twice_executed_and_verified(browser, bus_settings, tmp
         alice.evaluate("window.__marker = 'same page'")
         publish(admin, [w.alert(), w.incident()], producer)
         row = alice.get_by_role("link", name=re.compile(re.escape(w.tag)))
-        expect(row).to_be_visible()
+        expect(row).to_be_visible(timeout=60_000)  # the console first catches up with the topics: long on a busy stack
         assert alice.evaluate("window.__marker") == "same page"  # live update, not a reload
 
         # Reasoning proposes hypotheses; Rita follows a claim to its evidence and validates it (gate 1).
