@@ -102,17 +102,23 @@ def test_schemas_stay_backward_compatible_with_main():
     assert incompatibilities(old, load_schemas()) == []
 
 
-def test_compatibility_check_detects_a_breaking_change(tmp_path: Path):
+R_V1 = {"type": "record", "name": "R", "namespace": "pilothouse.t", "fields": [{"name": "a", "type": "string"}]}
+
+
+def two_versions(tmp_path: Path, added_field: dict) -> tuple[Path, Path]:
+    """Schema folders ``old`` (R with field a) and ``new`` (R with ``added_field`` too)."""
     old_dir, new_dir = tmp_path / "old", tmp_path / "new"
-    for d in (old_dir, new_dir):
+    for d, rec in ((old_dir, R_V1), (new_dir, {**R_V1, "fields": R_V1["fields"] + [added_field]})):
         d.mkdir()
-    rec = {"type": "record", "name": "R", "namespace": "pilothouse.t", "fields": [{"name": "a", "type": "string"}]}
-    (old_dir / "R.avsc").write_text(json.dumps(rec))
-    rec_added_without_default = {**rec, "fields": rec["fields"] + [{"name": "b", "type": "long"}]}
-    (new_dir / "R.avsc").write_text(json.dumps(rec_added_without_default))
+        (d / "R.avsc").write_text(json.dumps(rec))
+    return old_dir, new_dir
+
+
+def test_compatibility_check_detects_a_breaking_change(tmp_path: Path):
+    old_dir, new_dir = two_versions(tmp_path, {"name": "b", "type": "long"})  # added without a default
     problems = incompatibilities(SchemaSet(old_dir), SchemaSet(new_dir))
     assert problems and "pilothouse.t.R" in problems[0]
-    rec_added_with_default = {**rec, "fields": rec["fields"] + [{"name": "b", "type": "long", "default": 0}]}
+    rec_added_with_default = {**R_V1, "fields": R_V1["fields"] + [{"name": "b", "type": "long", "default": 0}]}
     (new_dir / "R.avsc").write_text(json.dumps(rec_added_with_default))
     assert incompatibilities(SchemaSet(old_dir), SchemaSet(new_dir)) == []
 
@@ -122,13 +128,7 @@ def test_a_record_written_with_an_earlier_version_still_decodes_after_the_upgrad
     from pilothouse.bus.errors import DecodeError
     from pilothouse.bus.serde import Serde
 
-    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
-    for d in (old_dir, new_dir):
-        d.mkdir()
-    rec = {"type": "record", "name": "R", "namespace": "pilothouse.t", "fields": [{"name": "a", "type": "string"}]}
-    (old_dir / "R.avsc").write_text(json.dumps(rec))
-    (new_dir / "R.avsc").write_text(json.dumps({**rec, "fields": rec["fields"] + [
-        {"name": "episode", "type": "int", "default": 1}]}))
+    old_dir, new_dir = two_versions(tmp_path, {"name": "episode", "type": "int", "default": 1})
     old = SchemaSet(old_dir)
     written_before = Serde(old).encode_dict("pilothouse.t.R", {"a": "x"})
     with pytest.raises(DecodeError, match="unknown schema fingerprint"):
