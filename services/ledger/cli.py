@@ -46,7 +46,10 @@ from pilothouse.ledger.domain import (
     verify,
 )
 from pilothouse.ledger.merkle import MerkleTree, verify_inclusion
+from pilothouse.ledger.native import load as load_native
+from pilothouse.ledger.native import scanner as native_scanner
 from pilothouse.ledger.parallel import scanner as parallel_scanner
+from pilothouse.ledger.parallel import usable_cpus
 
 
 class _Cannot(Exception):
@@ -133,17 +136,34 @@ def read_sources(settings: Settings, args: argparse.Namespace) -> Sources:
 
 
 STREAM_CHUNK = 10_000
+COMPILED_CHUNK = 1 << 14  # the compiled scanner: chunks on Merkle subtree boundaries (it hashes their levels itself)
 PARALLEL_CHUNK = 1 << 16  # with --processes: fewer forks, and chunks on Merkle subtree boundaries
 PARALLEL_MIN_ENTRIES = 20_000  # below this a chunk is checked in this process (a fork costs more)
 PARALLEL_ALIGN = 4096  # range boundaries, in chain positions (each range hashes its Merkle subtrees up to this size)
 
 
-def _scanner(args: argparse.Namespace) -> Any:
-    """The hash-chain scanner for --processes N (None: this process only)."""
+def _scanner(args: argparse.Namespace) -> tuple[Any, int, dict[str, Any]]:
+    """The hash-chain scanner (None: the pure-Python reference, in this process), its chunk size, and what to report.
+
+    Default (``--verifier auto``): the compiled scanner on ``--threads`` threads (default: the usable CPUs) when it
+    is installed or can be built, else the reference. ``--processes N`` (N >= 2): the reference in N forked
+    processes. ``--verifier python``: the reference only; ``--verifier compiled``: refuse to run without it.
+    """
     processes = getattr(args, "processes", 1)
-    if processes < 2:
-        return None
-    return parallel_scanner(processes, min_entries=PARALLEL_MIN_ENTRIES, align=PARALLEL_ALIGN)
+    choice = getattr(args, "verifier", "auto")
+    if processes >= 2:
+        return (parallel_scanner(processes, min_entries=PARALLEL_MIN_ENTRIES, align=PARALLEL_ALIGN), PARALLEL_CHUNK,
+                {"engine": "python", "processes": processes})
+    if choice == "python":
+        return None, STREAM_CHUNK, {"engine": "python", "threads": 1}
+    native = load_native()
+    threads = getattr(args, "threads", None) or usable_cpus()
+    scan = native_scanner(threads, native) if native.available else None
+    if scan is None:
+        if choice == "compiled":
+            raise _Cannot(f"--verifier compiled: {native.origin}")
+        return None, STREAM_CHUNK, {"engine": "python", "threads": 1, "compiled": native.origin}
+    return scan, COMPILED_CHUNK, {"engine": "compiled", "threads": threads, "compiled": native.origin}
 
 
 def _kafka_chunks(reader: Any, size: int, timeout_s: float) -> Iterator[list[Any]]:
@@ -208,8 +228,7 @@ def stream_verify(settings: Settings, args: argparse.Namespace,
                                  group_id=f"{settings.group_prefix}.read.{uuid.uuid4().hex[:12]}")
             src.read["kafka"] = {"entries_topic": settings.topic_entries, "records": 0,
                                  "checkpoints_topic": settings.topic_checkpoints, "checkpoints": topic_cps}
-        scan = _scanner(args)
-        chunk_size = STREAM_CHUNK if scan is None else PARALLEL_CHUNK
+        scan, chunk_size, src.read["verifier"] = _scanner(args)
         sv = StreamingVerifier(settings.chain, src.checkpoints, keys, recompute_roots=not args.no_roots,
                                mirror_may_lag=args.mirror_may_lag, scanner=scan)
 
@@ -254,8 +273,9 @@ def run_verify(settings: Settings, args: argparse.Namespace) -> tuple[VerifyResu
     if not keys:
         raise _Cannot("no trusted public key: pass --public-key NAME=KEY or set PILOTHOUSE_LEDGER_TRUSTED_KEYS")
     src = read_sources(settings, args)
+    scan, _, src.read["verifier"] = _scanner(args)
     result = verify(src.kafka_entries, src.postgres_rows, src.checkpoints, keys,
-                    mirror_may_lag=args.mirror_may_lag, recompute_roots=not args.no_roots, scanner=_scanner(args))
+                    mirror_may_lag=args.mirror_may_lag, recompute_roots=not args.no_roots, scanner=scan)
     return result, src
 
 
@@ -373,9 +393,14 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-roots", action="store_true",
                    help="confirm checkpoints by their signed head hash only (skip rebuilding the Merkle tree)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to read each topic to its end")
+    p.add_argument("--verifier", choices=("auto", "compiled", "python"), default="auto",
+                   help="hash-chain checker: the compiled one (built on first use; auto falls back to the pure-Python "
+                        "reference when it cannot be built, compiled refuses to) or the reference")
+    p.add_argument("--threads", type=_processes, default=None,
+                   help="threads of the compiled checker (default: the CPUs this process may use)")
     p.add_argument("--processes", type=_processes, default=1,
-                   help="processes that check the hash chain, forked (default 1: forking pays only where page faults "
-                        "are cheap; `pilothouse bench ledger` measures both on your machine)")
+                   help="check the hash chain with the pure-Python reference in N forked processes (default 1: "
+                        "forking pays only where page faults are cheap; `pilothouse bench ledger` measures it)")
     p.add_argument("--full", action="store_true",
                    help="load everything and diagnose (default: a bounded-memory streaming pass first, the full "
                         "verifier only if it finds something)")

@@ -77,6 +77,8 @@ def test_processes_option_gives_the_same_verdict_and_refuses_nonsense(offline, c
     entries, write, args = offline
     rc, one = _run(capsys, "verify", *args)
     rc2, two = _run(capsys, "verify", "--processes", "2", *args)
+    assert two["read"].pop("verifier") == {"engine": "python", "processes": 2}
+    one["read"].pop("verifier")
     assert rc == rc2 == 0 and one == two
     changed = list(entries)
     changed[4] = changed[4]._replace(producer="mallory")
@@ -134,3 +136,27 @@ def test_the_service_refuses_to_start_without_what_its_workers_need(monkeypatch,
     monkeypatch.delenv("PILOTHOUSE_LEDGER_SIGNING_KEY")
     rc = cli.main(["verify", "--no-postgres", "--public-key", f"cli-test={PUB}"])  # no Kafka credentials either
     assert rc == 2 and "cannot audit" in capsys.readouterr().err
+
+
+def test_verifier_option_compiled_and_python_give_the_same_verdict(offline, capsys) -> None:
+    from pilothouse.ledger.native import load
+
+    entries, write, args = offline
+    reports = {}
+    for choice in ("python", "auto", "compiled"):
+        if choice == "compiled" and not load().available:
+            rc, err = _run(capsys, "verify", "--verifier", "compiled", *args)
+            assert rc == 2 and "--verifier compiled" in err["error"]  # refuses rather than run something else
+            continue
+        rc, reports[choice] = _run(capsys, "verify", "--verifier", choice, "--threads", "2", *args)
+        assert rc == 0, reports[choice]
+    engines = {c: r["read"].pop("verifier")["engine"] for c, r in reports.items()}
+    assert engines["python"] == "python"
+    assert engines["auto"] == ("compiled" if load().available else "python")
+    assert all(r == reports["python"] for r in reports.values())
+    changed = list(entries)
+    changed[13] = changed[13]._replace(recorded_topic="elsewhere")
+    write(changed)
+    for choice in reports:
+        rc, report = _run(capsys, "verify", "--verifier", choice, *args)
+        assert rc == 1 and (report["first"]["sequence"], report["first"]["kind"]) == (13, "hash_mismatch")
