@@ -39,12 +39,17 @@ typedef struct {
     const unsigned char *payload;
     Py_ssize_t payload_len;
     const char *expected;    /* the stored entry_hash: 64 ASCII characters */
+    /* The secondary source's payload, compared right after hashing (while the primary's is in cache); set only when
+     * every other field of the secondary entry was found equal. */
+    const void *pri_data, *sec_data;
+    size_t cmp_bytes;
+    int differs;             /* written by the hashing thread */
 } job_t;
 
 typedef struct {
     const SHA256_CTX *base;
     const unsigned char *arena;
-    const job_t *jobs;
+    job_t *jobs;
     Py_ssize_t lo, hi;
     unsigned char *leaves;   /* 32 bytes per job, from index 0 of the batch */
     Py_ssize_t first_bad;    /* hi when all match */
@@ -59,17 +64,24 @@ static void *hash_range(void *arg) {
     t->first_bad = t->hi;
     for (Py_ssize_t i = t->lo; i < t->hi; i++) {
         const job_t *j = &t->jobs[i];
+        if (t->first_bad < t->hi) {  /* past a bad entry: only the payload comparisons are still wanted */
+            if (j->sec_data != NULL)
+                t->jobs[i].differs = memcmp(j->pri_data, j->sec_data, j->cmp_bytes) != 0;
+            continue;
+        }
         SHA256_CTX c = *t->base;
         SHA256_Update(&c, t->arena + j->hdr_off, j->hdr_len);
         SHA256_Update(&c, j->payload, (size_t)j->payload_len);
         SHA256_Final(digest, &c);
+        if (j->sec_data != NULL)
+            t->jobs[i].differs = memcmp(j->pri_data, j->sec_data, j->cmp_bytes) != 0;
         for (int k = 0; k < 32; k++) {
             hex[2 * k] = HEXDIGITS[digest[k] >> 4];
             hex[2 * k + 1] = HEXDIGITS[digest[k] & 15];
         }
         if (memcmp(hex, j->expected, 64) != 0) {
             t->first_bad = i;
-            break;
+            continue;
         }
         if (t->leaves != NULL)
             memcpy(t->leaves + 32 * i, digest, 32);
@@ -78,7 +90,7 @@ static void *hash_range(void *arg) {
 }
 
 /* Hash jobs [0, n) over `threads` threads; returns the first index that does not match (n when all do). */
-static Py_ssize_t hash_jobs(const SHA256_CTX *base, const unsigned char *arena, const job_t *jobs, Py_ssize_t n,
+static Py_ssize_t hash_jobs(const SHA256_CTX *base, const unsigned char *arena, job_t *jobs, Py_ssize_t n,
                             unsigned char *leaves, int threads) {
     if (threads > n / 256)
         threads = (int)(n / 256);  /* a thread for fewer entries costs more than it saves */
@@ -248,6 +260,49 @@ static int agree_at(PyObject *primary, PyObject *secondary, Py_ssize_t i) {
     return eq;
 }
 
+/* Like agree_at, but a payload (field 16) that is an exact str on both sides with the same length and kind is left to
+ * the hashing threads: *row gets a new reference to the secondary entry (kept until they are done) and the job the
+ * two data pointers. 1 equal (or deferred), 0 not, -1 error. */
+static int agree_deferred(PyObject *e, PyObject *secondary, Py_ssize_t i, job_t *j, PyObject **row) {
+    if (i >= PyList_GET_SIZE(secondary))
+        return 0;
+    PyObject *r = PyList_GET_ITEM(secondary, i);
+    if (r == e)
+        return 1;
+    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != N_FIELDS) {
+        Py_INCREF(r);
+        int eq = entries_equal(r, e);
+        Py_DECREF(r);
+        return eq;
+    }
+    Py_INCREF(r);
+    PyObject *p = PyTuple_GET_ITEM(e, 16), *q = PyTuple_GET_ITEM(r, 16);
+    int eq = 1;
+    for (Py_ssize_t f = 0; f < N_FIELDS && eq == 1; f++) {
+        if (f == 16)
+            continue;
+        PyObject *x = PyTuple_GET_ITEM(r, f), *y = PyTuple_GET_ITEM(e, f);
+        eq = same_exact_str(x, y);
+        if (eq < 0)
+            eq = PyObject_RichCompareBool(x, y, Py_EQ);
+    }
+    if (eq == 1 && p != q) {
+        if (PyUnicode_CheckExact(p) && PyUnicode_CheckExact(q) && PyUnicode_KIND(p) == PyUnicode_KIND(q)
+                && PyUnicode_GET_LENGTH(p) == PyUnicode_GET_LENGTH(q)) {
+            j->pri_data = PyUnicode_DATA(p);
+            j->sec_data = PyUnicode_DATA(q);
+            j->cmp_bytes = (size_t)PyUnicode_GET_LENGTH(p) * PyUnicode_KIND(p);
+            *row = r;  /* keeps q alive while the GIL is released */
+            return 1;
+        }
+        eq = same_exact_str(q, p);
+        if (eq < 0)
+            eq = PyObject_RichCompareBool(q, p, Py_EQ);
+    }
+    Py_DECREF(r);
+    return eq;
+}
+
 static PyObject *scan(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *items_in, *chain, *prev, *secondary;
@@ -276,6 +331,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     unsigned char *leaves = NULL;
     job_t *jobs = NULL;
     PyObject **temps = NULL;  /* UTF-8 copies of non-ASCII payloads */
+    PyObject **rows = NULL;   /* secondary entries whose payloads the hashing threads compare */
     arena_t arena = {NULL, 0, 0};
     SHA256_CTX base;
     Py_ssize_t valid = 0, agree = 0;
@@ -284,9 +340,10 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     PyObject *keep = NULL;  /* the batch holding `last` */
     jobs = PyMem_Malloc(sizeof(job_t) * BATCH);
     temps = PyMem_Calloc(BATCH, sizeof(PyObject *));
+    rows = PyMem_Calloc(BATCH, sizeof(PyObject *));
     if (want_leaves && n > lo)
         leaves = PyMem_Malloc((size_t)(n - lo) * 32);
-    if (jobs == NULL || temps == NULL || (want_leaves && n > lo && leaves == NULL)) {
+    if (jobs == NULL || temps == NULL || rows == NULL || (want_leaves && n > lo && leaves == NULL)) {
         PyErr_NoMemory();
         goto done;
     }
@@ -308,15 +365,9 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             PyObject *e = PyList_GET_ITEM(batch, i - pos);
             job_t *j = &jobs[i - pos];
             temps[i - pos] = NULL;
-            if (agreeing) {
-                int eq = agree_at(items_in, secondary, i);
-                if (eq < 0)
-                    goto done;
-                if (eq)
-                    agree++;
-                else
-                    agreeing = 0;
-            }
+            rows[i - pos] = NULL;
+            j->sec_data = NULL;
+            j->differs = 0;
             if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != N_FIELDS)
                 break;
             PyObject *seq = PyTuple_GET_ITEM(e, 1), *hash = PyTuple_GET_ITEM(e, 17), *payload = PyTuple_GET_ITEM(e, 16);
@@ -371,13 +422,32 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             }
             j->expected = (const char *)PyUnicode_DATA(hash);
             last = hash;
+            if (agreeing) {  /* this entry's fields now; its payload, if left to the hashing threads, then */
+                int eq = agree_deferred(e, secondary, i, j, &rows[i - pos]);
+                if (eq < 0)
+                    goto done;
+                if (eq)
+                    agree++;
+                else
+                    agreeing = 0;
+            }
         }
         Py_ssize_t ready = i - pos, good;
         Py_BEGIN_ALLOW_THREADS
         good = hash_jobs(&base, arena.buf, jobs, ready, leaves ? leaves + 32 * (pos - lo) : NULL, threads);
         Py_END_ALLOW_THREADS
-        for (Py_ssize_t k = 0; k < ready; k++)
+        for (Py_ssize_t k = 0; k < ready; k++) {
             Py_CLEAR(temps[k]);
+            Py_CLEAR(rows[k]);
+        }
+        for (Py_ssize_t k = 0; k < ready; k++) {
+            if (jobs[k].sec_data != NULL && jobs[k].differs) {  /* the first payload that differs ends it */
+                if (pos + k < agree)
+                    agree = pos + k;
+                agreeing = 0;
+                break;
+            }
+        }
         valid = pos - lo + good;
         if (good) {  /* the last valid entry's hash is what the next entry (or chunk) must link to */
             last = PyTuple_GET_ITEM(PyList_GET_ITEM(batch, good - 1), 17);
@@ -412,10 +482,14 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             result = Py_BuildValue("(nONO)", valid, last, lv, Py_None);
     }
 done:
-    if (temps != NULL)
-        for (Py_ssize_t k = 0; k < BATCH; k++)
+    for (Py_ssize_t k = 0; k < BATCH; k++) {
+        if (temps != NULL)
             Py_XDECREF(temps[k]);
+        if (rows != NULL)
+            Py_XDECREF(rows[k]);
+    }
     PyMem_Free(temps);
+    PyMem_Free(rows);
     PyMem_Free(jobs);
     PyMem_Free(leaves);
     PyMem_Free(arena.buf);

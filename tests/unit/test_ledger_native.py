@@ -248,3 +248,34 @@ def test_a_failed_build_says_why(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     got = native._find_or_build()
     assert not got.available and "could not build _chainscan.c" in got.origin and "pure-Python" in got.origin
+
+
+@pytest.mark.parametrize("at", [0, 5, 64, 450, 699])
+def test_agreeing_prefix_with_postgres_rows_that_differ(at: int) -> None:
+    """The agreeing prefix (Postgres rows equal to the Kafka entries) is the reference's, whichever field differs —
+    payloads are compared by the hashing threads, the other fields before."""
+    def row(**change):
+        return tuple(ENTRIES[at]._replace(**change))
+
+    payload = ENTRIES[at].payload_json
+    variants = [
+        row(payload_json=payload[:-2] + "X" + payload[-1]),          # same length, last bytes differ
+        row(payload_json="X" + payload[1:]),                          # first byte differs
+        row(payload_json=payload + " "),                              # longer
+        row(payload_json=payload.replace("a", "\u0101", 1)),          # another string kind (UCS2), same length
+        row(payload_json=payload.encode()),                           # bytes, not str
+        row(producer="mallory"),
+        row(sequence=at + 1),
+        row(entry_hash="0" * 64),
+        tuple(ENTRIES[at])[:17],
+        KafkaTombstone(ENTRIES[at].entry_key, at),
+        None,
+    ]
+    for v in variants:
+        rows = list(ROWS)
+        rows[at] = v
+        for threads in (1, 2):
+            _same(ENTRIES, rows, threads=threads)
+            assert native.scanner(threads)(ENTRIES, "main", secondary=rows).agree == at
+    _same(ENTRIES, ROWS[:at], threads=2)  # a shorter mirror
+    assert native.scanner(2)(ENTRIES, "main", secondary=ROWS[:at]).agree == at
