@@ -22,8 +22,22 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#ifdef PILOTHOUSE_NO_OPENSSL_HEADERS
+/* Built without OpenSSL's headers (Debian libssl-dev), against the libcrypto that Python's hashlib already uses: its
+ * SHA256_CTX layout and these three functions have been the same since OpenSSL 0.9.8, through 1.1 and 3.x. */
+typedef struct {
+    unsigned int h[8];
+    unsigned int Nl, Nh;
+    unsigned int data[16];
+    unsigned int num, md_len;
+} SHA256_CTX;
+int SHA256_Init(SHA256_CTX *c);
+int SHA256_Update(SHA256_CTX *c, const void *data, size_t len);
+int SHA256_Final(unsigned char *md, SHA256_CTX *c);
+#else
 #define OPENSSL_SUPPRESS_DEPRECATED 1
 #include <openssl/sha.h>
+#endif
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>

@@ -9,8 +9,8 @@ SHA-256 runs with the GIL released on ``threads`` threads (one process: nothing 
 levels of the chunk are hashed in C as well.
 
 Finding the module: an installed build (``pilothouse.ledger._chainscan``) if there is one, else one compiled here on
-first use with the C compiler Python was built with (``sysconfig``: gcc, Python headers, OpenSSL's ``libcrypto``
-and its headers — Debian ``gcc python3-dev libssl-dev``) into ``$XDG_CACHE_HOME/pilothouse`` (default ``~/.cache``),
+first use with the C compiler Python was built with (``sysconfig``: gcc and Python's headers — Debian ``gcc
+python3-dev``; OpenSSL's ``libcrypto``, with ``libssl-dev``'s headers or else the runtime library alone) into ``$XDG_CACHE_HOME/pilothouse`` (default ``~/.cache``),
 named by the SHA-256 of the source, the compiler command and the Python ABI, so a changed source is rebuilt and a
 stale build is never loaded. If neither works, :func:`load` says why and ``ledger verify`` runs the reference.
 """
@@ -94,11 +94,14 @@ def _find_or_build() -> Native:
                             "the pure-Python verifier runs instead")
 
 
-def _compile_command(src: Path, out: Path) -> list[str]:
+def _compile_commands(src: Path, out: Path) -> list[list[str]]:
+    """With OpenSSL's headers and ``-lcrypto`` (libssl-dev); failing that, without them, against the runtime
+    libcrypto (``libcrypto.so.3``, what Python's hashlib is linked with)."""
     cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
-    include = sysconfig.get_paths()["include"]
-    return [*cc, "-O2", "-shared", "-fPIC", "-Wall", f"-I{include}", "-o", str(out), str(src), "-lcrypto",
-            "-lpthread"]
+    common = [*cc, "-O2", "-shared", "-fPIC", "-Wall", f"-I{sysconfig.get_paths()['include']}", "-o", str(out),
+              str(src)]
+    return [[*common, "-lcrypto", "-lpthread"],
+            [*common, "-DPILOTHOUSE_NO_OPENSSL_HEADERS", "-l:libcrypto.so.3", "-lpthread"]]
 
 
 def _cache_dir() -> Path:
@@ -109,7 +112,7 @@ def _cache_dir() -> Path:
 def _build() -> Path:
     source = SOURCE.read_bytes()
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    key = hashlib.sha256(source + " ".join(_compile_command(Path("s"), Path("o"))).encode()
+    key = hashlib.sha256(source + repr(_compile_commands(Path("s"), Path("o"))).encode()
                          + sys.version.encode() + suffix.encode()).hexdigest()[:20]
     target = _cache_dir() / f"_chainscan-{key}{suffix}"
     if target.exists():
@@ -117,10 +120,14 @@ def _build() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run(_compile_command(SOURCE, out), capture_output=True, text=True, timeout=180,
-                              check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"compiler exit {done.returncode}: {done.stderr.strip()[-500:]}")
+        errors = []
+        for command in _compile_commands(SOURCE, out):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+            if done.returncode == 0:
+                break
+            errors.append(f"compiler exit {done.returncode}: {done.stderr.strip()[-300:]}")
+        else:
+            raise RuntimeError("; ".join(errors))
         os.replace(out, target)  # atomic: a concurrent build of the same source writes the same file
     return target
 

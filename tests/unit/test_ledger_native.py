@@ -279,3 +279,19 @@ def test_agreeing_prefix_with_postgres_rows_that_differ(at: int) -> None:
             assert native.scanner(threads)(ENTRIES, "main", secondary=rows).agree == at
     _same(ENTRIES, ROWS[:at], threads=2)  # a shorter mirror
     assert native.scanner(2)(ENTRIES, "main", secondary=ROWS[:at]).agree == at
+
+
+def test_the_build_without_openssl_headers_gives_the_same_results(tmp_path) -> None:
+    """The fallback build (no libssl-dev: SHA256_CTX declared here, linked against the runtime libcrypto.so.3)."""
+    import subprocess
+
+    out = tmp_path / "_chainscan_noheaders.so"
+    command = native._compile_commands(native.SOURCE, out)[1]
+    assert "-DPILOTHOUSE_NO_OPENSSL_HEADERS" in command
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr
+    module = native._load_file(out)
+    scan = native.scanner(2, native.Native(module, "test"))
+    for items in (ENTRIES, _damaged("payload", 450), _damaged("link", 64)):
+        got, ref = scan(items, "main", secondary=ROWS), serial_scan(items, "main", secondary=ROWS)
+        assert got.same_as(ref) and got.agree == ref.agree
