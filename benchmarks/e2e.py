@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                             "validation_to_pending_ms": (t["approval_requested"] - t["hypothesis_validated"])
                             if t.get("hypothesis_validated") else None,
                             "authorized_to_executed_ms": (t["executed"] - t["authorized"]) if t.get("executed") else None,
-                            "recovered": rep["recovered"], "top_hypothesis_correct": rep["top_hypothesis_correct"]})
+                            "recovered": rep["recovered"], "top_hypothesis_correct": rep["top_hypothesis_correct"],
+                            "timeline": rep.get("timeline", [])})
     lat = [s["alert_to_pending_machine_ms"] for s in samples if s["alert_to_pending_machine_ms"] is not None]
     result = {
         "benchmark": "e2e",

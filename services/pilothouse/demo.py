@@ -554,6 +554,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["max_executions_per_action"] = max((e["executions"] for e in log["entries"]), default=0)
     report["executions"] = {e["key"]: e["executions"] for e in log["entries"]}
     report["stage_times_ms"] = _stage_times(obs, inc, hyps, top, pend, auth)
+    report["timeline"] = _timeline(obs, inc.incident_id, t0)
     report["ledger_verified"] = _verify_ledger(service_env("ledger", info, demo, work), say)
     watcher.stop()
     return report
@@ -561,6 +562,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _ms(ts) -> int:
     return int(ts.timestamp() * 1000)
+
+
+def _timeline(obs: Observed, incident_id: str, t0: float) -> list[dict[str, Any]]:
+    """Every record of the incident the demo saw, in arrival order: what it was, when its producer stamped it and
+    when the demo saw it (ms after the fault), so a slow hop is visible without reading service logs."""
+    out = []
+    with obs.lock:
+        events = list(obs.events)
+    for seen, kind, rec in events:
+        if getattr(rec, "incident_id", None) != incident_id:
+            continue
+        stamped = getattr(rec, "occurred_at", None)
+        out.append({"kind": kind, "seen_ms": int((seen - t0) * 1000),
+                    "occurred_ms": int((stamped.timestamp() - t0) * 1000) if stamped else None,
+                    "detail": str(getattr(rec, "action_type", None) or getattr(rec, "outcome", None)
+                                  or getattr(rec, "status", None) or "")[:40]})
+    return out
 
 
 def _stage_times(obs: Observed, inc, hyps, top, pend, auth) -> dict[str, int | None]:

@@ -82,8 +82,17 @@ class SensingSettings(BaseSettings):
             "p99_latency_s": "histogram_quantile(0.99, sum by (service, le) "
             '(rate(fleet_request_duration_seconds_bucket{service=~"$services"}[1m])))',
             "cpu_usage_ratio": 'max by (service) (fleet_cpu_usage_ratio{service=~"$services"})',
+            "memory_usage_ratio": 'max by (service) (fleet_memory_bytes{service=~"$services"} '
+                                  '/ on (service) group_left fleet_memory_limit_bytes{service=~"$services"})',
         },
         description="signal -> PromQL; $services is replaced by a regex alternation of the incident's services",
+    )
+    prometheus_context_queries: dict[str, str] = Field(
+        default_factory=lambda: {"replicas": 'max by (service) (fleet_replicas{service=~"$services"})'},
+        description="attribute -> instant PromQL (one value per `service` label) added to that service's metric "
+        "evidence, e.g. its current replica count, which a scale-out must start from; with kube-state-metrics: "
+        "'max by (service) (label_replace(kube_deployment_spec_replicas{deployment=~\"$services\"}, "
+        "\"service\", \"$1\", \"deployment\", \"(.*)\"))'",
     )
     prometheus_timeout_s: float = Field(2.0, gt=0)
     prometheus_step_s: int = Field(15, gt=0)

@@ -154,6 +154,12 @@ class _PromAPI(BaseHTTPRequestHandler):
         _PromAPI.seen.append({k: v[0] for k, v in q.items()})
         if "bad" in q["query"][0]:
             body, code = {"status": "error", "errorType": "bad_data", "error": "parse error"}, 400
+        elif urlparse(self.path).path == "/api/v1/query":  # instant: a context query (replica counts)
+            t = float(q["time"][0])
+            body, code = {"status": "success", "data": {"resultType": "vector", "result": [
+                {"metric": {"service": "checkout"}, "value": [t, "3"]},
+                {"metric": {"service": "frontend"}, "value": [t, "NaN"]},
+                {"metric": {}, "value": [t, "7"]}]}}, 200
         else:
             start, end, step = float(q["start"][0]), float(q["end"][0]), int(q["step"][0].rstrip("s"))
             result = []
@@ -194,6 +200,22 @@ def test_prometheus_adapter_finds_the_anomalous_service(prometheus):
     assert _PromAPI.seen[0]["query"] == 'x{service=~"checkout|frontend"}'
     assert float(_PromAPI.seen[0]["start"]) == pytest.approx((T - 60_000 - 1_800_000) / 1000)
     assert items[0].source_link.startswith(prometheus + "/graph?g0.expr=")
+
+
+def test_prometheus_context_queries_add_the_current_state_to_metric_items(prometheus):
+    m = PrometheusMetrics(prometheus, {"cpu_usage_ratio": 'x{service=~"$services"}'},
+                          context_queries={"replicas": 'r{service=~"$services"}'})
+    window = Window(T - 60_000, T + 300_000)
+    items, status = m(["checkout", "frontend"], window)
+    assert status == "prometheus"
+    assert [(i.service, i.attributes.get("replicas")) for i in items] == [("checkout", "3")]
+    instant = [s for s in _PromAPI.seen if "time" in s]
+    assert instant == [{"query": 'r{service=~"checkout|frontend"}', "time": f"{window.end_ms / 1000:.3f}"}]
+    # a failing context query costs the attribute, never the evidence, and the status says so
+    broken = PrometheusMetrics(prometheus, {"cpu_usage_ratio": "x{$services}"}, context_queries={"replicas": "bad"})
+    items, status = broken(["checkout"], window)
+    assert items and "replicas" not in items[0].attributes
+    assert status == "prometheus (no context: 1 context queries failed)"
 
 
 def test_prometheus_adapter_reports_partial_and_unreachable(prometheus):

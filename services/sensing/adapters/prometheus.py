@@ -4,11 +4,15 @@ For an incident's services, every configured query is run over the pre-incident 
 the series go through :func:`pilothouse.sensing.evidence.metric_anomalies` (robust median/MAD baseline from the
 pre-incident part). Never fails an incident: an unreachable or erroring Prometheus gives no metric items and a status
 string saying why, which the incident's alert evidence carries as ``metrics_source``.
+
+*Context* queries (instant, at the end of the window) add a service's current state to its metric items as
+attributes, e.g. ``replicas`` — what a remedy must start from (scaling "to 2" a service that already has 2 is no fix).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -24,9 +28,11 @@ class PrometheusMetrics:
     """``(services, window) -> (evidence items, status)`` over one Prometheus server."""
 
     def __init__(self, base_url: str, queries: Mapping[str, str], *, timeout_s: float = 2.0, step_s: int = 15,
-                 pre_window_ms: int = 1_800_000, client: httpx.Client | None = None) -> None:
+                 pre_window_ms: int = 1_800_000, client: httpx.Client | None = None,
+                 context_queries: Mapping[str, str] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.queries = dict(queries)
+        self.context_queries = dict(context_queries or {})
         self.step_s = step_s
         self.pre_window_ms = pre_window_ms
         self._client = client or httpx.Client(timeout=timeout_s)
@@ -49,6 +55,27 @@ class PrometheusMetrics:
         r.raise_for_status()
         return r.json()
 
+    def context(self, regex: str, window: ev.Window, failures: list[str]) -> dict[str, dict[str, str]]:
+        """service -> {attribute: value} from the context queries' instant vectors at the window's end (a series
+        without a ``service`` label or with a non-finite value is skipped; a failing query is added to
+        ``failures``)."""
+        out: dict[str, dict[str, str]] = {}
+        for name, template in sorted(self.context_queries.items()):
+            try:
+                r = self._client.get(f"{self.base_url}/api/v1/query", params={
+                    "query": template.replace("$services", regex), "time": f"{window.end_ms / 1000:.3f}"})
+                body = r.json()
+                if body.get("status") != "success":
+                    raise ValueError(f"{body.get('errorType', 'error')}: {str(body.get('error', ''))[:150]}")
+                for sample in body["data"]["result"]:
+                    svc = sample.get("metric", {}).get("service")
+                    value = float(sample["value"][1])
+                    if svc and math.isfinite(value):
+                        out.setdefault(svc, {})[name] = str(int(value)) if value.is_integer() else f"{value:.6g}"
+            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+                failures.append(f"context {name}: {type(e).__name__}: {str(e)[:200]}")
+        return out
+
     def __call__(self, services: list[str], window: ev.Window) -> tuple[list[ev.EvidenceItem], str]:
         if not services:
             return [], "prometheus: no services to query"
@@ -65,10 +92,18 @@ class PrometheusMetrics:
             except (httpx.HTTPError, ValueError, ev.EvidenceInputError) as e:
                 failures.append(f"{signal}: {type(e).__name__}: {str(e)[:200]}")
         items = ev.metric_anomalies(series, window, pre_window_ms=self.pre_window_ms) if series else []
+        context_failures: list[str] = []
+        if items and self.context_queries:
+            context = self.context(regex, window, context_failures)
+            items = [ev.EvidenceItem(**{**i.to_dict(), "attributes": {**context[i.service], **i.attributes}})
+                     if context.get(i.service) else i for i in items]
         if failures:
             log.warning("prometheus queries failed", extra={"failures": failures})
         if failures and len(failures) == len(self.queries):
             return items, "prometheus unreachable or failing: " + "; ".join(failures)[:500]
+        if context_failures:
+            log.warning("prometheus context queries failed", extra={"failures": context_failures})
         status = "prometheus" + (f" (partial: {len(failures)} of {len(self.queries)} queries failed)" if failures else "")
+        status += f" (no context: {len(context_failures)} context queries failed)" if context_failures else ""
         log.debug("metric evidence", extra={"seconds": time.perf_counter() - started, "items": len(items)})
         return items, status
