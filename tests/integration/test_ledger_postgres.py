@@ -31,11 +31,37 @@ from pilothouse.ledger.domain import (
     LedgerEntry,
     LedgerIntegrityError,
     ProblemKind,
+    StreamingVerifier,
+    VerifyResult,
     compute_entry_hash,
-    verify,
 )
+from pilothouse.ledger.domain import verify as reference_verify
+from pilothouse.ledger.native import scanner as compiled_scanner
 
 pytestmark = pytest.mark.integration
+# The pure-Python reference and the compiled scanner (one and two threads) where it can be built: each must reach the
+# same verdict on every tampered table, and the compiled streaming pass (what `ledger verify` runs first) must refuse.
+COMPILED = [s for s in (compiled_scanner(1), compiled_scanner(2)) if s is not None]
+
+
+def verify(kafka, rows, cps, keys, **kw) -> VerifyResult:
+    result = reference_verify(kafka, rows, cps, keys, **kw)
+    for scan in COMPILED:
+        assert reference_verify(kafka, rows, cps, keys, scanner=scan, **kw) == result
+        chain = "main"
+        primary = list(kafka if kafka is not None else rows)
+        secondary = list(rows) if kafka is not None and rows is not None else None
+        sv = StreamingVerifier(chain, cps, keys, scanner=scan, **kw)
+        step = 64
+        for i in range(0, len(primary), step):
+            if not sv.feed(primary[i:i + step], None if secondary is None else secondary[i:i + step]):
+                break
+        streamed = sv.finish(secondary_has_more=secondary is not None and len(secondary) > len(primary))
+        if result.ok:
+            assert streamed == result, sv.failed
+        else:
+            assert streamed is None and sv.failed, "the compiled streaming pass passed a tampered ledger"
+    return result
 
 TOPIC = "pilothouse.ledger.entries.v1"
 SIGNER = CheckpointSigner.from_seed("pilothouse-ledger-test", bytes(range(32)))

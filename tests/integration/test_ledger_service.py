@@ -177,6 +177,13 @@ def test_one_entry_per_event_mirrored_checkpointed_verified_and_proven(env, caps
     rc, report = _cli(capsys, "verify", "--timeout", "30")
     assert rc == 0, report
     assert report["entries"] == {"main": 62} and report["checkpoints_verified"] >= 1
+    from pilothouse.ledger.native import load
+
+    assert report["read"]["verifier"]["engine"] == ("compiled" if load().available else "python")
+    rc, ref = _cli(capsys, "verify", "--timeout", "30", "--verifier", "python")  # the reference: the same verdict
+    assert rc == 0 and ref["read"]["verifier"]["engine"] == "python"
+    assert {k: ref[k] for k in ("ok", "mode", "entries", "checkpoints_verified", "first")} \
+        == {k: report[k] for k in ("ok", "mode", "entries", "checkpoints_verified", "first")}
     assert report["mode"] == "streaming" and report["read"]["postgres"]["rows"] == 62
     rc, pg_only = _cli(capsys, "verify", "--no-kafka")
     assert rc == 0 and pg_only["mode"] == "streaming" and pg_only["entries"] == {"main": 62}
@@ -207,6 +214,8 @@ def test_one_entry_per_event_mirrored_checkpointed_verified_and_proven(env, caps
     rc, report = _cli(capsys, "verify", "--timeout", "30")
     assert rc == 1 and report["first"]["sequence"] == 17 and report["first"]["source"] == "postgres"
     assert report["first"]["kind"] == ProblemKind.HASH_MISMATCH.value
+    rc, ref = _cli(capsys, "verify", "--timeout", "30", "--verifier", "python")
+    assert rc == 1 and ref["first"] == report["first"]
     rc, pg_only = _cli(capsys, "verify", "--no-kafka")  # Postgres alone still shows it: the hash no longer matches
     assert rc == 1 and pg_only["first"]["sequence"] == 17 and pg_only["first"]["kind"] == "hash_mismatch"
     with pytest.MonkeyPatch.context() as mp:  # and so do forked processes
