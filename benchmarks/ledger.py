@@ -86,14 +86,14 @@ def _cpu() -> float:
 
 
 def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, float, list[float]]:
-    """(best CPU seconds incl. child processes, wall seconds of that run, all CPU times)."""
+    """(best CPU seconds incl. child processes and threads, best wall seconds, all CPU times): each the best of its
+    own over the runs — on a shared machine the least disturbed run is the one closest to the code's own cost."""
     runs = []
     for _ in range(repeat):
         w0, c0 = time.perf_counter(), _cpu()
         fn()
         runs.append((_cpu() - c0, time.perf_counter() - w0))
-    best = min(runs)
-    return best[0], best[1], [r[0] for r in runs]
+    return min(r[0] for r in runs), min(r[1] for r in runs), [r[0] for r in runs]
 
 
 def _stream(entries: list, rows: list, cps: list, keys: dict, roots: bool, chunk: int = 10_000,
