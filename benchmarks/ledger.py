@@ -195,6 +195,17 @@ def bench_verify(n: int, kind: str, repeat: int, signer: CheckpointSigner, worke
         if threads > 1:
             modes[f"compiled_streaming_kafka_and_postgres_with_checkpoints_{threads}_threads"] = \
                 lambda: _stream(entries, rows, cps, keys, True, COMPILED_CHUNK, many)
+        out["compiled_sha256"] = compiled.module.sha_engine()
+        if compiled.module.use_shani(True):  # the same with OpenSSL's SHA-256 (one message at a time)
+
+            def with_openssl() -> Any:
+                compiled.module.use_shani(False)
+                try:
+                    return _stream(entries, rows, cps, keys, True, COMPILED_CHUNK, one)
+                finally:
+                    compiled.module.use_shani(True)
+
+            modes["compiled_openssl_sha256_streaming_kafka_and_postgres_with_checkpoints_1_thread"] = with_openssl
     for name, fn in modes.items():
         assert fn().ok, name  # a benchmark of a verifier that fails proves nothing
         faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt + \

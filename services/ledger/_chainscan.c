@@ -34,6 +34,7 @@ typedef struct {
 int SHA256_Init(SHA256_CTX *c);
 int SHA256_Update(SHA256_CTX *c, const void *data, size_t len);
 int SHA256_Final(unsigned char *md, SHA256_CTX *c);
+unsigned char *SHA256(const unsigned char *d, size_t n, unsigned char *md);
 #else
 #define OPENSSL_SUPPRESS_DEPRECATED 1
 #include <openssl/sha.h>
@@ -60,8 +61,180 @@ typedef struct {
     int differs;             /* written by the hashing thread */
 } job_t;
 
+
+/* ------------------------------------------------------------------------------------ SHA-256 with SHA-NI --- */
+/* OpenSSL hashes one message at a time; on x86 with the SHA extensions each SHA256RNDS2 waits for the previous one,
+ * so a single message leaves the unit half idle. Two messages hashed side by side (their instructions interleave in
+ * the out-of-order core) nearly double the rate. This is FIPS 180-4 SHA-256 written with Intel's SHA intrinsics, in
+ * the layout of Intel's reference code; tests compare it with hashlib on every length from 0 to 300 bytes and more,
+ * and `use_shani(False)` switches back to OpenSSL. Used only when CPUID says the CPU has SHA, SSSE3 and SSE4.1. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_SHANI 1
+#include <cpuid.h>
+#include <immintrin.h>
+
+#define SHANI_TARGET __attribute__((target("sha,sse4.1,ssse3")))
+
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+};
+static const uint32_t H256[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+
+static int cpu_has_shani(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 9)) || !(c & (1u << 19)))  /* SSSE3, SSE4.1 */
+        return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    return (b >> 29) & 1;  /* SHA */
+}
+
+typedef struct {
+    __m128i abef, cdgh;
+} shani_state;
+
+SHANI_TARGET static inline shani_state shani_init(void) {
+    __m128i tmp = _mm_loadu_si128((const __m128i *)&H256[0]);
+    __m128i s1 = _mm_loadu_si128((const __m128i *)&H256[4]);
+    tmp = _mm_shuffle_epi32(tmp, 0xB1);  /* CDAB */
+    s1 = _mm_shuffle_epi32(s1, 0x1B);    /* EFGH */
+    shani_state st = {_mm_alignr_epi8(tmp, s1, 8), _mm_blend_epi16(s1, tmp, 0xF0)};  /* ABEF, CDGH */
+    return st;
+}
+
+SHANI_TARGET static inline void shani_digest(shani_state st, unsigned char out[32]) {
+    __m128i tmp = _mm_shuffle_epi32(st.abef, 0x1B);  /* FEBA */
+    __m128i s1 = _mm_shuffle_epi32(st.cdgh, 0xB1);   /* DCHG */
+    __m128i s0 = _mm_blend_epi16(tmp, s1, 0xF0);     /* DCBA */
+    s1 = _mm_alignr_epi8(s1, tmp, 8);                /* HGFE */
+    const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    _mm_storeu_si128((__m128i *)out, _mm_shuffle_epi8(s0, bswap));
+    _mm_storeu_si128((__m128i *)(out + 16), _mm_shuffle_epi8(s1, bswap));
+}
+
+/* One 64-byte block into each of two states (the second may be the first's twin: `two` = 0 hashes one). Message
+ * words in groups of four: W[g] for g >= 4 is msg2(msg1(W[g-4], W[g-3]) + (W[g-2]:W[g-1] shifted one word), W[g-1]);
+ * a ring of four registers holds W[g-4 .. g-1]. */
+#define SHANI_ROUNDS(ST, W, P, G)                                                                                 \
+    do {                                                                                                          \
+        __m128i cur_;                                                                                             \
+        if ((G) < 4) {                                                                                            \
+            cur_ = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)((P) + 16 * (G))), bswap);                   \
+        } else {                                                                                                  \
+            __m128i x_ = _mm_sha256msg1_epu32(W[(G) & 3], W[((G) + 1) & 3]);                                      \
+            x_ = _mm_add_epi32(x_, _mm_alignr_epi8(W[((G) + 3) & 3], W[((G) + 2) & 3], 4));                       \
+            cur_ = _mm_sha256msg2_epu32(x_, W[((G) + 3) & 3]);                                                    \
+        }                                                                                                         \
+        W[(G) & 3] = cur_;                                                                                        \
+        __m128i m_ = _mm_add_epi32(cur_, _mm_loadu_si128((const __m128i *)&K256[4 * (G)]));                       \
+        ST.cdgh = _mm_sha256rnds2_epu32(ST.cdgh, ST.abef, m_);                                                    \
+        ST.abef = _mm_sha256rnds2_epu32(ST.abef, ST.cdgh, _mm_shuffle_epi32(m_, 0x0E));                           \
+    } while (0)
+
+SHANI_TARGET static void shani_blocks2(shani_state *a, const unsigned char *pa, shani_state *b,
+                                       const unsigned char *pb, size_t nblocks) {
+    const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    shani_state x = *a, y = *b;
+    for (size_t k = 0; k < nblocks; k++, pa += 64, pb += 64) {
+        shani_state x0 = x, y0 = y;
+        __m128i wa[4], wb[4];
+#pragma GCC unroll 16
+        for (int g = 0; g < 16; g++) {
+            SHANI_ROUNDS(x, wa, pa, g);
+            SHANI_ROUNDS(y, wb, pb, g);
+        }
+        x.abef = _mm_add_epi32(x.abef, x0.abef);
+        x.cdgh = _mm_add_epi32(x.cdgh, x0.cdgh);
+        y.abef = _mm_add_epi32(y.abef, y0.abef);
+        y.cdgh = _mm_add_epi32(y.cdgh, y0.cdgh);
+    }
+    *a = x;
+    *b = y;
+}
+
+SHANI_TARGET static void shani_blocks1(shani_state *a, const unsigned char *pa, size_t nblocks) {
+    const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    shani_state x = *a;
+    for (size_t k = 0; k < nblocks; k++, pa += 64) {
+        shani_state x0 = x;
+        __m128i wa[4];
+#pragma GCC unroll 16
+        for (int g = 0; g < 16; g++)
+            SHANI_ROUNDS(x, wa, pa, g);
+        x.abef = _mm_add_epi32(x.abef, x0.abef);
+        x.cdgh = _mm_add_epi32(x.cdgh, x0.cdgh);
+    }
+    *a = x;
+}
+
+/* SHA-256 of two padded messages (na and nb blocks) side by side. */
+SHANI_TARGET static void shani_hash2(const unsigned char *a, size_t na, const unsigned char *b, size_t nb,
+                                     unsigned char da[32], unsigned char db[32]) {
+    shani_state x = shani_init(), y = shani_init();
+    size_t common = na < nb ? na : nb;
+    shani_blocks2(&x, a, &y, b, common);
+    if (na > common)
+        shani_blocks1(&x, a + 64 * common, na - common);
+    if (nb > common)
+        shani_blocks1(&y, b + 64 * common, nb - common);
+    shani_digest(x, da);
+    shani_digest(y, db);
+}
+
+SHANI_TARGET static void shani_hash1(const unsigned char *a, size_t na, unsigned char da[32]) {
+    shani_state x = shani_init();
+    shani_blocks1(&x, a, na);
+    shani_digest(x, da);
+}
+
+static int g_shani = 0;  /* set at import: the CPU has the SHA extensions (use_shani() may turn it off) */
+#else
+static int g_shani = 0;
+#endif
+
+/* A message buffer: the parts, then FIPS 180-4 padding (0x80, zeros, the bit length big-endian) to whole blocks. */
+typedef struct {
+    unsigned char *buf;
+    size_t cap;
+} msgbuf_t;
+
+/* Number of 64-byte blocks, or 0 when out of memory (the caller then hashes with OpenSSL). */
+static size_t pad_message(msgbuf_t *m, const unsigned char *p1, size_t n1, const unsigned char *p2, size_t n2,
+                          const unsigned char *p3, size_t n3) {
+    size_t len = n1 + n2 + n3, total = (len + 9 + 63) & ~(size_t)63;
+    if (total > m->cap) {
+        unsigned char *b = realloc(m->buf, total);
+        if (b == NULL)
+            return 0;
+        m->buf = b;
+        m->cap = total;
+    }
+    if (n1)
+        memcpy(m->buf, p1, n1);
+    if (n2)
+        memcpy(m->buf + n1, p2, n2);
+    if (n3)
+        memcpy(m->buf + n1 + n2, p3, n3);
+    m->buf[len] = 0x80;
+    memset(m->buf + len + 1, 0, total - len - 9);
+    uint64_t bits = (uint64_t)len * 8;
+    for (int k = 0; k < 8; k++)
+        m->buf[total - 1 - k] = (unsigned char)(bits >> (8 * k));
+    return total / 64;
+}
+
 typedef struct {
     const SHA256_CTX *base;
+    const unsigned char *prefix;  /* what `base` has taken (for the SHA-NI path, which builds whole messages) */
+    size_t prefix_len;
     const unsigned char *arena;
     job_t *jobs;
     Py_ssize_t lo, hi;
@@ -71,41 +244,87 @@ typedef struct {
 
 static const char HEXDIGITS[] = "0123456789abcdef";
 
+/* The stored hash of job i against its digest; the leaf; the deferred payload comparison. */
+static void check_job(hash_task_t *t, Py_ssize_t i, const unsigned char digest[32]) {
+    job_t *j = &t->jobs[i];
+    if (j->sec_data != NULL)
+        j->differs = memcmp(j->pri_data, j->sec_data, j->cmp_bytes) != 0;
+    if (t->first_bad < t->hi)
+        return;
+    char hex[64];
+    for (int k = 0; k < 32; k++) {
+        hex[2 * k] = HEXDIGITS[digest[k] >> 4];
+        hex[2 * k + 1] = HEXDIGITS[digest[k] & 15];
+    }
+    if (memcmp(hex, j->expected, 64) != 0)
+        t->first_bad = i;
+    else if (t->leaves != NULL)
+        memcpy(t->leaves + 32 * i, digest, 32);
+}
+
+static void openssl_digest(const hash_task_t *t, const job_t *j, unsigned char digest[32]) {
+    SHA256_CTX c = *t->base;
+    SHA256_Update(&c, t->arena + j->hdr_off, j->hdr_len);
+    SHA256_Update(&c, j->payload, (size_t)j->payload_len);
+    SHA256_Final(digest, &c);
+}
+
 static void *hash_range(void *arg) {
     hash_task_t *t = (hash_task_t *)arg;
-    unsigned char digest[32];
-    char hex[64];
+    unsigned char d1[32], d2[32];
     t->first_bad = t->hi;
+#ifdef HAVE_SHANI
+    if (g_shani) {
+        msgbuf_t m1 = {NULL, 0}, m2 = {NULL, 0};
+        Py_ssize_t i = t->lo;
+        for (; i + 1 < t->hi; i += 2) {
+            const job_t *a = &t->jobs[i], *b = &t->jobs[i + 1];
+            if (t->first_bad < t->hi) {  /* past a bad entry: only the payload comparisons are still wanted */
+                check_job(t, i, d1);
+                check_job(t, i + 1, d1);
+                continue;
+            }
+            size_t na = pad_message(&m1, t->prefix, t->prefix_len, t->arena + a->hdr_off, a->hdr_len, a->payload,
+                                    (size_t)a->payload_len);
+            size_t nb = pad_message(&m2, t->prefix, t->prefix_len, t->arena + b->hdr_off, b->hdr_len, b->payload,
+                                    (size_t)b->payload_len);
+            if (na && nb) {
+                shani_hash2(m1.buf, na, m2.buf, nb, d1, d2);
+            } else {
+                openssl_digest(t, a, d1);
+                openssl_digest(t, b, d2);
+            }
+            check_job(t, i, d1);
+            check_job(t, i + 1, d2);
+        }
+        if (i < t->hi) {
+            if (t->first_bad == t->hi) {
+                const job_t *a = &t->jobs[i];
+                size_t na = pad_message(&m1, t->prefix, t->prefix_len, t->arena + a->hdr_off, a->hdr_len,
+                                        a->payload, (size_t)a->payload_len);
+                if (na)
+                    shani_hash1(m1.buf, na, d1);
+                else
+                    openssl_digest(t, a, d1);
+            }
+            check_job(t, i, d1);
+        }
+        free(m1.buf);
+        free(m2.buf);
+        return NULL;
+    }
+#endif
     for (Py_ssize_t i = t->lo; i < t->hi; i++) {
-        const job_t *j = &t->jobs[i];
-        if (t->first_bad < t->hi) {  /* past a bad entry: only the payload comparisons are still wanted */
-            if (j->sec_data != NULL)
-                t->jobs[i].differs = memcmp(j->pri_data, j->sec_data, j->cmp_bytes) != 0;
-            continue;
-        }
-        SHA256_CTX c = *t->base;
-        SHA256_Update(&c, t->arena + j->hdr_off, j->hdr_len);
-        SHA256_Update(&c, j->payload, (size_t)j->payload_len);
-        SHA256_Final(digest, &c);
-        if (j->sec_data != NULL)
-            t->jobs[i].differs = memcmp(j->pri_data, j->sec_data, j->cmp_bytes) != 0;
-        for (int k = 0; k < 32; k++) {
-            hex[2 * k] = HEXDIGITS[digest[k] >> 4];
-            hex[2 * k + 1] = HEXDIGITS[digest[k] & 15];
-        }
-        if (memcmp(hex, j->expected, 64) != 0) {
-            t->first_bad = i;
-            continue;
-        }
-        if (t->leaves != NULL)
-            memcpy(t->leaves + 32 * i, digest, 32);
+        if (t->first_bad == t->hi)
+            openssl_digest(t, &t->jobs[i], d1);
+        check_job(t, i, d1);
     }
     return NULL;
 }
 
 /* Hash jobs [0, n) over `threads` threads; returns the first index that does not match (n when all do). */
-static Py_ssize_t hash_jobs(const SHA256_CTX *base, const unsigned char *arena, job_t *jobs, Py_ssize_t n,
-                            unsigned char *leaves, int threads) {
+static Py_ssize_t hash_jobs(const SHA256_CTX *base, const Py_buffer *prefix, const unsigned char *arena, job_t *jobs,
+                            Py_ssize_t n, unsigned char *leaves, int threads) {
     if (threads > n / 256)
         threads = (int)(n / 256);  /* a thread for fewer entries costs more than it saves */
     if (threads < 1)
@@ -115,6 +334,8 @@ static Py_ssize_t hash_jobs(const SHA256_CTX *base, const unsigned char *arena, 
     int started[MAX_THREADS];
     for (int k = 0; k < threads; k++) {
         tasks[k].base = base;
+        tasks[k].prefix = prefix->buf;
+        tasks[k].prefix_len = (size_t)prefix->len;
         tasks[k].arena = arena;
         tasks[k].jobs = jobs;
         tasks[k].lo = n * k / threads;
@@ -448,7 +669,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         }
         Py_ssize_t ready = i - pos, good;
         Py_BEGIN_ALLOW_THREADS
-        good = hash_jobs(&base, arena.buf, jobs, ready, leaves ? leaves + 32 * (pos - lo) : NULL, threads);
+        good = hash_jobs(&base, &prefix, arena.buf, jobs, ready, leaves ? leaves + 32 * (pos - lo) : NULL, threads);
         Py_END_ALLOW_THREADS
         for (Py_ssize_t k = 0; k < ready; k++) {
             Py_CLEAR(temps[k]);
@@ -524,7 +745,20 @@ static void *pair_range(void *arg) {
     pair_task_t *t = (pair_task_t *)arg;
     SHA256_CTX node;
     unsigned char one = 1;
-    for (Py_ssize_t i = t->lo; i < t->hi; i++) {
+    Py_ssize_t i = t->lo;
+#ifdef HAVE_SHANI
+    if (g_shani) {  /* 0x01 || left || right is 65 bytes: two blocks once padded */
+        unsigned char a[128], b[128];
+        size_t na = 0;
+        msgbuf_t ma = {a, sizeof a}, mb = {b, sizeof b};
+        for (; i + 1 < t->hi; i += 2) {
+            na = pad_message(&ma, &one, 1, t->in + 64 * i, 64, NULL, 0);
+            pad_message(&mb, &one, 1, t->in + 64 * (i + 1), 64, NULL, 0);
+            shani_hash2(a, na, b, na, t->out + 32 * i, t->out + 32 * (i + 1));
+        }
+    }
+#endif
+    for (; i < t->hi; i++) {
         SHA256_Init(&node);
         SHA256_Update(&node, &one, 1);
         SHA256_Update(&node, t->in + 64 * i, 64);
@@ -576,12 +810,88 @@ static PyObject *pairs(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* use_shani(on) -> bool: hash with the SHA extensions (when the CPU has them) or with OpenSSL; returns the setting. */
+static PyObject *use_shani(PyObject *self, PyObject *arg) {
+    (void)self;
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+#ifdef HAVE_SHANI
+    g_shani = on && cpu_has_shani();
+#endif
+    return PyBool_FromLong(g_shani);
+}
+
+/* sha256_batch(messages) -> list of digests, two at a time as scan() hashes entries (for the tests). */
+static PyObject *sha256_batch(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyObject *seq = PySequence_Fast(arg, "messages must be a sequence of bytes");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyList_New(n);
+    msgbuf_t m1 = {NULL, 0}, m2 = {NULL, 0};
+    unsigned char d1[32], d2[32];
+    for (Py_ssize_t i = 0; out != NULL && i < n; i += 2) {
+        PyObject *a = PySequence_Fast_GET_ITEM(seq, i), *b = i + 1 < n ? PySequence_Fast_GET_ITEM(seq, i + 1) : NULL;
+        if (!PyBytes_Check(a) || (b != NULL && !PyBytes_Check(b))) {
+            PyErr_SetString(PyExc_TypeError, "messages must be bytes");
+            Py_CLEAR(out);
+            break;
+        }
+        const unsigned char *pa = (const unsigned char *)PyBytes_AS_STRING(a);
+        size_t la = (size_t)PyBytes_GET_SIZE(a);
+        const unsigned char *pb = b ? (const unsigned char *)PyBytes_AS_STRING(b) : NULL;
+        size_t lb = b ? (size_t)PyBytes_GET_SIZE(b) : 0;
+        int done = 0;
+#ifdef HAVE_SHANI
+        if (g_shani) {
+            size_t na = pad_message(&m1, pa, la, NULL, 0, NULL, 0);
+            size_t nb = b ? pad_message(&m2, pb, lb, NULL, 0, NULL, 0) : 0;
+            if (na && (nb || !b)) {
+                if (b)
+                    shani_hash2(m1.buf, na, m2.buf, nb, d1, d2);
+                else
+                    shani_hash1(m1.buf, na, d1);
+                done = 1;
+            }
+        }
+#endif
+        if (!done) {
+            SHA256(pa, la, d1);
+            if (b)
+                SHA256(pb, lb, d2);
+        }
+        PyList_SET_ITEM(out, i, PyBytes_FromStringAndSize((const char *)d1, 32));
+        if (b)
+            PyList_SET_ITEM(out, i + 1, PyBytes_FromStringAndSize((const char *)d2, 32));
+    }
+    free(m1.buf);
+    free(m2.buf);
+    Py_DECREF(seq);
+    return out;
+}
+
+static PyObject *sha_engine(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(g_shani ? "sha-ni, two messages at a time" : "openssl");
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "scan(items, lo, chain, prev, first_seq, want_leaves, secondary, threads, prefix)"},
     {"pairs", pairs, METH_VARARGS, "pairs(level, threads=1): Merkle parents of consecutive 32-byte hash pairs"},
+    {"use_shani", use_shani, METH_O, "use_shani(on) -> bool: SHA extensions (if the CPU has them) or OpenSSL"},
+    {"sha_engine", sha_engine, METH_NOARGS, "sha_engine() -> how entries are hashed now"},
+    {"sha256_batch", sha256_batch, METH_O, "sha256_batch(messages) -> digests, hashed as scan() hashes entries"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_chainscan", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__chainscan(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__chainscan(void) {
+#ifdef HAVE_SHANI
+    g_shani = cpu_has_shani();
+#endif
+    return PyModule_Create(&module);
+}

@@ -163,7 +163,8 @@ def _scanner(args: argparse.Namespace) -> tuple[Any, int, dict[str, Any]]:
         if choice == "compiled":
             raise _Cannot(f"--verifier compiled: {native.origin}")
         return None, STREAM_CHUNK, {"engine": "python", "threads": 1, "compiled": native.origin}
-    return scan, COMPILED_CHUNK, {"engine": "compiled", "threads": threads, "compiled": native.origin}
+    return scan, COMPILED_CHUNK, {"engine": "compiled", "threads": threads, "sha256": native.module.sha_engine(),
+                                  "compiled": native.origin}
 
 
 def _kafka_chunks(reader: Any, size: int, timeout_s: float) -> Iterator[list[Any]]:

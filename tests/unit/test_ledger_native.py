@@ -28,6 +28,17 @@ from pilothouse.ledger.merkle import MerkleTree, _pairs, subtree_levels
 
 NATIVE = native.load()
 pytestmark = pytest.mark.skipif(not NATIVE.available, reason=f"no compiled scanner: {NATIVE.origin}")
+SHANI = NATIVE.available and NATIVE.module.use_shani(True)
+
+
+@pytest.fixture(autouse=True, params=["sha-ni", "openssl"])
+def sha_engine(request):
+    """Every test runs with both SHA-256 engines of the compiled scanner (SHA-NI two at a time, and OpenSSL)."""
+    if request.param == "sha-ni" and not SHANI:
+        pytest.skip("this CPU has no SHA extensions")
+    NATIVE.module.use_shani(request.param == "sha-ni")
+    yield request.param
+    NATIVE.module.use_shani(True)
 
 WEBHOOK = json.loads((Path(__file__).parent.parent / "fixtures" / "ledger" / "alertmanager_webhook_2_alerts.json")
                      .read_text())
@@ -295,3 +306,18 @@ def test_the_build_without_openssl_headers_gives_the_same_results(tmp_path) -> N
     for items in (ENTRIES, _damaged("payload", 450), _damaged("link", 64)):
         got, ref = scan(items, "main", secondary=ROWS), serial_scan(items, "main", secondary=ROWS)
         assert got.same_as(ref) and got.agree == ref.agree
+
+
+def test_sha256_of_every_length_equals_hashlib(sha_engine: str) -> None:
+    rng = random.Random(7)
+    messages = [rng.randbytes(n) for n in [*range(0, 300), 447, 448, 1023, 1024, 1055, 4096, 65_537]]
+    for order in (messages, messages[::-1], messages[1:]):  # pairs of every mix of lengths, and an odd last one
+        assert NATIVE.module.sha256_batch(order) == [sha256(m).digest() for m in order]
+
+
+def test_typical_entries_take_the_fast_path_without_hand_backs(sha_engine: str) -> None:
+    """Good ~1 KB entries (ASCII and non-ASCII payloads) are all checked in C: nothing is handed to the reference."""
+    valid, last, leaves, agree = NATIVE.module.scan(ENTRIES, 0, "main", "0" * 64, 0, True, ROWS, 2,
+                                                    b"\x00" + _FORMAT_LINE)
+    assert (valid, agree, last) == (len(ENTRIES), len(ENTRIES), ENTRIES[-1].entry_hash)
+    assert leaves == bytes.fromhex("".join(e.entry_hash for e in ENTRIES))
