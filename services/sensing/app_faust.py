@@ -268,7 +268,8 @@ def build_worker(settings: SensingSettings | None = None, bus: BusSettings | Non
         metrics = PrometheusMetrics(settings.prometheus_url, settings.prometheus_queries,
                                     timeout_s=settings.prometheus_timeout_s, step_s=settings.prometheus_step_s,
                                     pre_window_ms=settings.pre_incident_window_s * 1000,
-                                    context_queries=settings.prometheus_context_queries)
+                                    context_queries=settings.prometheus_context_queries,
+                                    reference_exclude_query=settings.prometheus_reference_exclude_query)
     return CorrelationWorker(settings, bus, redactor, metrics=metrics)
 
 

@@ -94,6 +94,11 @@ class SensingSettings(BaseSettings):
         "'max by (service) (label_replace(kube_deployment_spec_replicas{deployment=~\"$services\"}, "
         "\"service\", \"$1\", \"deployment\", \"(.*)\"))'",
     )
+    prometheus_reference_exclude_query: str | None = Field(
+        'max by (service) (ALERTS{service=~"$services"})',
+        description="range PromQL (value > 0 per `service` label while the service was alerting): those times are left "
+        "out of the pre-incident reference, so an earlier incident does not become the baseline; unset: keep them",
+    )
     prometheus_timeout_s: float = Field(2.0, gt=0)
     prometheus_step_s: int = Field(15, gt=0)
     pre_incident_window_s: int = Field(1800, gt=0)

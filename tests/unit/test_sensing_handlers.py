@@ -154,6 +154,21 @@ class _PromAPI(BaseHTTPRequestHandler):
         _PromAPI.seen.append({k: v[0] for k, v in q.items()})
         if "bad" in q["query"][0]:
             body, code = {"status": "error", "errorType": "bad_data", "error": "parse error"}, 400
+        elif "spiky" in q["query"][0] or "ALERTS" in q["query"][0]:
+            # checkout failed for 20 of the 30 minutes before this incident too (and alerted then); it fails again
+            start, end, step = float(q["start"][0]), float(q["end"][0]), int(q["step"][0].rstrip("s"))
+            earlier = (self.incident_start_s - 1860, self.incident_start_s - 660)
+            values, t = [], start
+            while t <= end:
+                failing = earlier[0] <= t <= earlier[1] or t >= self.incident_start_s
+                if "ALERTS" in q["query"][0]:
+                    if earlier[0] <= t <= earlier[1]:
+                        values.append([t, "1"])
+                else:
+                    values.append([t, str(0.4 if failing else 0.01 + 0.001 * ((int(t) // step) % 3))])
+                t += step
+            body, code = {"status": "success", "data": {"resultType": "matrix", "result": [
+                {"metric": {"service": "checkout"}, "values": values}]}}, 200
         elif urlparse(self.path).path == "/api/v1/query":  # instant: a context query (replica counts)
             t = float(q["time"][0])
             body, code = {"status": "success", "data": {"resultType": "vector", "result": [
@@ -215,7 +230,26 @@ def test_prometheus_context_queries_add_the_current_state_to_metric_items(promet
     broken = PrometheusMetrics(prometheus, {"cpu_usage_ratio": "x{$services}"}, context_queries={"replicas": "bad"})
     items, status = broken(["checkout"], window)
     assert items and "replicas" not in items[0].attributes
-    assert status == "prometheus (no context: 1 context queries failed)"
+    assert status == "prometheus (1 context/reference queries failed)"
+
+
+def test_prometheus_reference_leaves_out_the_times_the_service_was_alerting(prometheus):
+    """The same fault again soon after a long earlier one: with the earlier alerting period in the reference, the
+    baseline *is* the fault and the repeat does not stand out; without it, it does."""
+    window = Window(T - 60_000, T + 300_000)
+    plain = PrometheusMetrics(prometheus, {"error_ratio": 'spiky{service=~"$services"}'})
+    assert [i.direction for i in plain(["checkout"], window)[0]] == ["down"]  # the healthy minute looks odd
+    masked = PrometheusMetrics(prometheus, {"error_ratio": 'spiky{service=~"$services"}'},
+                               reference_exclude_query='max by (service) (ALERTS{service=~"$services"})')
+    items, status = masked(["checkout"], window)
+    assert status == "prometheus"
+    assert [(i.service, i.direction) for i in items] == [("checkout", "up")]
+    assert int(items[0].attributes["baseline_points"]) < int(plain.pre_window_ms / 1000 / plain.step_s)
+    # the exclusion query failing costs the exclusion, not the evidence, and the status says so
+    broken = PrometheusMetrics(prometheus, {"error_ratio": 'spiky{service=~"$services"}'},
+                               reference_exclude_query="bad")
+    items, status = broken(["checkout"], window)
+    assert [i.direction for i in items] == ["down"] and status == "prometheus (1 context/reference queries failed)"
 
 
 def test_prometheus_adapter_reports_partial_and_unreachable(prometheus):

@@ -5,12 +5,17 @@ the series go through :func:`pilothouse.sensing.evidence.metric_anomalies` (robu
 pre-incident part). Never fails an incident: an unreachable or erroring Prometheus gives no metric items and a status
 string saying why, which the incident's alert evidence carries as ``metrics_source``.
 
+The reference leaves out the times a service was itself alerting (``reference_exclude_query``, by default
+Prometheus' own ``ALERTS`` series): a baseline is the service's normal behaviour, and an earlier incident inside the
+pre-incident window would otherwise widen it until the same fault, repeated, no longer stands out.
+
 *Context* queries (instant, at the end of the window) add a service's current state to its metric items as
 attributes, e.g. ``replicas`` — what a remedy must start from (scaling "to 2" a service that already has 2 is no fix).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -18,6 +23,7 @@ import time
 from collections.abc import Mapping
 
 import httpx
+import numpy as np
 
 from pilothouse.sensing import evidence as ev
 
@@ -29,10 +35,12 @@ class PrometheusMetrics:
 
     def __init__(self, base_url: str, queries: Mapping[str, str], *, timeout_s: float = 2.0, step_s: int = 15,
                  pre_window_ms: int = 1_800_000, client: httpx.Client | None = None,
-                 context_queries: Mapping[str, str] | None = None) -> None:
+                 context_queries: Mapping[str, str] | None = None,
+                 reference_exclude_query: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.queries = dict(queries)
         self.context_queries = dict(context_queries or {})
+        self.reference_exclude_query = reference_exclude_query
         self.step_s = step_s
         self.pre_window_ms = pre_window_ms
         self._client = client or httpx.Client(timeout=timeout_s)
@@ -54,6 +62,45 @@ class PrometheusMetrics:
             return r.json()  # Prometheus answers errors as {"status": "error", ...}; series_from_prometheus reports
         r.raise_for_status()
         return r.json()
+
+    def without_alerting_reference(self, series: list[ev.Series], regex: str, window: ev.Window,
+                                   failures: list[str]) -> list[ev.Series]:
+        """``series`` with their pre-window points blanked (NaN: the statistics skip them) within one step of a time
+        the service had an alert pending or firing. A series that would keep fewer than 3 reference points is left
+        as it was (a thin reference is worse than a contaminated one: no baseline at all means no evidence)."""
+        assert self.reference_exclude_query is not None
+        start = window.start_ms - self.pre_window_ms
+        try:
+            body = self.query_range(self.reference_exclude_query.replace("$services", regex), start, window.start_ms)
+            alerting = ev.series_from_prometheus(body, signal="alerting")
+        except (httpx.HTTPError, ValueError, ev.EvidenceInputError) as e:
+            failures.append(f"reference exclusion: {type(e).__name__}: {str(e)[:200]}")
+            return series
+        times: dict[str, np.ndarray] = {}
+        for a in alerting:
+            hot = a.timestamps_ms[np.isfinite(a.values) & (a.values > 0)]
+            times[a.service] = np.sort(np.concatenate([times.get(a.service, np.empty(0, dtype=hot.dtype)), hot]))
+        step_ms = self.step_s * 1000
+        out = []
+        for s in series:
+            hot = times.get(s.service)
+            if hot is None or not hot.size:
+                out.append(s)
+                continue
+            ts = s.timestamps_ms
+            # distance to the nearest alerting sample, per point
+            i = np.clip(np.searchsorted(hot, ts), 1, hot.size) - 1
+            j = np.clip(i + 1, 0, hot.size - 1)
+            near = np.minimum(np.abs(ts - hot[i]), np.abs(ts - hot[j])) <= step_ms
+            drop = near & (ts < window.start_ms)
+            before = ts < window.start_ms
+            if not drop.any() or int((before & ~drop & np.isfinite(s.values)).sum()) < 3:
+                out.append(s)
+                continue
+            values = s.values.astype(float, copy=True)
+            values[drop] = np.nan
+            out.append(dataclasses.replace(s, values=values))
+        return out
 
     def context(self, regex: str, window: ev.Window, failures: list[str]) -> dict[str, dict[str, str]]:
         """service -> {attribute: value} from the context queries' instant vectors at the window's end (a series
@@ -91,8 +138,10 @@ class PrometheusMetrics:
                     body, signal=signal, source_link=ev.prometheus_graph_link(self.base_url, query, window))
             except (httpx.HTTPError, ValueError, ev.EvidenceInputError) as e:
                 failures.append(f"{signal}: {type(e).__name__}: {str(e)[:200]}")
-        items = ev.metric_anomalies(series, window, pre_window_ms=self.pre_window_ms) if series else []
         context_failures: list[str] = []
+        if series and self.reference_exclude_query:
+            series = self.without_alerting_reference(series, regex, window, context_failures)
+        items = ev.metric_anomalies(series, window, pre_window_ms=self.pre_window_ms) if series else []
         if items and self.context_queries:
             context = self.context(regex, window, context_failures)
             items = [ev.EvidenceItem(**{**i.to_dict(), "attributes": {**context[i.service], **i.attributes}})
@@ -104,6 +153,6 @@ class PrometheusMetrics:
         if context_failures:
             log.warning("prometheus context queries failed", extra={"failures": context_failures})
         status = "prometheus" + (f" (partial: {len(failures)} of {len(self.queries)} queries failed)" if failures else "")
-        status += f" (no context: {len(context_failures)} context queries failed)" if context_failures else ""
+        status += f" ({len(context_failures)} context/reference queries failed)" if context_failures else ""
         log.debug("metric evidence", extra={"seconds": time.perf_counter() - started, "items": len(items)})
         return items, status
