@@ -554,14 +554,16 @@ def scan_range(items: Sequence[Any], chain: str, lo: int, hi: int, prev: str,
     the valid prefix (which says where the first failure is), its last entry hash and (``want_leaves``) its leaf
     hashes. ``first_seq``: the sequence number of ``items[lo]`` when the list is a chunk of the chain (default lo).
 
-    Kept flat on purpose (the target is 500k entries/s in CPython): per entry three comparisons, one orjson call for
-    the header, and one SHA-256 that continues a hasher which has already taken ``0x00 || format line`` (copying it
-    avoids concatenating, i.e. copying, the ~1 KB payload twice). The computed hex digest must equal the stored
-    ``entry_hash``; the leaf hashes are then the stored hashes decoded in one call after the loop. The payload is
-    bound by the entry hash directly; the redundant ``payload_sha256`` (inside the hash too) is compared with the
-    payload by :func:`check_entry` — when an entry is built, mirrored, appended or diagnosed — not here. Exposed so
-    that ranges can run in parallel (see :mod:`pilothouse.ledger.parallel`) and be stitched: range k must start from
-    range k-1's last hash.
+    This is the **reference**: what verifies is defined here. ``ledger verify`` runs the compiled scanner
+    (:mod:`pilothouse.ledger.native`, ``_chainscan.c``), which must give exactly this result and hands every entry it
+    cannot write byte for byte as orjson does back to this function. Kept flat: per entry three comparisons, one
+    orjson call for the header, and one SHA-256 that continues a hasher which has already taken
+    ``0x00 || format line`` (copying it avoids concatenating, i.e. copying, the ~1 KB payload twice). The computed
+    hex digest must equal the stored ``entry_hash``; the leaf hashes are then the stored hashes decoded in one call
+    after the loop. The payload is bound by the entry hash directly; the redundant ``payload_sha256`` (inside the
+    hash too) is compared with the payload by :func:`check_entry` — when an entry is built, mirrored, appended or
+    diagnosed — not here. Exposed so that ranges can run in parallel (see :mod:`pilothouse.ledger.parallel`) and be
+    stitched: range k must start from range k-1's last hash.
     """
     dumps = orjson.dumps
     base = sha256(b"\x00" + _FORMAT_LINE)

@@ -5,14 +5,17 @@
 verifies): the C code checks the entries of the "fast shape" — header fields that are None, 64-bit ints or printable
 ASCII strings without quotes or backslashes, which JSON writes verbatim — and hands any other entry back, where the
 reference checks it and the C code resumes after it. An entry that does not verify ends the valid prefix in both.
-SHA-256 runs with the GIL released on ``threads`` threads (one process: nothing is forked or copied); the Merkle
-levels of the chunk are hashed in C as well.
+SHA-256 runs with the GIL released on ``threads`` threads (one process: nothing is forked or copied), two entries
+side by side per thread with the CPU's SHA extensions where it has them (else OpenSSL's); the Merkle levels of the
+chunk are hashed in C as well.
 
 Finding the module: an installed build (``pilothouse.ledger._chainscan``) if there is one, else one compiled here on
 first use with the C compiler Python was built with (``sysconfig``: gcc and Python's headers — Debian ``gcc
-python3-dev``; OpenSSL's ``libcrypto``, with ``libssl-dev``'s headers or else the runtime library alone) into ``$XDG_CACHE_HOME/pilothouse`` (default ``~/.cache``),
-named by the SHA-256 of the source, the compiler command and the Python ABI, so a changed source is rebuilt and a
-stale build is never loaded. If neither works, :func:`load` says why and ``ledger verify`` runs the reference.
+python3-dev``; OpenSSL's ``libcrypto``, with ``libssl-dev``'s headers or else the runtime library alone) into
+``$XDG_CACHE_HOME/pilothouse/ledger-native`` (default ``~/.cache``), named by the SHA-256 of the source, the
+compiler commands and the Python ABI, so a changed source is rebuilt and a stale build is never loaded. (Whoever can
+write that directory can change what verifies, as whoever can write site-packages can: audit from an account whose
+home you trust.) If neither works, :func:`load` says why and ``ledger verify`` runs the reference.
 """
 
 from __future__ import annotations

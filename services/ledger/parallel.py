@@ -1,7 +1,8 @@
-"""Hash-chain verification on several cores: the chain is cut into contiguous ranges, the first range is checked in
-this process and each other one in a forked child (the entries are inherited copy-on-write, never pickled), and the
-ranges are stitched in order: range k is accepted only if range k-1 was entirely valid and range k's first entry
-links to range k-1's last hash.
+"""Hash-chain verification on several cores with the pure-Python reference (``ledger verify --processes N``; the
+default, the compiled scanner of :mod:`pilothouse.ledger.native`, uses threads instead): the chain is cut into
+contiguous ranges, the first range is checked in this process and each other one in a forked child (the entries are
+inherited copy-on-write, never pickled), and the ranges are stitched in order: range k is accepted only if range
+k-1 was entirely valid and range k's first entry links to range k-1's last hash.
 
 The result is exactly :func:`pilothouse.ledger.domain.serial_scan`'s (same valid prefix, last hash, leaf hashes and
 agreeing prefix of the secondary source): anything short of a fully valid range ends the prefix there, and
