@@ -538,6 +538,17 @@ static int agree_deferred(PyObject *e, PyObject *secondary, Py_ssize_t i, job_t 
     return eq;
 }
 
+/* One more agreeing entry, or the end of the agreeing prefix; -1 passes a comparison's error on. */
+static inline int tally(int eq, Py_ssize_t *agree, int *agreeing) {
+    if (eq < 0)
+        return -1;
+    if (eq)
+        (*agree)++;
+    else
+        *agreeing = 0;
+    return 0;
+}
+
 static PyObject *scan(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *items_in, *chain, *prev, *secondary;
@@ -657,15 +668,9 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             }
             j->expected = (const char *)PyUnicode_DATA(hash);
             last = hash;
-            if (agreeing) {  /* this entry's fields now; its payload, if left to the hashing threads, then */
-                int eq = agree_deferred(e, secondary, i, j, &rows[i - pos]);
-                if (eq < 0)
-                    goto done;
-                if (eq)
-                    agree++;
-                else
-                    agreeing = 0;
-            }
+            /* this entry's fields now; its payload, if left to the hashing threads, then */
+            if (agreeing && tally(agree_deferred(e, secondary, i, j, &rows[i - pos]), &agree, &agreeing) < 0)
+                goto done;
         }
         Py_ssize_t ready = i - pos, good;
         Py_BEGIN_ALLOW_THREADS
@@ -698,15 +703,9 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     if (valid == 0)
         last = prev;
     /* The agreeing prefix does not depend on the hash check: finish comparing where the scan stopped. */
-    while (agreeing) {
-        int eq = agree_at(items_in, secondary, agree);
-        if (eq < 0)
+    while (agreeing)
+        if (tally(agree_at(items_in, secondary, agree), &agree, &agreeing) < 0)
             goto done;
-        if (eq)
-            agree++;
-        else
-            agreeing = 0;
-    }
     {
         PyObject *lv = PyBytes_FromStringAndSize(leaves ? (const char *)leaves : "", leaves ? valid * 32 : 0);
         if (lv == NULL)
