@@ -321,3 +321,22 @@ def test_typical_entries_take_the_fast_path_without_hand_backs(sha_engine: str) 
                                                     b"\x00" + _FORMAT_LINE)
     assert (valid, agree, last) == (len(ENTRIES), len(ENTRIES), ENTRIES[-1].entry_hash)
     assert leaves == bytes.fromhex("".join(e.entry_hash for e in ENTRIES))
+
+
+def test_junk_in_every_field_never_crashes_and_matches_the_reference() -> None:
+    """Entries with a field of another type (None, float, bytes, list, dict, bool, big int, str subclass, object) at
+    every position, alone or as the Postgres row: the compiled scanner gives the reference's answer every time."""
+    class S(str):
+        pass
+
+    junk = [None, 1.5, b"bytes", ["x"], {"k": 1}, True, 2**80, -(2**80), S("s"), object(), "", "é" * 3, 0]
+    rng = random.Random(99)
+    for trial in range(300):
+        items: list = list(ENTRIES[:80])
+        rows: list = list(ROWS[:80])
+        at, field = rng.randrange(80), rng.randrange(18)
+        value = rng.choice(junk)
+        target = items if trial % 2 else rows
+        target[at] = tuple(ENTRIES[at][:field]) + (value,) + tuple(ENTRIES[at][field + 1:])
+        for threads in (1, 2):
+            _same(items, rows, threads=threads)
