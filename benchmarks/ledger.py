@@ -2,7 +2,9 @@
 
 * **verify** (pure CPU): :func:`pilothouse.ledger.domain.verify` over N entries as read from Kafka, with the same rows
   as read from Postgres (separate string objects, as psycopg returns them) and signed checkpoints every 10,000
-  entries, in several modes, on one core and (``ledger verify --processes N``) on forked processes. Baseline: a bare
+  entries, in several modes: the pure-Python reference (one core, and ``--processes N`` forked processes) and the
+  compiled scanner ``ledger verify`` runs by default (one thread = the one-core figure; ``--threads`` = usable CPUs =
+  the default, per wall-clock second; and once with OpenSSL's SHA-256 instead of the SHA extensions). Baseline: a bare
   SHA-256 hash chain over the very same canonical entry bytes (``prev = sha256(prev + bytes)``) — the least any chain
   verifier must do. Rates are per CPU-second of this process and its children (the machine is shared) and wall-clock.
   Reading and decoding the sources is not included here (see **service** for that, end to end).
