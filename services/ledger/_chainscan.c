@@ -18,13 +18,14 @@
  * by a private copy of that part of the list while the GIL is released.
  *
  * agree: with a `secondary` list, how many leading entries of it equal the primary ones (tuple equality, as
- * `secondary[i] == items[i]`), compared up to the end of either list whatever the hash check found.
+ * `secondary[i] == items[i]`), compared up to the end of either list whatever the hash check found. Payloads are
+ * compared by the hashing threads (see agree_deferred), the other fields before.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #ifdef PILOTHOUSE_NO_OPENSSL_HEADERS
 /* Built without OpenSSL's headers (Debian libssl-dev), against the libcrypto that Python's hashlib already uses: its
- * SHA256_CTX layout and these three functions have been the same since OpenSSL 0.9.8, through 1.1 and 3.x. */
+ * SHA256_CTX layout and these four functions have been the same since OpenSSL 0.9.8, through 1.1 and 3.x. */
 typedef struct {
     unsigned int h[8];
     unsigned int Nl, Nh;
