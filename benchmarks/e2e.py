@@ -36,15 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-s", type=float, default=150.0, help="healthy seconds before each fault")
     args = ap.parse_args(argv)
     samples, failures = [], []
+    # Every scenario starts fresh (the correlator forgets its incidents; ledger, budgets and keys stay): back to back,
+    # a fault's alerts would otherwise join the still-open incident of the scenario before (services share callers),
+    # and that incident's window, not the new fault, would decide what evidence there is.
     for _ in range(args.repeat):
         for name in args.scenarios.split(","):
-            first = not samples and not failures
             # a third approver in reserve: policy asks for one more when earlier runs spent the service's risk
             # budget for the day, and the demo stops approving as soon as the action is authorized
             ns = argparse.Namespace(scenario=name, validate_as="responder-1",
                                     approve_as=["approver-1", "approver-2", "admin-1"],
                                     out=None, stage_timeout=240.0, human_timeout=600.0, stop=False,
-                                    baseline_s=args.baseline_s, restart=False, fresh=first, no_llm=True, quiet=True)
+                                    baseline_s=args.baseline_s, restart=False, fresh=True, no_llm=True, quiet=True)
             try:
                 rep = run(ns)
             except DemoFailed as e:
