@@ -41,6 +41,7 @@ unsigned char *SHA256(const unsigned char *d, size_t n, unsigned char *md);
 #include <openssl/sha.h>
 #endif
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -232,131 +233,150 @@ static size_t pad_message(msgbuf_t *m, const unsigned char *p1, size_t n1, const
     return total / 64;
 }
 
+/* The jobs of one batch, shared by the threads that hash them: each takes the next CHUNK jobs until none are left,
+ * so a thread whose core is busy elsewhere holds up at most one chunk (the others, this one included, take the rest)
+ * and two threads are never much slower than one. */
+#define CHUNK 32
+
+static const char HEXDIGITS[] = "0123456789abcdef";
+
 typedef struct {
     const SHA256_CTX *base;
     const unsigned char *prefix;  /* what `base` has taken (for the SHA-NI path, which builds whole messages) */
     size_t prefix_len;
     const unsigned char *arena;
     job_t *jobs;
-    Py_ssize_t lo, hi;
-    unsigned char *leaves;   /* 32 bytes per job, from index 0 of the batch */
-    Py_ssize_t first_bad;    /* hi when all match */
-} hash_task_t;
+    Py_ssize_t n;
+    unsigned char *leaves;        /* 32 bytes per job, from index 0 of the batch */
+    _Atomic Py_ssize_t next;      /* the first job no thread has taken yet */
+    _Atomic Py_ssize_t first_bad; /* the first job whose digest does not match (n while none) */
+} hash_batch_t;
 
-static const char HEXDIGITS[] = "0123456789abcdef";
+static int past_bad(hash_batch_t *t, Py_ssize_t i) {
+    return i > atomic_load_explicit(&t->first_bad, memory_order_relaxed);
+}
 
-/* The stored hash of job i against its digest; the leaf; the deferred payload comparison. */
-static void check_job(hash_task_t *t, Py_ssize_t i, const unsigned char digest[32]) {
+/* The stored hash of job i against its digest (NULL: not computed, the job lies past a bad one); the leaf; the
+ * deferred payload comparison (always: the agreeing prefix does not stop at a bad hash). */
+static void check_job(hash_batch_t *t, Py_ssize_t i, const unsigned char *digest) {
     job_t *j = &t->jobs[i];
     if (j->sec_data != NULL)
         j->differs = memcmp(j->pri_data, j->sec_data, j->cmp_bytes) != 0;
-    if (t->first_bad < t->hi)
+    if (digest == NULL || past_bad(t, i))
         return;
     char hex[64];
     for (int k = 0; k < 32; k++) {
         hex[2 * k] = HEXDIGITS[digest[k] >> 4];
         hex[2 * k + 1] = HEXDIGITS[digest[k] & 15];
     }
-    if (memcmp(hex, j->expected, 64) != 0)
-        t->first_bad = i;
-    else if (t->leaves != NULL)
+    if (memcmp(hex, j->expected, 64) != 0) {
+        Py_ssize_t seen = atomic_load(&t->first_bad);
+        while (i < seen && !atomic_compare_exchange_weak(&t->first_bad, &seen, i)) {
+        }
+    } else if (t->leaves != NULL) {
         memcpy(t->leaves + 32 * i, digest, 32);
+    }
 }
 
-static void openssl_digest(const hash_task_t *t, const job_t *j, unsigned char digest[32]) {
+static void openssl_digest(const hash_batch_t *t, const job_t *j, unsigned char digest[32]) {
     SHA256_CTX c = *t->base;
     SHA256_Update(&c, t->arena + j->hdr_off, j->hdr_len);
     SHA256_Update(&c, j->payload, (size_t)j->payload_len);
     SHA256_Final(digest, &c);
 }
 
-static void *hash_range(void *arg) {
-    hash_task_t *t = (hash_task_t *)arg;
-    unsigned char d1[32], d2[32];
-    t->first_bad = t->hi;
 #ifdef HAVE_SHANI
-    if (g_shani) {
-        msgbuf_t m1 = {NULL, 0}, m2 = {NULL, 0};
-        Py_ssize_t i = t->lo;
-        for (; i + 1 < t->hi; i += 2) {
-            const job_t *a = &t->jobs[i], *b = &t->jobs[i + 1];
-            if (t->first_bad < t->hi) {  /* past a bad entry: only the payload comparisons are still wanted */
-                check_job(t, i, d1);
-                check_job(t, i + 1, d1);
-                continue;
-            }
-            size_t na = pad_message(&m1, t->prefix, t->prefix_len, t->arena + a->hdr_off, a->hdr_len, a->payload,
-                                    (size_t)a->payload_len);
-            size_t nb = pad_message(&m2, t->prefix, t->prefix_len, t->arena + b->hdr_off, b->hdr_len, b->payload,
-                                    (size_t)b->payload_len);
-            if (na && nb) {
-                shani_hash2(m1.buf, na, m2.buf, nb, d1, d2);
-            } else {
-                openssl_digest(t, a, d1);
-                openssl_digest(t, b, d2);
-            }
-            check_job(t, i, d1);
-            check_job(t, i + 1, d2);
+/* Jobs [lo, hi) two at a time with the SHA extensions (OpenSSL for a message too large to copy). */
+static void shani_jobs(hash_batch_t *t, Py_ssize_t lo, Py_ssize_t hi, msgbuf_t *m1, msgbuf_t *m2) {
+    unsigned char d1[32], d2[32];
+    Py_ssize_t i = lo;
+    for (; i + 1 < hi; i += 2) {
+        const job_t *a = &t->jobs[i], *b = &t->jobs[i + 1];
+        if (past_bad(t, i)) {  /* only the payload comparisons are still wanted */
+            check_job(t, i, NULL);
+            check_job(t, i + 1, NULL);
+            continue;
         }
-        if (i < t->hi) {
-            if (t->first_bad == t->hi) {
-                const job_t *a = &t->jobs[i];
-                size_t na = pad_message(&m1, t->prefix, t->prefix_len, t->arena + a->hdr_off, a->hdr_len,
-                                        a->payload, (size_t)a->payload_len);
-                if (na)
-                    shani_hash1(m1.buf, na, d1);
-                else
-                    openssl_digest(t, a, d1);
-            }
-            check_job(t, i, d1);
+        size_t na = pad_message(m1, t->prefix, t->prefix_len, t->arena + a->hdr_off, a->hdr_len, a->payload,
+                                (size_t)a->payload_len);
+        size_t nb = pad_message(m2, t->prefix, t->prefix_len, t->arena + b->hdr_off, b->hdr_len, b->payload,
+                                (size_t)b->payload_len);
+        if (na && nb) {
+            shani_hash2(m1->buf, na, m2->buf, nb, d1, d2);
+        } else {
+            openssl_digest(t, a, d1);
+            openssl_digest(t, b, d2);
         }
-        free(m1.buf);
-        free(m2.buf);
-        return NULL;
-    }
-#endif
-    for (Py_ssize_t i = t->lo; i < t->hi; i++) {
-        if (t->first_bad == t->hi)
-            openssl_digest(t, &t->jobs[i], d1);
         check_job(t, i, d1);
+        check_job(t, i + 1, d2);
     }
+    if (i < hi) {
+        const job_t *a = &t->jobs[i];
+        size_t na = past_bad(t, i) ? 0 : pad_message(m1, t->prefix, t->prefix_len, t->arena + a->hdr_off,
+                                                    a->hdr_len, a->payload, (size_t)a->payload_len);
+        if (na)
+            shani_hash1(m1->buf, na, d1);
+        else if (!past_bad(t, i))
+            openssl_digest(t, a, d1);
+        check_job(t, i, past_bad(t, i) ? NULL : d1);
+    }
+}
+#endif
+
+static void *hash_worker(void *arg) {
+    hash_batch_t *t = (hash_batch_t *)arg;
+    unsigned char d[32];
+    msgbuf_t m1 = {NULL, 0}, m2 = {NULL, 0};
+    for (;;) {
+        Py_ssize_t lo = atomic_fetch_add(&t->next, CHUNK);
+        if (lo >= t->n)
+            break;
+        Py_ssize_t hi = lo + CHUNK < t->n ? lo + CHUNK : t->n;
+#ifdef HAVE_SHANI
+        if (g_shani) {
+            shani_jobs(t, lo, hi, &m1, &m2);
+            continue;
+        }
+#endif
+        for (Py_ssize_t i = lo; i < hi; i++) {
+            int skip = past_bad(t, i);
+            if (!skip)
+                openssl_digest(t, &t->jobs[i], d);
+            check_job(t, i, skip ? NULL : d);
+        }
+    }
+    free(m1.buf);
+    free(m2.buf);
     return NULL;
 }
 
-/* Hash jobs [0, n) over `threads` threads; returns the first index that does not match (n when all do). */
+/* Hash jobs [0, n) on up to `threads` threads (this one included); returns the first index whose digest does not
+ * match (n when all do). */
 static Py_ssize_t hash_jobs(const SHA256_CTX *base, const Py_buffer *prefix, const unsigned char *arena, job_t *jobs,
                             Py_ssize_t n, unsigned char *leaves, int threads) {
     if (threads > n / 256)
         threads = (int)(n / 256);  /* a thread for fewer entries costs more than it saves */
     if (threads < 1)
         threads = 1;
-    hash_task_t tasks[MAX_THREADS];
+    hash_batch_t t;
+    t.base = base;
+    t.prefix = prefix->buf;
+    t.prefix_len = (size_t)prefix->len;
+    t.arena = arena;
+    t.jobs = jobs;
+    t.n = n;
+    t.leaves = leaves;
+    atomic_init(&t.next, 0);
+    atomic_init(&t.first_bad, n);
     pthread_t tids[MAX_THREADS];
     int started[MAX_THREADS];
-    for (int k = 0; k < threads; k++) {
-        tasks[k].base = base;
-        tasks[k].prefix = prefix->buf;
-        tasks[k].prefix_len = (size_t)prefix->len;
-        tasks[k].arena = arena;
-        tasks[k].jobs = jobs;
-        tasks[k].lo = n * k / threads;
-        tasks[k].hi = n * (k + 1) / threads;
-        tasks[k].leaves = leaves;
-        started[k] = 0;
-    }
     for (int k = 1; k < threads; k++)
-        started[k] = pthread_create(&tids[k], NULL, hash_range, &tasks[k]) == 0;
-    hash_range(&tasks[0]);
-    for (int k = 1; k < threads; k++) {
+        started[k] = pthread_create(&tids[k], NULL, hash_worker, &t) == 0;  /* none to be had: fewer share it */
+    hash_worker(&t);
+    for (int k = 1; k < threads; k++)
         if (started[k])
             pthread_join(tids[k], NULL);
-        else
-            hash_range(&tasks[k]);  /* no thread to be had: do it here */
-    }
-    for (int k = 0; k < threads; k++)
-        if (tasks[k].first_bad < tasks[k].hi)
-            return tasks[k].first_bad;
-    return n;
+    return atomic_load(&t.first_bad);
 }
 
 /* ------------------------------------------------------------------------------------------ the header JSON --- */

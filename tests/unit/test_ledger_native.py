@@ -340,3 +340,13 @@ def test_junk_in_every_field_never_crashes_and_matches_the_reference() -> None:
         target[at] = tuple(ENTRIES[at][:field]) + (value,) + tuple(ENTRIES[at][field + 1:])
         for threads in (1, 2):
             _same(items, rows, threads=threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_first_of_several_bad_entries_is_found_whichever_thread_hashes_it(threads: int) -> None:
+    items: list = list(ENTRIES)
+    for at in (690, 520, 611, 515 + 64):  # payloads changed, links intact: only the hashes show it
+        items[at] = items[at]._replace(payload_json=items[at].payload_json.replace("webhook", "webhooK", 1))
+    got = native.scanner(threads)(items, "main", secondary=ROWS)
+    assert (got.valid, got.agree) == (520, 520)
+    _same(items, ROWS, threads=threads)
