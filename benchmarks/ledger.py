@@ -3,8 +3,9 @@
 * **verify** (pure CPU): :func:`pilothouse.ledger.domain.verify` over N entries as read from Kafka, with the same rows
   as read from Postgres (separate string objects, as psycopg returns them) and signed checkpoints every 10,000
   entries, in several modes: the pure-Python reference (one core, and ``--processes N`` forked processes) and the
-  compiled scanner ``ledger verify`` runs by default (one thread = the one-core figure; ``--threads`` = usable CPUs =
-  the default, per wall-clock second; and once with OpenSSL's SHA-256 instead of the SHA extensions). Baseline: a bare
+  compiled scanner ``ledger verify`` runs by default (one thread: the default and the one-core figure; ``--threads``,
+  default the usable CPUs, per wall-clock second; and once with OpenSSL's SHA-256 instead of the SHA extensions).
+  Baseline: a bare
   SHA-256 hash chain over the very same canonical entry bytes (``prev = sha256(prev + bytes)``) — the least any chain
   verifier must do. Rates are per CPU-second of this process and its children (the machine is shared) and wall-clock.
   Reading and decoding the sources is not included here (see **service** for that, end to end).
@@ -186,7 +187,8 @@ def bench_verify(n: int, kind: str, repeat: int, signer: CheckpointSigner, worke
     out["compiled_scanner"] = compiled.origin
     if compiled.available:
         # The compiled scanner (services/ledger/_chainscan.c): the same checks, SHA-256 with the GIL released.
-        # "1_thread" is the one-core figure; "{threads}_threads" is `ledger verify`'s default (threads = usable CPUs).
+        # "1_thread" is the one-core figure and `ledger verify`'s default (native.DEFAULT_THREADS = 1);
+        # "{threads}_threads" uses --threads (default: the usable CPUs).
         one, many = native.scanner(1, compiled), native.scanner(threads, compiled)
         modes["compiled_kafka_and_postgres_with_checkpoints_1_thread"] = \
             lambda: verify(entries, rows, cps, keys, scanner=one)
@@ -416,7 +418,7 @@ def bench_service(n: int, kind: str) -> dict[str, Any]:
             entries = [reader.entry(r) for r in reader.read_to_end(120)]
             reader.close()
             rows = first + [r for chunk in rows_iter for r in chunk]
-        compiled = native.scanner(usable_cpus())  # what ledger verify uses (None: no compiler, the reference)
+        compiled = native.scanner(native.DEFAULT_THREADS)  # what ledger verify uses (None: the reference)
         step = COMPILED_CHUNK if compiled is not None else 10_000
         sv = StreamingVerifier("main", scanner=compiled)
         for i in range(0, len(entries), step):
@@ -469,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="alert,webhook,webhook12", help="payload kinds for verify")
     ap.add_argument("--processes", type=int, default=usable_cpus(), help="processes for the forked verify figures")
     ap.add_argument("--threads", type=int, default=usable_cpus(),
-                    help="threads of the compiled scanner for the all-core figure (ledger verify's default)")
+                    help="threads of the compiled scanner for the multi-thread figure (ledger verify --threads N)")
     ap.add_argument("--no-mirror", action="store_true")
     ap.add_argument("--service-events", type=int, default=20_000, help="events through the service on the stack")
     ap.add_argument("--no-service", action="store_true")
@@ -498,25 +500,30 @@ def main(argv: list[str] | None = None) -> int:
     python_one_core = main_mode["streaming_kafka_and_postgres_with_checkpoints"]
     forked = main_mode.get(f"streaming_kafka_and_postgres_with_checkpoints_{w}_processes", {})
     compiled_one = main_mode.get("compiled_streaming_kafka_and_postgres_with_checkpoints_1_thread")
-    compiled_all = main_mode.get(f"compiled_streaming_kafka_and_postgres_with_checkpoints_{t}_threads") if t > 1 \
-        else compiled_one
-    if compiled_one is not None:
+    compiled_many = main_mode.get(f"compiled_streaming_kafka_and_postgres_with_checkpoints_{t}_threads", {})
+    default = compiled_one if native.DEFAULT_THREADS == 1 else main_mode.get(
+        f"compiled_streaming_kafka_and_postgres_with_checkpoints_{native.DEFAULT_THREADS}_threads")
+    if compiled_one is not None and default is not None:
         # `pilothouse ledger verify`'s default: streaming chunks of 16,384, Kafka entries + Postgres rows (separate
         # objects, as psycopg returns them) + signed checkpoints with every Merkle root rebuilt, the compiled scanner
-        # on `--threads` = usable CPUs. Its rate per wall-clock second is what a user waits for; the one-core
-        # figure is the same with one thread, per CPU-second. Sources already read and decoded.
-        default_rate = compiled_all["entries_per_s_wall"]
-        default_mode = f"ledger verify default: compiled scanner, {t} thread(s), streaming, full (Merkle roots " \
-                       "rebuilt), Kafka+Postgres, per wall-clock second"
+        # on native.DEFAULT_THREADS threads, per wall-clock second (what a user waits for); the one-core figure is
+        # the same with one thread per CPU-second. Sources already read and decoded.
+        default_rate = default["entries_per_s_wall"]
+        default_mode = f"ledger verify default: compiled scanner, {native.DEFAULT_THREADS} thread(s), streaming, " \
+                       "full (Merkle roots rebuilt), Kafka+Postgres, per wall-clock second"
         one_core = compiled_one["entries_per_s_cpu"]
     else:  # no compiler here: the pure-Python reference is what ledger verify runs
+        default = python_one_core
         default_rate = one_core = python_one_core["entries_per_s_cpu"]
         default_mode = f"ledger verify without the compiled scanner ({main_mode['compiled_scanner']}): pure Python"
     result["summary"] = {
         "verify_entries_per_s": default_rate,
         "verify_mode": default_mode,
         "verify_entries_per_s_one_core": one_core,
-        "verify_entries_per_s_default_cpu": (compiled_all or python_one_core)["entries_per_s_cpu"],
+        "verify_entries_per_s_default_cpu": default["entries_per_s_cpu"],
+        # `ledger verify --threads N` (compiled, N threads), per wall-clock second and CPU-second
+        f"verify_entries_per_s_{t}_threads_wall": compiled_many.get("entries_per_s_wall"),
+        f"verify_entries_per_s_{t}_threads_cpu": compiled_many.get("entries_per_s_cpu"),
         # the pure-Python reference (what ledger verify ran before the compiled scanner; --verifier python), same run
         "verify_entries_per_s_python_one_core": python_one_core["entries_per_s_cpu"],
         # the reference in `--processes N` forked processes (65,536-entry chunks), per wall-clock second and CPU-second

@@ -46,10 +46,10 @@ from pilothouse.ledger.domain import (
     verify,
 )
 from pilothouse.ledger.merkle import MerkleTree, verify_inclusion
+from pilothouse.ledger.native import DEFAULT_THREADS
 from pilothouse.ledger.native import load as load_native
 from pilothouse.ledger.native import scanner as native_scanner
 from pilothouse.ledger.parallel import scanner as parallel_scanner
-from pilothouse.ledger.parallel import usable_cpus
 
 
 class _Cannot(Exception):
@@ -145,7 +145,7 @@ PARALLEL_ALIGN = 4096  # range boundaries, in chain positions (each range hashes
 def _scanner(args: argparse.Namespace) -> tuple[Any, int, dict[str, Any]]:
     """The hash-chain scanner (None: the pure-Python reference, in this process), its chunk size, and what to report.
 
-    Default (``--verifier auto``): the compiled scanner on ``--threads`` threads (default: the usable CPUs) when it
+    Default (``--verifier auto``): the compiled scanner on ``--threads`` threads (default 1, see native.py) when it
     is installed or can be built, else the reference. ``--processes N`` (N >= 2): the reference in N forked
     processes. ``--verifier python``: the reference only; ``--verifier compiled``: refuse to run without it.
     """
@@ -157,7 +157,7 @@ def _scanner(args: argparse.Namespace) -> tuple[Any, int, dict[str, Any]]:
     if choice == "python":
         return None, STREAM_CHUNK, {"engine": "python", "threads": 1}
     native = load_native()
-    threads = getattr(args, "threads", None) or usable_cpus()
+    threads = getattr(args, "threads", None) or DEFAULT_THREADS
     scan = native_scanner(threads, native) if native.available else None
     if scan is None:
         if choice == "compiled":
@@ -398,7 +398,8 @@ def _audit_options(p: argparse.ArgumentParser) -> None:
                    help="hash-chain checker: the compiled one (built on first use; auto falls back to the pure-Python "
                         "reference when it cannot be built, compiled refuses to) or the reference")
     p.add_argument("--threads", type=_processes, default=None,
-                   help="threads of the compiled checker (default: the CPUs this process may use)")
+                   help=f"threads of the compiled checker (default {DEFAULT_THREADS}: on a shared machine one is "
+                        "faster; `pilothouse bench ledger --threads N` measures both)")
     p.add_argument("--processes", type=_processes, default=1,
                    help="check the hash chain with the pure-Python reference in N forked processes (default 1: "
                         "forking pays only where page faults are cheap; `pilothouse bench ledger` measures it)")

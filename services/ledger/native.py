@@ -50,6 +50,11 @@ SOURCE = Path(__file__).with_name("_chainscan.c")
 MODULE = "pilothouse.ledger._chainscan"
 _PREFIX = b"\x00" + _FORMAT_LINE  # what every entry hash starts with (RFC 9162 leaf prefix + format line)
 MAX_LEVEL = 20  # Merkle levels a chunk hashes itself (chunks start on multiples of 2**level); the rest in Python
+# `ledger verify --threads` default. Measured on the 2-vCPU machine class while other work shared it (bench ledger,
+# three runs): one thread 701k-818k entries/s wall at ~1 KB, two threads 484k-653k: each batch waits for every
+# thread, and a thread whose core is taken by another process holds it up for a scheduler time slice. On a host with
+# idle cores more threads can pay: `pilothouse bench ledger --threads N` measures both.
+DEFAULT_THREADS = 1
 
 
 @dataclass(frozen=True, slots=True)
