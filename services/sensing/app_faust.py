@@ -83,7 +83,7 @@ class CorrelationWorker:
         self.handler = IncidentHandler(Correlator(deps, rules), redactor,
                                        telemetry=TelemetryBuffer(settings.telemetry_buffer_per_service))
         self.metrics = metrics  # PrometheusMetrics or None
-        self._metric_cache: dict[str, tuple[float, MetricEvidence]] = {}
+        self._metric_cache: dict[str, tuple[float, list[str], MetricEvidence]] = {}
         serde = Serde(max_message_bytes=bus.max_message_bytes)
         self.alert_codec = AvroCodec(serde, expected="pilothouse.sensing.AlertReceived")
         self.telemetry_codec = AvroCodec(serde, expected="pilothouse.sensing.TelemetryReceived")
@@ -220,15 +220,18 @@ class CorrelationWorker:
     async def _metrics_for(self, inc: Incident) -> MetricEvidence:
         if self.metrics is None:
             return [], "not configured"
+        scope = self.handler.evidence_scope(inc)
         cached = self._metric_cache.get(inc.incident_id)
         now = time.monotonic()
-        if cached is not None and now - cached[0] < self.settings.evidence_refresh_s:
-            return cached[1]
+        # re-query when the incident's services changed (a caller's alert joined: its metrics are evidence too),
+        # else at most every evidence_refresh_s
+        if cached is not None and cached[1] == scope and now - cached[0] < self.settings.evidence_refresh_s:
+            return cached[2]
         window = self.handler.window(inc)
         loop = asyncio.get_running_loop()
         # the HTTP calls run on a thread: the event loop keeps serving Kafka meanwhile
-        result = await loop.run_in_executor(None, self.metrics, self.handler.evidence_scope(inc), window)
-        self._metric_cache[inc.incident_id] = (now, result)
+        result = await loop.run_in_executor(None, self.metrics, scope, window)
+        self._metric_cache[inc.incident_id] = (now, scope, result)
         if len(self._metric_cache) > 10_000:
             self._metric_cache.pop(next(iter(self._metric_cache)))
         return result
