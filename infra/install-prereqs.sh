@@ -40,6 +40,9 @@ command -v prometheus-alertmanager >/dev/null 2>&1 || packages+=(prometheus-aler
 command -v g++ >/dev/null 2>&1 || packages+=(g++)
 command -v curl >/dev/null 2>&1 || packages+=(curl ca-certificates)
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
+# The ledger's compiled verifier is built on first use against Python's headers (Debian's python3 ships them apart).
+py_h=$("${PYTHON:-python3}" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
+[ -n "$py_h" ] && [ -f "$py_h/Python.h" ] || packages+=(python3-dev)
 # Console browser tests (tests/e2e) drive Debian's Chromium through Playwright; Playwright's own download is not used.
 [ -x /usr/bin/chromium ] || packages+=(chromium)
 
