@@ -174,8 +174,10 @@ def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path,
             "PILOTHOUSE_SENSING_PROMETHEUS_URL": monitoring.prometheus_url(Settings()),
             "PILOTHOUSE_SENSING_DATA_DIR": str(work / "sensing"),
             "PILOTHOUSE_SENSING_GROUP_WINDOW_S": "300",
-            # compare against the healthy baseline the demo guarantees (see _healthy_baseline), not older runs
-            "PILOTHOUSE_SENSING_PRE_INCIDENT_WINDOW_S": "120",
+            # compare against the healthy baseline the demo guarantees (see _healthy_baseline), not older runs: the
+            # evidence window opens 60 s before the first alert (>= 8 s after the fault), and 90 s before that is
+            # still inside the default 150 s baseline (120 s reached back into the fleet's restart)
+            "PILOTHOUSE_SENSING_PRE_INCIDENT_WINDOW_S": "90",
             "PILOTHOUSE_REDACTION_PSEUDONYM_KEY": demo.pseudonym_key,
         },
         "reasoning": {"PILOTHOUSE_LLM_BASE_URL": info.llm_base_url, "PILOTHOUSE_LLM_MODEL": info.llm_model},

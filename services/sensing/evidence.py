@@ -309,7 +309,7 @@ def _fmt(x: float) -> str:
 def metric_anomalies(
     series: Iterable[Series], window: Window, *, reference: Mapping[tuple[str, str], Series] | None = None,
     pre_window_ms: int = 3_600_000, guard_ms: int = 0, z_threshold: float = DEFAULT_Z_THRESHOLD,
-    min_points: int = 1,
+    min_points: int = 1, rel_floor: float = 0.01,
 ) -> list[EvidenceItem]:
     """Metric anomalies of every series inside ``window`` against a robust baseline.
 
@@ -317,7 +317,9 @@ def metric_anomalies(
     the window are excluded so the incident never becomes its own baseline), else the same series over
     ``pre_window_ms`` before the window. The score is the robust |z| of the ``min_points``-th most extreme point
     (``min_points=2`` asks for a deviation that lasts at least two samples). Series without enough reference or
-    window points are skipped — the caller can see which from :func:`coverage`.
+    window points are skipped — the caller can see which from :func:`coverage`. ``rel_floor``: the scale is at
+    least this fraction of the baseline median, so a change must be at least ``z_threshold × rel_floor`` of the usual
+    level to count, however quiet the series was.
     """
     lo_guard, hi_guard = window.start_ms - guard_ms, window.end_ms + guard_ms
     # Series that share their timestamp arrays (the columns of one scrape table) are scored together: one
@@ -340,7 +342,7 @@ def metric_anomalies(
             ref = np.stack([m.values[keep] for m, _ in members], axis=1)
         obs = np.stack([m.values[in_win] for m, _ in members], axis=1)
         obs_ts = s0.timestamps_ms[in_win]
-        bases = _column_baselines(ref)
+        bases = _column_baselines(ref, rel_floor=rel_floor)
         for j, (s, _) in enumerate(members):
             base = bases[j]
             if base is None:

@@ -154,6 +154,15 @@ class _PromAPI(BaseHTTPRequestHandler):
         _PromAPI.seen.append({k: v[0] for k, v in q.items()})
         if "bad" in q["query"][0]:
             body, code = {"status": "error", "errorType": "bad_data", "error": "parse error"}, 400
+        elif "wobble" in q["query"][0]:  # a quiet series that rises 12 % (or 60 %) at the incident
+            start, end, step = float(q["start"][0]), float(q["end"][0]), int(q["step"][0].rstrip("s"))
+            after = 0.016 if "big" in q["query"][0] else 0.0112
+            values, t = [], start
+            while t <= end:
+                values.append([t, str(after if t >= self.incident_start_s else 0.01 + 1e-5 * ((int(t) // step) % 3))])
+                t += step
+            body, code = {"status": "success", "data": {"resultType": "matrix", "result": [
+                {"metric": {"service": "checkout"}, "values": values}]}}, 200
         elif "spiky" in q["query"][0] or "ALERTS" in q["query"][0]:
             # checkout failed for 20 of the 30 minutes before this incident too (and alerted then); it fails again
             start, end, step = float(q["start"][0]), float(q["end"][0]), int(q["step"][0].rstrip("s"))
@@ -250,6 +259,16 @@ def test_prometheus_reference_leaves_out_the_times_the_service_was_alerting(prom
                                reference_exclude_query="bad")
     items, status = broken(["checkout"], window)
     assert [i.direction for i in items] == ["down"] and status == "prometheus (1 context/reference queries failed)"
+
+
+def test_prometheus_small_relative_changes_of_quiet_series_are_not_evidence(prometheus):
+    window = Window(T - 60_000, T + 300_000)
+    small = PrometheusMetrics(prometheus, {"p99_latency_s": 'wobble{service=~"$services"}'})
+    assert small(["checkout"], window)[0] == []  # +12 %: a wobble, however quiet the series was
+    big = PrometheusMetrics(prometheus, {"p99_latency_s": 'wobble_big{service=~"$services"}'})
+    assert [(i.service, i.direction) for i in big(["checkout"], window)[0]] == [("checkout", "up")]  # +60 %
+    strict = PrometheusMetrics(prometheus, {"p99_latency_s": 'wobble{service=~"$services"}'}, rel_floor=0.01)
+    assert [i.direction for i in strict(["checkout"], window)[0]] == ["up"]  # the old floor took it for a fault
 
 
 def test_prometheus_adapter_reports_partial_and_unreachable(prometheus):

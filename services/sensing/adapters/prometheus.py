@@ -36,11 +36,14 @@ class PrometheusMetrics:
     def __init__(self, base_url: str, queries: Mapping[str, str], *, timeout_s: float = 2.0, step_s: int = 15,
                  pre_window_ms: int = 1_800_000, client: httpx.Client | None = None,
                  context_queries: Mapping[str, str] | None = None,
-                 reference_exclude_query: str | None = None) -> None:
+                 reference_exclude_query: str | None = None, rel_floor: float = 0.05) -> None:
         self.base_url = base_url.rstrip("/")
         self.queries = dict(queries)
         self.context_queries = dict(context_queries or {})
         self.reference_exclude_query = reference_exclude_query
+        # a live service's p99 or CPU wanders by several per cent between quiet scrapes: at z 4 a change must be at
+        # least 20 % of the usual level to be evidence (the robust scale alone turned a 12 % p99 wobble into z 12)
+        self.rel_floor = rel_floor
         self.step_s = step_s
         self.pre_window_ms = pre_window_ms
         self._client = client or httpx.Client(timeout=timeout_s)
@@ -141,7 +144,8 @@ class PrometheusMetrics:
         context_failures: list[str] = []
         if series and self.reference_exclude_query:
             series = self.without_alerting_reference(series, regex, window, context_failures)
-        items = ev.metric_anomalies(series, window, pre_window_ms=self.pre_window_ms) if series else []
+        items = ev.metric_anomalies(series, window, pre_window_ms=self.pre_window_ms,
+                                    rel_floor=self.rel_floor) if series else []
         if items and self.context_queries:
             context = self.context(regex, window, context_failures)
             items = [ev.EvidenceItem(**{**i.to_dict(), "attributes": {**context[i.service], **i.attributes}})
