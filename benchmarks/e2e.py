@@ -63,20 +63,32 @@ def main(argv: list[str] | None = None) -> int:
                             "incident_to_hypotheses_ms": t["hypotheses_proposed"] - t["incident_opened"],
                             "validation_to_pending_ms": (t["approval_requested"] - t["hypothesis_validated"])
                             if t.get("hypothesis_validated") else None,
+                            # the alert the action needed (often a caller's, a few seconds after the first) ->
+                            # pending, human time excluded: what the pipeline itself adds
+                            "trigger_alert_to_pending_machine_ms": (
+                                (t["action_first_proposed"] - t["action_trigger_alert"])
+                                + (t["approval_requested"] - max(t["action_first_proposed"],
+                                                                 t.get("hypothesis_validated") or 0)))
+                            if t.get("action_trigger_alert") and t.get("action_first_proposed") else None,
                             "authorized_to_executed_ms": (t["executed"] - t["authorized"]) if t.get("executed") else None,
                             "recovered": rep["recovered"], "top_hypothesis_correct": rep["top_hypothesis_correct"],
                             "timeline": rep.get("timeline", [])})
     lat = [s["alert_to_pending_machine_ms"] for s in samples if s["alert_to_pending_machine_ms"] is not None]
+    pipe = [s["trigger_alert_to_pending_machine_ms"] for s in samples
+            if s.get("trigger_alert_to_pending_machine_ms") is not None]
     result = {
         "benchmark": "e2e",
-        "what": "alert received -> approval requested, machine time only (deterministic reasoning, human wait "
-                "excluded)",
+        "what": "first alert received -> approval requested, machine time only (deterministic reasoning, human wait "
+                "excluded; includes waiting for the later alerts the action needed); trigger_alert_*: from the alert "
+                "the pending action was computed from",
         "samples": samples,
         "failures": failures,
         "n": len(lat),
         "p50_ms": percentile(lat, 50),
         "p99_ms": percentile(lat, 99),
         "mean_ms": statistics.fmean(lat) if lat else None,
+        "trigger_alert_p50_ms": percentile(pipe, 50),
+        "trigger_alert_p99_ms": percentile(pipe, 99),
         "target_p99_ms": 2000,
         "meets_target": bool(lat) and percentile(lat, 99) <= 2000,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -591,11 +591,22 @@ def _stage_times(obs: Observed, inc, hyps, top, pend, auth) -> dict[str, int | N
     verified = [v for _, v in obs.of("verified") if v.action_id == pend.action_id]
     opened = min((i.occurred_at for _, i in obs.of("incident") if i.incident_id == inc.incident_id),
                  default=inc.occurred_at)
+    # the alert the pending action came from: its first proposal <- hypotheses <- incident update (last alert)
+    proposals = sorted((p for _, p in obs.of("proposal") if p.action_id == pend.action_id), key=lambda p: p.occurred_at)
+    causes = {h.event_id: h.causation_id for _, h in obs.of("hypotheses")}
+    updates = {i.event_id: i for _, i in obs.of("incident")}
+    trigger = None
+    if proposals:
+        first = proposals[0]
+        update = updates.get(first.causation_id) or updates.get(causes.get(first.causation_id, ""))
+        trigger = update.last_seen if update is not None else None
     return {
         "first_alert_received": min((_ms(a.received_at) for a in alerts), default=None),
         "incident_opened": _ms(opened),
         "hypotheses_proposed": _ms(hyps.occurred_at),
         "hypothesis_validated": _ms(validation[0].occurred_at) if validation else None,
+        "action_first_proposed": _ms(proposals[0].occurred_at) if proposals else None,
+        "action_trigger_alert": _ms(trigger) if trigger else None,
         "approval_requested": _ms(pend.occurred_at),
         "authorized": _ms(auth.occurred_at),
         "executed": _ms(executed[0].occurred_at) if executed else None,
