@@ -106,20 +106,36 @@ def cpu_limit(n: int, batch: int, correlator_batches: dict[str, int]) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- real path
 
-class IncidentWatch:
-    """Reads the incident topic; remembers when each fingerprint first appeared in an update."""
+class TopicWatch:
+    """Reads a topic from the start; remembers, per alert fingerprint, when it first appeared in a record.
 
-    def __init__(self, kafka_conf: dict, topic: str) -> None:
+    Per fingerprint: ``first_seen`` (this process's ``perf_counter`` when the record was read), ``first_wall`` (the same
+    moment, wall-clock ms), ``log_time`` (the broker's LogAppendTime of that record, ms: the bench creates its topics
+    with ``message.timestamp.type=LogAppendTime``) and, for alerts, ``received_at`` (the gateway's stamp, ms).
+
+    What the measurement costs: the consumer fetches with ``fetch.wait.max.ms=1`` (a fetch returns as soon as anything
+    is there) from a thread of its own that only notes each record's bytes and arrival time; records are decoded when
+    someone waits for them (``wait_for``, after the requests of a phase were sent), so that while alerts are being
+    posted this process does not decode updates on the gateway's core. What reading adds is the last stage of the
+    breakdown (incident log append -> read here)."""
+
+    def __init__(self, kafka_conf: dict, topic: str, *, alerts: bool = False) -> None:
         from confluent_kafka import Consumer
 
         from pilothouse.bus.serde import Serde
 
         self.first_seen: dict[str, float] = {}
+        self.first_wall: dict[str, float] = {}
+        self.log_time: dict[str, int] = {}
+        self.received_at: dict[str, int] = {}
         self.updates = 0
+        self._alerts = alerts
         self._serde = Serde()
+        self._raw: list[tuple[float, float, int, bytes]] = []  # (perf_counter, wall ms, log time ms, value)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._c = Consumer({**kafka_conf, "group.id": f"bench.{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
-                            "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+                            "enable.auto.commit": False, "fetch.wait.max.ms": 1, "fetch.min.bytes": 1})
         self._c.subscribe([topic])
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -129,15 +145,29 @@ class IncidentWatch:
             msg = self._c.poll(0.05)
             if msg is None or msg.error():
                 continue
-            now = time.perf_counter()
-            data = self._serde.decode(msg.value()).data  # the dict: no pydantic model, this client is no stage
+            with self._lock:
+                self._raw.append((time.perf_counter(), time.time() * 1000, msg.timestamp()[1], msg.value()))
+
+    def _decode_pending(self) -> None:
+        with self._lock:
+            raw, self._raw = self._raw, []
+        for now, wall, log_time, value in raw:
+            data = self._serde.decode(value).data  # the dict: no pydantic model, this client is no stage
             self.updates += 1
-            for fp in data["alert_fingerprints"]:
-                self.first_seen.setdefault(fp, now)
+            fps = [data["fingerprint"]] if self._alerts else data["alert_fingerprints"]
+            for fp in fps:
+                if fp not in self.first_seen:
+                    self.first_seen[fp] = now
+                    self.first_wall[fp] = wall
+                    self.log_time[fp] = log_time
+                    if self._alerts:
+                        r = data["received_at"]
+                        self.received_at[fp] = r if isinstance(r, int) else int(r.timestamp() * 1000)
 
     def wait_for(self, fps: list[str], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            self._decode_pending()
             if all(fp in self.first_seen for fp in fps):
                 return True
             time.sleep(0.02)
@@ -147,6 +177,24 @@ class IncidentWatch:
         self._stop.set()
         self._t.join(5)
         self._c.close()
+
+
+def stage_breakdown(fps: list[str], sent_wall: dict[str, float], alerts: TopicWatch,
+                    incidents: TopicWatch) -> dict[str, dict[str, float]]:
+    """p50/p99 of each stage of alert -> incident-update latency, per alert (ms, wall clock of this one host):
+    POST sent -> gateway stamp (``received_at``) -> alert appended to its log (broker's LogAppendTime) -> first
+    incident update with it appended -> that update read by this process."""
+    stages: dict[str, list[float]] = {"post_to_gateway": [], "gateway_to_alert_log": [], "alert_log_to_incident_log": [],
+                                      "incident_log_to_reader": [], "total": []}
+    for fp in fps:
+        if fp not in alerts.log_time or fp not in incidents.log_time or fp not in sent_wall:
+            continue
+        t = [sent_wall[fp], alerts.received_at[fp], alerts.log_time[fp], incidents.log_time[fp],
+             incidents.first_wall[fp]]
+        for name, a, b in zip(stages, t, t[1:]):
+            stages[name].append(b - a)
+        stages["total"].append(t[-1] - t[0])
+    return {k: {"p50": round(_pct(v, 0.5), 1), "p99": round(_pct(v, 0.99), 1)} for k, v in stages.items() if v}
 
 
 def _pinned(core: int | None):
@@ -204,6 +252,17 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def _run_delay_seconds(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a CPU, so far (Linux schedstat; 0.0 elsewhere)."""
+    total = 0.0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        pass
+    return total
+
+
 def _correlator_metrics(port: int) -> dict[str, float]:
     """Sums and counts of the correlator's histograms, from its /metrics."""
     import httpx
@@ -234,6 +293,17 @@ def delete_app_topics(admin, app_id: str, extra: list[str] = ()) -> list[str]:
     return failed
 
 
+def _batch_figures(delta: dict[str, float]) -> dict[str, float]:
+    """Mean batch size and mean per-batch times (ms) of the correlator, from a difference of its /metrics."""
+    def mean(name: str, scale: float = 1000.0) -> float:
+        n = delta.get(f"pilothouse_sensing_{name}_count", 0.0)
+        return round(delta.get(f"pilothouse_sensing_{name}_sum", 0.0) / n * scale, 2) if n else float("nan")
+
+    return {"batches": delta.get("pilothouse_sensing_correlate_batch_alerts_count", 0.0),
+            "mean_batch": mean("correlate_batch_alerts", 1.0), "batch_ms": mean("correlate_seconds"),
+            "state_ack_wait_ms": mean("state_ack_wait_seconds"), "oldest_alert_wait_ms": mean("alert_wait_seconds")}
+
+
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
@@ -247,7 +317,9 @@ def real_path(args, info) -> dict:
     # test.* names: the bus producer accepts uuid-named topics outside the catalogue only with that prefix
     topics = {k: f"test.bench-sensing-{k}-{run}" for k in ("alerts", "telemetry", "incidents")}
     admin = AdminClient(info.kafka_config("admin"))
-    for f in admin.create_topics([NewTopic(t, 1 if k != "alerts" else 3, 1)
+    # LogAppendTime: each record carries the moment the broker appended it (the stage breakdown's middle points)
+    for f in admin.create_topics([NewTopic(t, 1 if k != "alerts" else 3, 1,
+                                           config={"message.timestamp.type": "LogAppendTime"})
                                   for k, t in topics.items()]).values():
         f.result(30)
     port, obs, cobs = _free_port(), 0, _free_port()
@@ -278,7 +350,9 @@ def real_path(args, info) -> dict:
     own_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     if own_affinity is not None and cores >= 2 and args.pin:
         os.sched_setaffinity(0, {0})
-    watch = IncidentWatch(info.kafka_config("admin"), topics["incidents"])
+    watch = TopicWatch(info.kafka_config("admin"), topics["incidents"])
+    alert_watch = None  # the alert log is read after the runs (its timestamps are the broker's): no extra load
+    wall_offset_ms = time.time() * 1000 - time.perf_counter() * 1000  # perf_counter -> wall clock, this run
     url = f"http://127.0.0.1:{port}/v1/alerts/alertmanager"
     try:
         import httpx
@@ -311,6 +385,7 @@ def real_path(args, info) -> dict:
         sent: dict[str, float] = {}
         metrics0 = _correlator_metrics(cobs)
         cpu0 = [_cpu_seconds(p.pid) for p in procs]
+        delay0 = [_run_delay_seconds(p.pid) for p in procs]
         t0 = time.perf_counter()
         statuses = _post_all(url, bodies, sent, args.concurrency)
         posted_s = time.perf_counter() - t0
@@ -320,6 +395,9 @@ def real_path(args, info) -> dict:
         # CPU share of each stage's process over the full-speed phase (1.0 = it had its core to itself)
         cpu_share = {mode: round((_cpu_seconds(p.pid) - c) / (time.perf_counter() - t0), 2)
                      for mode, p, c in zip(("gateway", "correlator"), procs, cpu0)}
+        # ... and the share of the phase each process was ready to run but waited for its core (someone else had it)
+        cpu_wait = {mode: round((_run_delay_seconds(p.pid) - d) / (time.perf_counter() - t0), 2)
+                    for mode, p, d in zip(("gateway", "correlator"), procs, delay0)}
         metrics1 = _correlator_metrics(cobs)
         delta = {k: metrics1.get(k, 0.0) - metrics0.get(k, 0.0) for k in metrics1}
         mean_batch = (delta.get("pilothouse_sensing_correlate_batch_alerts_sum", 0.0)
@@ -338,14 +416,20 @@ def real_path(args, info) -> dict:
             # its incident, so reusing phase 1's incidents would measure latency on a heavier workload)
             bodies2.append((k * args.batch / rate, _webhook(f"{run}h", start, args.batch, now, svc="half"), fps))
         sent2: dict[str, float] = {}
+        metrics2 = _correlator_metrics(cobs)
         statuses2 = _post_all(url, bodies2, sent2, args.concurrency)
         fps2 = [fp for _, _, fps in bodies2 for fp in fps]
         complete2 = watch.wait_for(fps2, 300)
         lat = [(watch.first_seen[fp] - sent2[fp]) * 1000 for fp in fps2 if fp in watch.first_seen]
+        delta2 = {k: v - metrics2.get(k, 0.0) for k, v in _correlator_metrics(cobs).items()}
+        alert_watch = TopicWatch(info.kafka_config("admin"), topics["alerts"], alerts=True)
+        alert_watch.wait_for(fps2, 60)
+        stages = stage_breakdown(fps2, {fp: t * 1000 + wall_offset_ms for fp, t in sent2.items()}, alert_watch,
+                                 watch)
         return {
             "alerts": len(all_fps), "batch": args.batch, "concurrency": args.concurrency,
             "http_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
-            "complete": complete, "post_seconds": round(posted_s, 3), "cpu_share": cpu_share, "pinned": args.pin,
+            "complete": complete, "post_seconds": round(posted_s, 3), "cpu_share": cpu_share, "cpu_wait_share": cpu_wait, "pinned": args.pin,
             "correlator_mean_batch": round(mean_batch, 1), "correlator_state_ack_wait_s": round(ack_wait_s, 3),
             "alerts_per_s": round(alerts_per_s, 1),
             "full_speed_latency_ms": {"p50": round(_pct(full_lat, 0.5), 1), "p99": round(_pct(full_lat, 0.99), 1)},
@@ -353,10 +437,13 @@ def real_path(args, info) -> dict:
             "half_rate_http_statuses": {str(s): statuses2.count(s) for s in sorted(set(statuses2))},
             "p50_latency_ms": round(_pct(lat, 0.5), 1), "p99_latency_ms": round(_pct(lat, 0.99), 1),
             "max_latency_ms": round(max(lat), 1) if lat else None, "incident_updates_read": watch.updates,
+            "half_rate_stages_ms": stages, "half_rate_correlator": _batch_figures(delta2),
             "latencies_ms": lat,
         }
     finally:
         watch.close()
+        if alert_watch is not None:
+            alert_watch.close()
         if own_affinity is not None:
             os.sched_setaffinity(0, own_affinity)
         for p in procs:

@@ -13,7 +13,9 @@ partitions between them and group only within its share); the worker logs the pa
 
 Batches: the agent takes the alerts already queued (up to ``batch_max``, never waiting for more), applies them one
 by one through a read cache, writes state after every alert, waits until the broker acknowledged those writes, then
-publishes ONE IncidentUpdated per changed incident (its latest version), and only then acks the batch's alerts.
+publishes ONE IncidentUpdated per changed incident (its latest version), and only then acks the batch's alerts. The
+wait is pipelined: the next batch is correlated while the broker acknowledges the previous one's writes; batches are
+published in order.
 
 Delivery: ``at_least_once``. Offsets are committed only for acked alerts, whose state writes are on the broker, so
 after a crash the alerts since the last commit are applied again; correlation detects them (the Kafka offset is the
@@ -29,6 +31,7 @@ Undecodable records are dead-lettered to ``<topic>.dlq`` with the reason in head
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -56,6 +59,9 @@ CORRELATE_SECONDS = Histogram("pilothouse_sensing_correlate_seconds", "Alert bat
 ACK_WAIT_SECONDS = Histogram("pilothouse_sensing_state_ack_wait_seconds",
                              "Per batch: waiting for the broker to acknowledge the state writes before publishing",
                              buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2))
+ALERT_WAIT_SECONDS = Histogram("pilothouse_sensing_alert_wait_seconds",
+                               "Per batch: its oldest alert's record timestamp (producer or broker clock) -> "
+                               "correlation starts", buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2))
 BATCH_SIZE = Histogram("pilothouse_sensing_correlate_batch_alerts", "Alerts per correlation batch",
                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 OPEN_INCIDENTS = Gauge("pilothouse_sensing_incidents_in_state", "Incidents in the state tables")
@@ -109,6 +115,8 @@ class CorrelationWorker:
         # always match the durable incidents and cost no changelog records (the alert index was two of every three).
         self.tables = MappingStore(app.Table("incidents", default=None, partitions=1, use_partitioner=True), {}, {})
         self._index_stale = True
+        self._taken: dict[Any, int] = {}  # alert partition -> next offset not yet taken into a batch
+        self._given_up: dict[Any, int] = {}  # alert partition -> a high-water mark waited for in vain
         self.alerts_topic = app.topic(settings.alerts_topic, value_serializer="raw", key_serializer="raw")
         self.telemetry_topic = app.topic(settings.telemetry_topic, value_serializer="raw", key_serializer="raw")
         self.incidents_topic = app.topic(settings.incidents_topic, value_serializer="raw", key_serializer="raw")
@@ -122,22 +130,87 @@ class CorrelationWorker:
         # as soon as the queue runs dry (or batch_max is reached). Idle, an alert is processed alone at once; under
         # load, batches grow and a busy incident costs one state write and one update per batch, not per alert.
         # (stream.take_events would wait out its `within` timeout even for a single event: latency for nothing.)
-        # Acks are manual (noack): an event counts as processed only after its batch's writes were handed to the
-        # producer, and Faust flushes the producer before it commits offsets.
+        # Pipelined: while the broker acknowledges one batch's state writes (then its updates are published and its
+        # alerts acked, by a task), the next batch is correlated. Updates are published strictly in batch order,
+        # each batch's only once its state writes are acknowledged; within a batch, an update goes out as soon as
+        # it is built when that is already so (the first incidents of a burst do not wait for the last one's).
+        # Acks are manual (noack): an event counts as processed only after its batch's updates were handed to the
+        # producer, and Faust flushes the producer before it commits offsets. If a batch fails, the worker stops
+        # with it (and every later batch) unacked, and the restarted worker replays them.
         stream = stream.noack()
         pending: list[Any] = []
-        async for event in stream.events():
-            pending.append(event)
-            if len(pending) < self.settings.batch_max and not stream.channel.empty():
-                continue
-            # acked only once processed: if the batch fails unexpectedly, the worker stops with it unacked and
-            # the restarted worker replays it (an ack in a `finally` could have let its offsets be committed)
-            await self._alert_batch(pending)
-            for e in pending:
-                await stream.ack(e)
-            pending.clear()
+        publishing: asyncio.Future | None = None  # the latest batch's publication
+        older: asyncio.Future | None = None  # the one before it
+        try:
+            async for event in stream.events():
+                pending.append(event)
+                self._taken[event.message.tp] = event.message.offset + 1
+                if len(pending) < self.settings.batch_max and (
+                        not stream.channel.empty() or await self._more_in_log(stream)):
+                    continue
+                batch, pending = pending, []
+                if older is not None:
+                    await older  # at most two batches wait for their acks; raises if a publication failed
+                older, publishing = publishing, await self._alert_batch(batch, publishing, stream)
+        finally:
+            for task in (older, publishing):
+                if task is not None and not task.done():
+                    task.cancel()  # its alerts stay unacked: a restart replays them
 
-    async def _alert_batch(self, events: list[Any]) -> None:
+    async def _more_in_log(self, stream: Any) -> bool:
+        """True once the stream has another event that the log already held: the batch should take it too.
+
+        The queue runs dry between the fetcher's deliveries, also when the log holds more: the rest of a webhook's
+        alerts on another partition, or a backlog. Taking only what is queued then made batches of 1-10 alerts at
+        half the maximum rate (a state-ack round and an update per incident each) and of ~100 under load (little
+        coalescing). So while the consumer's last fetch saw records beyond those taken (its high-water mark), wait
+        for the fetcher, at most ``gather_max_ms``; never when the log holds nothing more (an idle alert is
+        processed at once). A high-water mark that did not bring records in time (offsets that are transaction
+        markers, not records) is not waited for again."""
+        deadline = time.monotonic() + self.settings.gather_max_ms / 1000
+        while True:
+            behind = [tp for tp, nxt in self._taken.items() if self._highwater(tp) > nxt
+                      and self._given_up.get(tp) != self._highwater(tp)]
+            if not behind:
+                return False
+            if time.monotonic() >= deadline:
+                for tp in behind:
+                    self._given_up[tp] = self._highwater(tp)
+                return False
+            await asyncio.sleep(0.0002)
+            if not stream.channel.empty():
+                return True
+
+    def _highwater(self, tp: Any) -> int:
+        try:
+            hw = self.app.consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - not known (yet): nothing to wait for
+            return -1
+        return hw if isinstance(hw, int) else -1
+
+    async def _publish(self, events: list[Any], built: list[tuple[bytes, bytes]], acked: asyncio.Future,
+                       previous: asyncio.Future | None, stream: Any) -> None:
+        """After the previous batch's publication and this batch's state acknowledgement: publish the updates not
+        yet sent, then ack the batch's alerts."""
+        if previous is not None:
+            await previous
+        waited = time.perf_counter()
+        await acked
+        ACK_WAIT_SECONDS.observe(time.perf_counter() - waited)
+        await self._send_updates(built)
+        for e in events:
+            await stream.ack(e)
+
+    async def _send_updates(self, built: list[tuple[bytes, bytes]]) -> None:
+        producer = self.app.producer
+        for key, value in built:
+            # Handed to the producer, ack not awaited: Faust flushes the producer before it commits these offsets.
+            await producer.send(self.settings.incidents_topic, key, value, None, None, None)
+
+    async def _alert_batch(self, events: list[Any], previous: asyncio.Future | None,
+                           stream: Any) -> asyncio.Future:
+        """Decode and correlate a batch (its state writes handed to the producer), build its IncidentUpdated
+        records, and return the task that publishes them (some may be sent already) and acks the batch."""
         started = time.perf_counter()
         records: list[tuple[Any, Any]] = []  # (record, message)
         for event in events:
@@ -145,15 +218,55 @@ class CorrelationWorker:
                 records.append((self.alert_codec.decode(event.value), event.message))
             except PermanentError as e:
                 await self._dead_letter(event.message, e)
-        if not records:
-            return
-        BATCH_SIZE.observe(len(records))
-        if self._index_stale:  # first batch after an assignment: the table is recovered by now
-            self.tables.rebuild_indexes()
-            self._index_stale = False
-            OPEN_INCIDENTS.set(len(self.tables.incidents))
-        result = self.handler.correlate_batch([(r, m.offset) for r, m in records], self.tables)
-        cause: dict[str, Any] = {}  # incident id -> message of the last alert that changed it
+        built: list[tuple[bytes, bytes]] = []
+        if records:
+            BATCH_SIZE.observe(len(records))
+            stamps = [m.timestamp for _, m in records if m.timestamp]  # seconds (Faust converts Kafka's ms)
+            if stamps:
+                ALERT_WAIT_SECONDS.observe(max(0.0, time.time() - min(stamps)))
+            if self._index_stale:  # first batch after an assignment: the table is recovered by now
+                self.tables.rebuild_indexes()
+                self._index_stale = False
+                # Everything alive now (Faust, clients, rules, the recovered state) lives as long as the worker:
+                # out of the cyclic collector's sight it is not traversed again by every full collection. Those
+                # took 60-95 ms each here (the correlator stops meanwhile: the p99 of alert -> update latency).
+                gc.freeze()
+                OPEN_INCIDENTS.set(len(self.tables.incidents))
+            result = self.handler.correlate_batch([(r, m.offset) for r, m in records], self.tables)
+            incidents = await self._outcomes(records, result)
+        else:
+            incidents = []
+        # Wait-for-acks on exactly this batch's state writes (and earlier ones): once they are all with the client,
+        # the flush task's first step notes the producer batches in flight, before anything else is added.
+        await self._drain_state_buffer()
+        acked = asyncio.ensure_future(self.app.producer.flush())
+        await asyncio.sleep(0)
+        # The records are built while the state writes travel: every await lets the client send and read acks.
+        # The state of every version about to be published is on the broker first (changelog acknowledged): a
+        # consumer never sees a version that a restart could not reproduce, so versions on the topic only grow
+        # even when the replay after a crash is batched differently.
+        sent = 0
+        for inc, cause in incidents:
+            await asyncio.sleep(0)
+            try:
+                metrics = await self._metrics_for(inc)
+                update = self.handler.incident_record(inc, metrics=metrics)
+                built.append((update.incident_id.encode(), self.incident_codec.encode(update)))
+            except Exception as e:  # noqa: BLE001 - dead-letter the alert that caused this version, go on
+                log.exception("incident record failed", extra={"incident_id": inc.incident_id})
+                await self._dead_letter(cause, e, prefix="incident record failed: ")
+            if _succeeded(acked) and (previous is None or _succeeded(previous)):
+                await self._send_updates(built[sent:])
+                sent = len(built)
+        CORRELATE_SECONDS.observe(time.perf_counter() - started)
+        task = asyncio.ensure_future(self._publish(events, built[sent:], acked, previous, stream))
+        task.add_done_callback(_log_failure)  # seen now; the agent raises it when it next awaits the task
+        return task
+
+    async def _outcomes(self, records: list[tuple[Any, Any]], result: Any) -> list[tuple[Incident, Any]]:
+        """Count and log the outcomes, dead-letter the alerts that raised; the incidents to emit, each with the
+        message of the last alert that changed it."""
+        cause: dict[str, Any] = {}
         for (record, msg), outcome in zip(records, result.outcomes):
             if isinstance(outcome, Exception):  # a bug on one record must not stop the stream or lose it
                 log.error("correlation failed", exc_info=outcome, extra={"offset": msg.offset})
@@ -164,39 +277,15 @@ class CorrelationWorker:
                 log.info("alert ignored", extra={"event_id": record.event_id, "reason": outcome.reason})
             if outcome.incident is not None:
                 cause[outcome.incident.incident_id] = msg
-        if not result.incidents:
-            return
-        # The records are built while the state writes travel: every await lets Faust's producer buffer hand them
-        # to the client and the client send them, so the acknowledgements are mostly in by the time they are needed.
-        built = []
-        for inc in result.incidents:
-            await asyncio.sleep(0)
-            try:
-                metrics = await self._metrics_for(inc)
-                update = self.handler.incident_record(inc, metrics=metrics)
-                built.append((update.incident_id.encode(), self.incident_codec.encode(update)))
-            except Exception as e:  # noqa: BLE001 - dead-letter the alert that caused this version, go on
-                log.exception("incident record failed", extra={"incident_id": inc.incident_id})
-                await self._dead_letter(cause[inc.incident_id], e, prefix="incident record failed: ")
-        # The state of every version about to be published is on the broker first (changelog acknowledged): a
-        # consumer never sees a version that a restart could not reproduce, so versions on the topic only grow
-        # even when the replay after a crash is batched differently.
-        waited = time.perf_counter()
-        await self._flush_state()
-        ACK_WAIT_SECONDS.observe(time.perf_counter() - waited)
-        producer = self.app.producer
-        for key, value in built:
-            # Handed to the producer, ack not awaited: Faust flushes the producer before it commits these offsets.
-            await producer.send(self.settings.incidents_topic, key, value, None, None, None)
-        CORRELATE_SECONDS.observe(time.perf_counter() - started)
+        return [(inc, cause[inc.incident_id]) for inc in result.incidents]
 
-    async def _flush_state(self) -> None:
-        """Wait until every table write made so far is acknowledged by the broker.
+    async def _drain_state_buffer(self) -> None:
+        """Hand every table write made so far to the Kafka client (Faust's producer buffer empty).
 
-        Table writes go through Faust's producer buffer, whose ``flush()`` gives up after 0.1 s without a message
-        sent and returns with messages still buffered; so drain it until it is empty, then flush the client.
-        The buffer's task hands messages over without suspending, so a yield or two usually empties it; the timed
-        ``flush()`` (a task and a timer per message) is the fallback for a client that pushes back."""
+        The buffer's ``flush()`` gives up after 0.1 s without a message sent and returns with messages still
+        buffered; so drain it until it is empty. The buffer's task hands messages over without suspending, so a
+        yield or two usually empties it; the timed ``flush()`` (a task and a timer per message) is the fallback for
+        a client that pushes back."""
         producer = self.app.producer
         for _ in range(3):
             if not producer.buffer.size:
@@ -204,7 +293,6 @@ class CorrelationWorker:
             await asyncio.sleep(0)
         while producer.buffer.size:
             await producer.buffer.flush()
-        await producer.flush()
 
     async def _telemetry(self, stream: Any) -> None:
         async for event in stream.events():
@@ -251,9 +339,39 @@ class CorrelationWorker:
 
     async def _check_assignment(self, sender: Any, assigned: Any, **_: Any) -> None:
         self._index_stale = True  # Faust recovers the tables before the streams resume
+        self._taken.clear()
+        self._given_up.clear()
+        _cap_fetch_wait(self.app, self.settings.fetch_max_wait_ms)
         mine = sorted(tp.partition for tp in assigned if tp.topic == self.settings.alerts_topic)
         # one instance must hold every partition (see the module docstring); make a split visible in the logs
         log.info("partitions assigned", extra={"alerts_partitions": mine})
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("publishing a batch failed; its alerts stay unacked", exc_info=task.exception())
+
+
+def _succeeded(task: asyncio.Future) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+def _cap_fetch_wait(app: faust.App, wait_ms: int) -> bool:
+    """Cap how long the consumer's fetch requests wait at the broker for data (Faust hard-codes 1500 ms).
+
+    aiokafka sends a node at most one fetch request at a time, for the partitions that have no records buffered. A
+    request that covers only partitions without new data (the telemetry topic, or alert partitions whose records are
+    all still buffered) waits the full time at the broker, and records arriving meanwhile on the other partitions
+    wait with it: measured in the bench, a 1.4 s stall with seconds of alerts in the log. Faust has no setting for
+    it, so the value is set on the started consumer's fetcher (private attributes; returns False, and changes
+    nothing, if this Faust/aiokafka does not have them)."""
+    fetcher = getattr(getattr(getattr(app.consumer, "_thread", None), "_consumer", None), "_fetcher", None)
+    if fetcher is None or not isinstance(getattr(fetcher, "_fetch_max_wait_ms", None), int):
+        log.warning("cannot cap the consumer's fetch wait (Faust/aiokafka internals changed); alerts may wait "
+                    "up to 1.5 s behind an idle partition")
+        return False
+    fetcher._fetch_max_wait_ms = wait_ms
+    return True
 
 
 def build_worker(settings: SensingSettings | None = None, bus: BusSettings | None = None,
@@ -271,8 +389,7 @@ def build_worker(settings: SensingSettings | None = None, bus: BusSettings | Non
         metrics = PrometheusMetrics(settings.prometheus_url, settings.prometheus_queries,
                                     timeout_s=settings.prometheus_timeout_s, step_s=settings.prometheus_step_s,
                                     pre_window_ms=settings.pre_incident_window_s * 1000,
-                                    context_queries=settings.prometheus_context_queries,
-                                    reference_exclude_query=settings.prometheus_reference_exclude_query)
+                                    context_queries=settings.prometheus_context_queries)
     return CorrelationWorker(settings, bus, redactor, metrics=metrics)
 
 

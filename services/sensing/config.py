@@ -67,6 +67,12 @@ class SensingSettings(BaseSettings):
     batch_max: int = Field(500, gt=0, le=10_000, description="most alerts the correlator applies as one batch "
                            "(one state write and one update per changed incident per batch); a batch never waits "
                            "for more alerts than are already queued")
+    gather_max_ms: float = Field(
+        5.0, ge=0, le=1000, description="while the log holds alerts beyond those taken, the correlator waits at most "
+        "this long for them to join the batch (never when the log holds nothing more)")
+    fetch_max_wait_ms: int = Field(
+        10, ge=1, le=1500, description="how long a fetch of the correlator's consumer waits at the broker for data; "
+        "records of other partitions wait behind it (Faust's fixed 1500 ms stalled the correlator for up to 1.5 s)")
     data_dir: Path = Path("/tmp/pilothouse-sensing")
     dependency_map: Path = DEFAULT_DEPENDENCY_MAP
     group_window_s: int = Field(900, gt=0, description="an alert joins an open incident seen within this window")

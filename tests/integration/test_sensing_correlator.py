@@ -259,3 +259,45 @@ def test_a_poison_pill_is_dead_lettered_and_the_stream_goes_on(stack_info, bus_s
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(30)
         reader.close()
+
+
+@pytest.mark.timeout(180)
+def test_offset_gaps_of_transactional_writes_neither_stall_nor_change_the_incidents(stack_info, bus_settings,
+                                                                                     new_topic, tmp_path, app_id):
+    """Alerts written in transactions: each commit marker takes an offset that is no record, so the partition's
+    high-water mark stays ahead of the last alert. The correlator gathers a batch while the log holds more than it
+    took; a gap must not keep it waiting (the last alert of each transaction would never be processed), and the
+    incidents must be those of a plain run."""
+    from confluent_kafka import Producer
+
+    alerts_topic, telemetry_topic, incidents_topic = new_topic(1), new_topic(1), new_topic(1)
+    run = uuid.uuid4().hex[:8]
+    env = _env(stack_info, {
+        "PILOTHOUSE_SENSING_ALERTS_TOPIC": alerts_topic,
+        "PILOTHOUSE_SENSING_TELEMETRY_TOPIC": telemetry_topic,
+        "PILOTHOUSE_SENSING_INCIDENTS_TOPIC": incidents_topic,
+        "PILOTHOUSE_SENSING_APP_ID": app_id,
+    }, tmp_path / "data")
+    alerts = _alerts(100, run)
+    expected = _reference(alerts)
+    serde = Serde()
+    producer = Producer({**bus_settings("admin").librdkafka(), "transactional.id": f"test.{run}"})
+    producer.init_transactions(30)
+    reader = IncidentReader(bus_settings, incidents_topic)
+    worker = _start(env, tmp_path / "worker.log")
+    try:
+        for start in range(0, len(alerts), 25):  # four transactions: four markers, one after each burst
+            producer.begin_transaction()
+            for a in alerts[start:start + 25]:
+                producer.produce(alerts_topic, key=a.fingerprint, value=serde.encode(a))
+            producer.commit_transaction(30)
+            time.sleep(0.5)  # the worker catches up in between: it meets each gap at the end of what it has
+        done = _wait_for(lambda: _summary(reader.latest()) == expected, 90, worker)
+        got = _summary(reader.latest())
+        assert done, (f"{len(got)} incidents vs {len(expected)} expected\n"
+                      + (tmp_path / "worker.log").read_text()[-3000:])
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(30)
+        reader.close()

@@ -19,7 +19,7 @@ from pilothouse.sensing.adapters.prometheus import PrometheusMetrics
 from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
 from pilothouse.sensing.correlation import Correlator, DependencyMap, MemoryStore
 from pilothouse.sensing.evidence import Window
-from pilothouse.sensing.handlers import IncidentHandler, IngestHandler, evidence_sha256
+from pilothouse.sensing.handlers import AlertEvidenceCache, IncidentHandler, IngestHandler, evidence_sha256
 from pilothouse.sensing.redaction import Redactor
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "alert-payloads"
@@ -133,6 +133,51 @@ def test_incident_record_carries_alert_log_and_change_evidence_and_edges(redacto
     assert second.evidence_sha256 == evidence_sha256(reversed(second.evidence))  # order-independent
     assert second.evidence_sha256 != first.evidence_sha256
     Serde().encode(second)  # fits its schema
+
+
+def _changing_alerts(n: int, seed: int) -> list[AlertReceived]:
+    """Alerts that change every input of an alert's evidence item: status (resolve, re-fire), severity, summary,
+    the event, and incidents that open, grow, resolve and re-open (time gaps beyond the grouping window)."""
+    import random
+
+    rnd = random.Random(seed)
+    out, at = [], T
+    for i in range(n):
+        at += rnd.choice([1_000, 5_000, 30_000, 20 * 60_000 if rnd.random() < 0.05 else 2_000])
+        out.append(AlertReceived(
+            event_id=f"e{i}", correlation_id=f"e{i}", occurred_at=_ts(at), source="alertmanager",
+            fingerprint=f"fp-{rnd.randrange(25)}", status=rnd.choice(["firing", "firing", "resolved"]),
+            severity=rnd.choice(["critical", "warning"]), service=rnd.choice(["frontend", "checkout", "cart", "ad"]),
+            summary=rnd.choice(["errors up", "errors up again", "latency high"]), starts_at=_ts(at),
+            received_at=_ts(at), redaction=RedactionManifest(ruleset_version="rs-x", scanned=True)))
+    return out
+
+
+@pytest.mark.parametrize("max_items", [50_000, 7])
+def test_cached_alert_evidence_gives_the_record_a_fresh_build_gives(redactor, max_items):
+    """The alert items of an update come from a cache (built once per alert state): every record must equal the
+    one a handler without any cache history builds for the same incident (and its hash must be the evidence's)."""
+    deps = DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())
+    h, store = IncidentHandler(Correlator(deps), redactor, new_id=lambda: "id"), MemoryStore()
+    h.alert_items = AlertEvidenceCache(max_items=max_items)
+    for i in range(30):  # log lines: some updates carry a log burst too (the other, scanned-again branch)
+        h.handle_telemetry(_log(i, "cart", T + 600_000 + i * 1000, f"cart write failed for user {i}"))
+    emitted = with_logs = 0
+    for k, alert in enumerate(_changing_alerts(400, seed=7)):
+        # the metric-source note is part of each alert item: it changes now and then
+        metrics = ([], "not configured") if k % 50 < 40 else ([], "prometheus unreachable or failing: timeout")
+        outcome = h.correlate(alert, store, sequence=k)
+        if not outcome.emits:
+            continue
+        got = h.incident_record(outcome.incident, metrics=metrics)
+        fresh = IncidentHandler(Correlator(deps), redactor, new_id=lambda: "id", telemetry=h.telemetry)
+        assert got == fresh.incident_record(outcome.incident, metrics=metrics)
+        assert got.evidence_sha256 == evidence_sha256(got.evidence)
+        emitted += 1
+        with_logs += any(e.kind == "log_burst" for e in got.evidence)
+        largest = max(len(i.alerts) for i in (store.get_incident(x) for x in store.incidents))
+        assert len(h.alert_items) <= max(max_items, largest)
+    assert emitted > 100 and with_logs > 0
 
 
 def _free_port():
