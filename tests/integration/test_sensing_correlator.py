@@ -80,6 +80,19 @@ def app_id(stack_info):
             pass
 
 
+def _worker_setup(stack_info, new_topic, tmp_path: Path, app_id: str, **extra: str) -> tuple[str, str, dict]:
+    """New alerts/telemetry/incidents topics (one partition each) and the worker's environment for them."""
+    alerts_topic, telemetry_topic, incidents_topic = new_topic(1), new_topic(1), new_topic(1)
+    env = _env(stack_info, {
+        "PILOTHOUSE_SENSING_ALERTS_TOPIC": alerts_topic,
+        "PILOTHOUSE_SENSING_TELEMETRY_TOPIC": telemetry_topic,
+        "PILOTHOUSE_SENSING_INCIDENTS_TOPIC": incidents_topic,
+        "PILOTHOUSE_SENSING_APP_ID": app_id,
+        **extra,
+    }, tmp_path / "data")
+    return alerts_topic, incidents_topic, env
+
+
 def _start(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pilothouse.sensing.app_faust"], env=env,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -146,15 +159,9 @@ def _wait_for(predicate, timeout_s: float, worker: subprocess.Popen | None = Non
 @pytest.mark.timeout(240)
 def test_sigkill_mid_stream_neither_loses_nor_duplicates_incidents(stack_info, bus_settings, new_topic, tmp_path,
                                                                    app_id):
-    alerts_topic, telemetry_topic, incidents_topic = new_topic(1), new_topic(1), new_topic(1)
+    alerts_topic, incidents_topic, env = _worker_setup(stack_info, new_topic, tmp_path, app_id,
+                                                       PILOTHOUSE_SENSING_COMMIT_INTERVAL_S="1.0")
     run = uuid.uuid4().hex[:8]
-    env = _env(stack_info, {
-        "PILOTHOUSE_SENSING_ALERTS_TOPIC": alerts_topic,
-        "PILOTHOUSE_SENSING_TELEMETRY_TOPIC": telemetry_topic,
-        "PILOTHOUSE_SENSING_INCIDENTS_TOPIC": incidents_topic,
-        "PILOTHOUSE_SENSING_APP_ID": app_id,
-        "PILOTHOUSE_SENSING_COMMIT_INTERVAL_S": "1.0",
-    }, tmp_path / "data")
     alerts = _alerts(300, run)
     expected = _reference(alerts)
     assert len(expected) >= 12  # the scenario really forms many incidents
@@ -223,14 +230,8 @@ def test_sigkill_mid_stream_neither_loses_nor_duplicates_incidents(stack_info, b
 
 @pytest.mark.timeout(180)
 def test_a_poison_pill_is_dead_lettered_and_the_stream_goes_on(stack_info, bus_settings, new_topic, tmp_path, app_id):
-    alerts_topic, telemetry_topic, incidents_topic = new_topic(1), new_topic(1), new_topic(1)
+    alerts_topic, incidents_topic, env = _worker_setup(stack_info, new_topic, tmp_path, app_id)
     run = uuid.uuid4().hex[:8]
-    env = _env(stack_info, {
-        "PILOTHOUSE_SENSING_ALERTS_TOPIC": alerts_topic,
-        "PILOTHOUSE_SENSING_TELEMETRY_TOPIC": telemetry_topic,
-        "PILOTHOUSE_SENSING_INCIDENTS_TOPIC": incidents_topic,
-        "PILOTHOUSE_SENSING_APP_ID": app_id,
-    }, tmp_path / "data")
     producer = BusProducer(bus_settings("admin"))
     good = _alerts(1, run)[0]
     producer.produce_bytes(alerts_topic, b"\xc3\x01" + b"\x00" * 8 + b"garbage", key=b"poison")
@@ -270,14 +271,8 @@ def test_offset_gaps_of_transactional_writes_neither_stall_nor_change_the_incide
     incidents must be those of a plain run."""
     from confluent_kafka import Producer
 
-    alerts_topic, telemetry_topic, incidents_topic = new_topic(1), new_topic(1), new_topic(1)
+    alerts_topic, incidents_topic, env = _worker_setup(stack_info, new_topic, tmp_path, app_id)
     run = uuid.uuid4().hex[:8]
-    env = _env(stack_info, {
-        "PILOTHOUSE_SENSING_ALERTS_TOPIC": alerts_topic,
-        "PILOTHOUSE_SENSING_TELEMETRY_TOPIC": telemetry_topic,
-        "PILOTHOUSE_SENSING_INCIDENTS_TOPIC": incidents_topic,
-        "PILOTHOUSE_SENSING_APP_ID": app_id,
-    }, tmp_path / "data")
     alerts = _alerts(100, run)
     expected = _reference(alerts)
     serde = Serde()
