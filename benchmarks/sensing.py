@@ -143,7 +143,8 @@ class TopicWatch:
         self._raw: list[tuple[float, float, int, bytes]] = []  # (perf_counter, wall ms, log time ms, value)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._c = Consumer({**kafka_conf, "group.id": f"bench.{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
+        self.group_id = f"bench.{uuid.uuid4().hex[:8]}"  # deleted with the bench's topics
+        self._c = Consumer({**kafka_conf, "group.id": self.group_id, "auto.offset.reset": "earliest",
                             "enable.auto.commit": False, "fetch.wait.max.ms": 1, "fetch.min.bytes": 1})
         self._c.subscribe([topic])
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -283,10 +284,10 @@ def _correlator_metrics(port: int) -> dict[str, float]:
     return out
 
 
-def delete_app_topics(admin, app_id: str, extra: list[str] = ()) -> list[str]:
+def delete_app_topics(admin, app_id: str, extra: list[str] = (), groups: list[str] = ()) -> list[str]:
     """Delete ``extra`` topics and what a Faust app ``app_id`` created on the broker: its changelog and assignor
-    topics (``<app_id>-*``) and its consumer group. Returns what could not be deleted (best effort: names are
-    uuid-scoped, nothing else matches them)."""
+    topics (``<app_id>-*``) and its consumer group (and the consumer ``groups`` given). Returns what could not be
+    deleted (best effort: names are uuid-scoped, nothing else matches them)."""
     names = list(extra) + [t for t in admin.list_topics(timeout=10).topics if t.startswith(app_id + "-")]
     failed = []
     for name, fut in (admin.delete_topics(names).items() if names else []):
@@ -295,7 +296,7 @@ def delete_app_topics(admin, app_id: str, extra: list[str] = ()) -> list[str]:
         except Exception:  # noqa: BLE001 - reported to the caller
             failed.append(name)
     try:
-        for fut in admin.delete_consumer_groups([app_id]).values():
+        for fut in admin.delete_consumer_groups([app_id, *groups]).values():
             fut.result(30)
     except Exception:  # noqa: BLE001 - a group that never formed (or is still leaving) is no leak worth failing on
         pass
@@ -463,7 +464,8 @@ def real_path(args, info) -> dict:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-        left = delete_app_topics(admin, app_id, list(topics.values()))
+        left = delete_app_topics(admin, app_id, list(topics.values()),
+                                 [w.group_id for w in (watch, alert_watch) if w is not None])
         if left:
             print(f"could not delete bench topics: {left}", file=sys.stderr)
 
