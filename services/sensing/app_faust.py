@@ -11,8 +11,8 @@ were made: grouping needs a global view (an alert of one partition joins an inci
 per-partition state would not give. Consequence: run one correlator instance (a second one would split the
 partitions between them and group only within its share); the worker logs the partitions it holds.
 
-Batches: the agent takes the alerts already queued (up to ``batch_max``, never waiting for more), applies them one
-by one through a read cache, writes state after every alert, waits until the broker acknowledged those writes, then
+Batches: the agent takes the alerts already queued (up to ``batch_max``; it waits, at most ``gather_max_ms``, only
+for alerts the log already holds beyond those taken), applies them one by one through a read cache, writes state after every alert, waits until the broker acknowledged those writes, then
 publishes ONE IncidentUpdated per changed incident (its latest version), and only then acks the batch's alerts. The
 wait is pipelined: the next batch is correlated while the broker acknowledges the previous one's writes; batches are
 published in order.
@@ -126,9 +126,9 @@ class CorrelationWorker:
 
     # ---- agents -----------------------------------------------------------------------------------------------------
     async def _alerts(self, stream: Any) -> None:
-        # Batches without waiting: events are collected while more are already queued, and the batch is processed
-        # as soon as the queue runs dry (or batch_max is reached). Idle, an alert is processed alone at once; under
-        # load, batches grow and a busy incident costs one state write and one update per batch, not per alert.
+        # Batches without a time window: events are collected while more are queued or the log holds more than was
+        # taken (_more_in_log), and the batch is processed when neither holds (or batch_max is reached). Idle, an
+        # alert is processed alone at once; under load, batches grow and a busy incident costs one update per batch.
         # (stream.take_events would wait out its `within` timeout even for a single event: latency for nothing.)
         # Pipelined: while the broker acknowledges one batch's state writes (then its updates are published and its
         # alerts acked, by a task), the next batch is correlated. Updates are published strictly in batch order,
