@@ -473,14 +473,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"llm {hyps.llm_status})")
 
     stage("waiting for validation", f"hypothesis {top.hypothesis_id}")
-    if args.validate_as:
-        user = ConsoleUser(console_url, args.validate_as, demo.passwords[args.validate_as])
+    validated: list[str] = []  # hypothesis ids the unattended responder validated, in order
+    user = ConsoleUser(console_url, args.validate_as, demo.passwords[args.validate_as]) if args.validate_as else None
+
+    def validate(h) -> None:
+        assert user is not None
         wait_for("the console to show the hypothesis",
                  lambda: user.get(f"/api/incidents/{inc.incident_id}").status_code == 200, tmo)
         resp = wait_for("the console to accept the validation", lambda: _accepted(user.post(
-            f"/api/hypotheses/{top.hypothesis_id}/decision",
+            f"/api/hypotheses/{h.hypothesis_id}/decision",
             {"verdict": "validated", "comment": "demo: evidence and checks reviewed"})), 60, 1.0)
-        stage("validated", f"by {args.validate_as} ({resp.get('status', 'recorded')})")
+        validated.append(h.hypothesis_id)
+        stage("validated", f"{h.root_cause_service} ({h.fault_kind}) by {args.validate_as} "
+                           f"({resp.get('status', 'recorded')})")
+
+    if user is not None:
+        validate(top)
     else:
         say(f"   open {console_url}/incidents/{inc.incident_id} and validate the hypothesis")
         wait_for("a human validation", lambda: [v for _, v in obs.of("validation")
@@ -488,8 +496,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def pending():
         for t, p in obs.of("pending"):
-            if p.incident_id == inc.incident_id and p.hypothesis_id == top.hypothesis_id:
+            if p.incident_id == inc.incident_id and (p.hypothesis_id in validated or user is None):
                 return t, p
+        if user is not None:
+            # As a responder watching the console would: when the engine refines its top hypothesis (the same
+            # service with another fault kind is a new hypothesis, e.g. errors first, memory growth later), the
+            # refined one needs its own gate-1 validation before its actions can be decided.
+            latest = [h for _, h in obs.of("hypotheses") if h.incident_id == inc.incident_id
+                      and h.outcome == "supported" and h.hypotheses]
+            if latest and latest[-1].hypotheses[0].hypothesis_id not in validated:
+                validate(latest[-1].hypotheses[0])
         return None
 
     t_pend, pend = wait_for("a pending action", pending, tmo)
@@ -555,6 +571,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log = fleet.get("/actions/log").json()
     report["max_executions_per_action"] = max((e["executions"] for e in log["entries"]), default=0)
     report["executions"] = {e["key"]: e["executions"] for e in log["entries"]}
+    report["validated_hypotheses"] = validated
     report["stage_times_ms"] = _stage_times(obs, inc, hyps, top, pend, auth)
     report["timeline"] = _timeline(obs, inc.incident_id, t0)
     report["ledger_verified"] = _verify_ledger(service_env("ledger", info, demo, work), say)
@@ -586,7 +603,8 @@ def _timeline(obs: Observed, incident_id: str, t0: float) -> list[dict[str, Any]
 def _stage_times(obs: Observed, inc, hyps, top, pend, auth) -> dict[str, int | None]:
     """Producer timestamps (ms) of each stage, from the records themselves (all producers share this clock)."""
     alerts = [a for _, a in obs.of("alert") if a.service in inc.services]
-    validation = [v for _, v in obs.of("validation") if v.hypothesis_id == top.hypothesis_id]
+    # the validation of the hypothesis the pending action serves (the top one, or its refinement)
+    validation = [v for _, v in obs.of("validation") if v.hypothesis_id == pend.hypothesis_id]
     executed = [e for _, e in obs.of("executed") if e.action_id == pend.action_id]
     verified = [v for _, v in obs.of("verified") if v.action_id == pend.action_id]
     opened = min((i.occurred_at for _, i in obs.of("incident") if i.incident_id == inc.incident_id),
