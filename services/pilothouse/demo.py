@@ -186,6 +186,9 @@ def service_env(svc: str, info: StackInfo, demo: DemoSecrets, work: Path,
             "PILOTHOUSE_POLICY_OPA_URL": info.opa_url,
             "PILOTHOUSE_POLICY_POSTGRES_DSN": dsn,
             "PILOTHOUSE_POLICY_HUMAN_KEYS": human_keys,
+            # The sandbox's risk budgets renew hourly (production default: daily), so a few demo and benchmark runs
+            # in a day do not spend a service's budget for the rest of it (a restart costs 10 of cart's 40).
+            "PILOTHOUSE_POLICY_BUDGET_WINDOW_H": "1",
         },
         "actuator": {
             "PILOTHOUSE_ACTUATOR_POSTGRES_DSN": dsn,
