@@ -128,6 +128,13 @@ class DependencyMap:
         s = set(services)
         return sorted(e for e in self.edges if e[0] in s and e[1] in s)
 
+    def topology(self, services: Iterable[str], scope: Iterable[str]) -> list[tuple[str, str]]:
+        """The edges an incident carries: those among its evidence ``scope``, plus the direct callers of its own
+        ``services`` (sorted). A caller is where a failing dependency is mitigated (its fallback, its retries):
+        knowing it must not wait until the caller's own alert joins the incident."""
+        own, inside = set(services), set(scope)
+        return sorted(e for e in self.edges if e[1] in inside and (e[0] in inside or e[1] in own))
+
     def _adjacency(self) -> dict[str, set[str]]:
         cached = self.__dict__.get("_adj")
         if cached is None:

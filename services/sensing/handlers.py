@@ -322,7 +322,7 @@ class IncidentHandler:
             other_items, redaction = [], self._empty_manifest()
         evidence = alert_items + other_items
         title = inc.title(deps)
-        edges = [avro.DependencyEdge(caller=a, callee=b) for a, b in deps.edges_among(scope)]
+        edges = [avro.DependencyEdge(caller=a, callee=b) for a, b in deps.topology(services, scope)]
         return avro.IncidentUpdated(
             event_id=self._new_id(), incident_id=inc.incident_id, correlation_id=inc.incident_id,
             causation_id=inc.causation_id, occurred_at=_ts(inc.last_seen), producer=PRODUCER,

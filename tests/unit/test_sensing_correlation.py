@@ -289,3 +289,14 @@ def test_downstream_covers_callees_within_hops_only():
     assert deps.downstream(["a"], 2) == ["a", "b", "c"]
     assert deps.downstream(["b", "a"], 1) == ["b", "a", "c"]
     assert deps.downstream(["d"], 3) == ["d"]  # callers are not pulled in
+
+
+def test_topology_carries_the_direct_callers_of_the_incidents_own_services():
+    """A failing dependency is mitigated at its caller: the incident names the caller from its first version, before
+    the caller's own alert joins; callers of services that are only in the evidence scope are not added."""
+    deps = DependencyMap.from_yaml("version: 1\nedges:\n  front: [cart]\n  cart: [redis]\n  redis: [disk]\n"
+                                   "  other: [disk]\n")
+    assert deps.topology(["redis"], ["redis", "disk"]) == [("cart", "redis"), ("redis", "disk")]
+    assert deps.topology(["cart", "redis"], ["cart", "redis", "disk"]) == [
+        ("cart", "redis"), ("front", "cart"), ("redis", "disk")]
+    assert deps.edges_among(["redis", "disk"]) == [("redis", "disk")]  # the evidence scope alone, as before
