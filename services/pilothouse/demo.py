@@ -575,7 +575,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["max_executions_per_action"] = max((e["executions"] for e in log["entries"]), default=0)
     report["executions"] = {e["key"]: e["executions"] for e in log["entries"]}
     report["validated_hypotheses"] = validated
-    report["stage_times_ms"] = _stage_times(obs, inc, hyps, top, pend, auth)
+    report["stage_times_ms"] = _stage_times(obs, inc, hyps, pend, auth)
     report["timeline"] = _timeline(obs, inc.incident_id, t0)
     report["ledger_verified"] = _verify_ledger(service_env("ledger", info, demo, work), say)
     watcher.stop()
@@ -603,7 +603,7 @@ def _timeline(obs: Observed, incident_id: str, t0: float) -> list[dict[str, Any]
     return out
 
 
-def _stage_times(obs: Observed, inc, hyps, top, pend, auth) -> dict[str, int | None]:
+def _stage_times(obs: Observed, inc, hyps, pend, auth) -> dict[str, int | None]:
     """Producer timestamps (ms) of each stage, from the records themselves (all producers share this clock)."""
     alerts = [a for _, a in obs.of("alert") if a.service in inc.services]
     # the validation of the hypothesis the pending action serves (the top one, or its refinement)
