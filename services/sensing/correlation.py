@@ -123,11 +123,6 @@ class DependencyMap:
                     frontier.append((nxt, dist + 1))
         return start + sorted(seen - set(start))
 
-    def edges_among(self, services: Iterable[str]) -> list[tuple[str, str]]:
-        """Direct edges whose both ends are in ``services`` (sorted)."""
-        s = set(services)
-        return sorted(e for e in self.edges if e[0] in s and e[1] in s)
-
     def topology(self, services: Iterable[str], scope: Iterable[str]) -> list[tuple[str, str]]:
         """The edges an incident carries: those among its evidence ``scope``, plus the direct callers of its own
         ``services`` (sorted). A caller is where a failing dependency is mitigated (its fallback, its retries):
