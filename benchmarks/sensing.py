@@ -145,7 +145,7 @@ class TopicWatch:
         self._stop = threading.Event()
         self.group_id = f"bench.{uuid.uuid4().hex[:8]}"  # deleted with the bench's topics
         self._c = Consumer({**kafka_conf, "group.id": self.group_id, "auto.offset.reset": "earliest",
-                            "enable.auto.commit": False, "fetch.wait.max.ms": 1, "fetch.min.bytes": 1})
+                            "enable.auto.commit": False, "fetch.wait.max.ms": 100, "fetch.min.bytes": 1})
         self._c.subscribe([topic])
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -273,6 +273,14 @@ def _run_delay_seconds(pid: int) -> float:
     return total
 
 
+def _broker_pid(info) -> int | None:
+    """The local stack's broker process (its pid file), or None when the broker is not one this stack started."""
+    from pilothouse.stack.procs import find
+
+    running = find(Path(info.data_dir) / "run", "kafka")
+    return running.pid if running is not None and running.alive() else None
+
+
 def _correlator_metrics(port: int) -> dict[str, float]:
     """Sums and counts of the correlator's histograms, from its /metrics."""
     import httpx
@@ -394,20 +402,25 @@ def real_path(args, info) -> dict:
             bodies.append((0.0, _webhook(run, start, args.batch, now), fps))
         sent: dict[str, float] = {}
         metrics0 = _correlator_metrics(cobs)
-        cpu0 = [_cpu_seconds(p.pid) for p in procs]
-        delay0 = [_run_delay_seconds(p.pid) for p in procs]
+        # every process on the machine that works for this phase: the two stages, the broker, this client
+        pids = {"gateway": procs[0].pid, "correlator": procs[1].pid, "client": os.getpid()}
+        broker = _broker_pid(info)
+        if broker is not None:
+            pids["broker"] = broker
+        cpu0 = {k: _cpu_seconds(pid) for k, pid in pids.items()}
+        delay0 = {k: _run_delay_seconds(pid) for k, pid in pids.items()}
         t0 = time.perf_counter()
         statuses = _post_all(url, bodies, sent, args.concurrency)
         posted_s = time.perf_counter() - t0
         all_fps = [fp for _, _, fps in bodies for fp in fps]
         complete = watch.wait_for(all_fps, 300)
         end = max(watch.first_seen.get(fp, time.perf_counter()) for fp in all_fps)
-        # CPU share of each stage's process over the full-speed phase (1.0 = it had its core to itself)
-        cpu_share = {mode: round((_cpu_seconds(p.pid) - c) / (time.perf_counter() - t0), 2)
-                     for mode, p, c in zip(("gateway", "correlator"), procs, cpu0)}
-        # ... and the share of the phase each process was ready to run but waited for its core (someone else had it)
-        cpu_wait = {mode: round((_run_delay_seconds(p.pid) - d) / (time.perf_counter() - t0), 2)
-                    for mode, p, d in zip(("gateway", "correlator"), procs, delay0)}
+        # CPU share of each process over the full-speed phase (1.0 = one core all the time; the machine has
+        # os.cpu_count() of them) ...
+        cpu_share = {k: round((_cpu_seconds(pid) - cpu0[k]) / (time.perf_counter() - t0), 2) for k, pid in pids.items()}
+        # ... and the share of the phase its threads were ready to run but waited for a core (someone else had it)
+        cpu_wait = {k: round((_run_delay_seconds(pid) - delay0[k]) / (time.perf_counter() - t0), 2)
+                    for k, pid in pids.items()}
         metrics1 = _correlator_metrics(cobs)
         delta = {k: metrics1.get(k, 0.0) - metrics0.get(k, 0.0) for k in metrics1}
         mean_batch = (delta.get("pilothouse_sensing_correlate_batch_alerts_sum", 0.0)

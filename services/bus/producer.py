@@ -186,3 +186,82 @@ def _registry(settings: BusSettings) -> Any | None:
 
     # new_client() returns the in-process mock registry for mock:// URLs (tests), a real client otherwise.
     return SchemaRegistryClient.new_client({"url": settings.schema_registry_url})
+
+
+class AsyncBatchProducer:
+    """Pre-encoded messages from an asyncio service, a batch at a time, each batch awaitable until the broker
+    acknowledged all of it (``acks=all``, idempotent: a batch lands in order, after the batches before it).
+
+    librdkafka does the sending in its own threads; its delivery reports are served on the event loop (``poll(0)``
+    every ``poll_interval_s`` while any message is outstanding, nothing while idle), so no callback runs on another
+    thread. For services whose stream library has a Python Kafka client of its own (the Faust correlator): a
+    message costs a C call here instead of a few dozen Python frames there."""
+
+    def __init__(self, producer: BusProducer, *, poll_interval_s: float = 0.0005) -> None:
+        import asyncio
+
+        self.producer = producer
+        self._raw = producer.raw
+        self._poll_interval_s = poll_interval_s
+        self._wake = asyncio.Event()
+        self._server: Any = None
+
+    def produce_batch(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None]], *,
+                      partition: int | None = None) -> Any:
+        """Queue ``(key, value)`` records (value None: a tombstone); returns an asyncio future that resolves once
+        every one is acknowledged, or fails with the first delivery error (translated) once all are reported."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._server is None or self._server.done():
+            self._server = loop.create_task(self._serve())
+        fut = loop.create_future()
+        state: list[Any] = [0, None]  # reports outstanding, first error
+
+        def report(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None and state[1] is None:
+                state[1] = translate_kafka_error(err, f"produce to {topic}")
+            state[0] -= 1
+            if state[0] == 0 and not fut.done():
+                fut.set_exception(state[1]) if state[1] is not None else fut.set_result(None)
+
+        extra = {} if partition is None else {"partition": partition}
+        for key, value in records:
+            state[0] += 1
+            while True:
+                try:
+                    self._raw.produce(topic, value=value, key=key, on_delivery=report, **extra)
+                    break
+                except BufferError:
+                    self._raw.poll(0.005)  # local queue full: serve delivery reports, then try again
+                except KafkaException as e:
+                    raise translate_kafka_error(e.args[0], f"produce to {topic}") from e
+        if state[0] == 0:
+            fut.set_result(None)
+        self._wake.set()
+        return fut
+
+    async def _serve(self) -> None:
+        import asyncio
+
+        while True:
+            if len(self._raw) == 0:  # nothing queued, in flight or reported but unserved
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._raw.poll(0)
+            await asyncio.sleep(self._poll_interval_s)
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Wait (without blocking the loop) for every outstanding message, then stop serving reports."""
+        import asyncio
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self._raw) and time.monotonic() < deadline:
+            self._raw.poll(0)
+            await asyncio.sleep(0.01)
+        if self._server is not None:
+            self._server.cancel()
+        if len(self._raw):
+            raise DeliveryFailed(f"{len(self._raw)} messages still queued after {timeout}s")

@@ -4,26 +4,32 @@ Consumes ``AlertReceived`` (alerts topic) and ``TelemetryReceived`` (telemetry t
 the compacted incidents topic, keyed by incident id, with a monotonic version per incident.
 
 State: one Faust table (``incidents``), in memory, backed by the changelog topic ``<app_id>-incidents-changelog``
-that Faust creates (the sensing principal owns the ``pilothouse-sensing-`` prefix). The alert index (dedup key ->
-incident) and the service index (service -> incident) are derived from the incidents after every assignment. The
-table has ONE changelog partition and uses the key partitioner, so recovery replays the writes in the order they
-were made: grouping needs a global view (an alert of one partition joins an incident of another), which a
-per-partition state would not give. Consequence: run one correlator instance (a second one would split the
-partitions between them and group only within its share); the worker logs the partitions it holds.
+that Faust creates and replays on assignment (the sensing principal owns the ``pilothouse-sensing-`` prefix). The
+worker writes that changelog itself, a batch at a time (:mod:`pilothouse.sensing.state`: each changed incident once,
+with the state it replaces, then a marker; recovery rolls back a batch without its marker), as raw bytes through
+librdkafka, and mirrors the records into the table. The alert index (dedup key -> incident) and the service index
+(service -> incident) are derived from the incidents after every assignment. The table has ONE changelog partition,
+so recovery replays the writes in the order they were made: grouping needs a global view (an alert of one partition
+joins an incident of another), which a per-partition state would not give. Consequence: run one correlator instance
+(a second one would split the partitions between them and group only within its share); the worker logs the
+partitions it holds.
 
 Batches: the agent takes the alerts already queued (up to ``batch_max``; it waits, at most ``gather_max_ms``, only
-for alerts the log already holds beyond those taken), applies them one by one through a read cache, writes state after every alert, waits until the broker acknowledged those writes, then
-publishes ONE IncidentUpdated per changed incident (its latest version), and only then acks the batch's alerts. The
-wait is pipelined: the next batch is correlated while the broker acknowledges the previous one's writes; batches are
-published in order.
+for alerts the log already holds beyond those taken), correlates them through a read cache, produces the batch's
+state records, then builds ONE IncidentUpdated per changed incident (its latest version) while they travel, and
+publishes each once the broker acknowledged the batch's state; the batch's alerts are acked once the broker has its
+updates too. The wait is pipelined: the next batch is correlated while the broker acknowledges the previous one's
+writes; batches are published in order. State writes and updates go through one idempotent librdkafka producer
+(:class:`pilothouse.bus.producer.AsyncBatchProducer`), not Faust's aiokafka one: per record a C call instead of a few
+dozen Python frames (with Faust's per-key table writes the worker spent a third of its CPU there).
 
-Delivery: ``at_least_once``. Offsets are committed only for acked alerts, whose state writes are on the broker, so
-after a crash the alerts since the last commit are applied again; correlation detects them (the Kafka offset is the
-alert's sequence) and re-emits the incident's current version instead of changing it, and opening an incident is
-deterministic (its id derives from the opening alert's event id). A published version's state is always durable,
-so versions on the topic only grow, and a restart neither loses nor duplicates incidents. Faust's ``exactly_once``
-(aiokafka transactions against Kafka 4.1) is not used: it is unproven there (see docs/kafka-from-maven.md) and the
-versioned, replay-safe writes make it unnecessary.
+Delivery: ``at_least_once``. Offsets are committed only for acked alerts, whose state writes and updates are on the
+broker, so after a crash the alerts since the last commit are applied again, onto the state after the last complete
+batch; correlation detects the ones already applied (the Kafka offset is the alert's sequence) and re-emits the
+incident's current version instead of changing it, and opening an incident is deterministic (its id derives from the
+opening alert's event id). A published version's state is always durable, so versions on the topic only grow, and a
+restart neither loses nor duplicates incidents. Faust's ``exactly_once`` (aiokafka transactions against Kafka 4.1) is
+not used: it is unproven there (see docs/kafka-from-maven.md) and the batch records make it unnecessary.
 
 Undecodable records are dead-lettered to ``<topic>.dlq`` with the reason in headers; the stream goes on.
 """
@@ -43,11 +49,13 @@ from prometheus_client import Counter, Gauge, Histogram
 from pilothouse.bus.config import BusSettings
 from pilothouse.bus.errors import PermanentError
 from pilothouse.bus.faust_codec import AvroCodec
+from pilothouse.bus.producer import AsyncBatchProducer, BusProducer
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.config import SensingSettings
-from pilothouse.sensing.correlation import CorrelationRules, Correlator, DependencyMap, Incident, MappingStore
+from pilothouse.sensing.correlation import CorrelationRules, Correlator, DependencyMap, Incident
 from pilothouse.sensing.handlers import IncidentHandler, MetricEvidence, TelemetryBuffer
 from pilothouse.sensing.redaction import Redactor
+from pilothouse.sensing.state import BatchLogStore, apply_records
 
 log = logging.getLogger("pilothouse.sensing.correlator")
 
@@ -89,6 +97,7 @@ class CorrelationWorker:
         self.handler = IncidentHandler(Correlator(deps, rules), redactor,
                                        telemetry=TelemetryBuffer(settings.telemetry_buffer_per_service))
         self.metrics = metrics  # PrometheusMetrics or None
+        self.bus = bus
         self._metric_cache: dict[str, tuple[float, list[str], MetricEvidence]] = {}
         serde = Serde(max_message_bytes=bus.max_message_bytes)
         self.alert_codec = AvroCodec(serde, expected="pilothouse.sensing.AlertReceived")
@@ -110,10 +119,18 @@ class CorrelationWorker:
             table_cleanup_interval=3600.0,
         )
         app = self.app
-        # Only the incidents are persisted (one table, one changelog partition, written in alert order). The alert
-        # and service indexes are derived from them after every assignment (MappingStore.rebuild_indexes), so they
-        # always match the durable incidents and cost no changelog records (the alert index was two of every three).
-        self.tables = MappingStore(app.Table("incidents", default=None, partitions=1, use_partitioner=True), {}, {})
+        # Only the incidents are persisted: one table, one changelog partition, a batch's changed incidents and then
+        # its marker (pilothouse.sensing.state). Faust creates the changelog topic and replays it into the table on
+        # assignment; the worker writes the records itself (raw bytes, through librdkafka: Faust's per-key path
+        # cost ~0.3 ms per write) and mirrors them into the table. The alert and service indexes are derived from
+        # the incidents after every assignment, so they always match the durable state and cost no records.
+        self.table = app.Table("incidents", default=None, partitions=1, use_partitioner=True,
+                               key_type=bytes, value_type=bytes)
+        # raw bytes both ways (Faust derives "json" from a plain type; set before the changelog topic is made)
+        self.table.key_serializer = self.table.value_serializer = "raw"
+        self.tables = BatchLogStore()
+        self._changelog = self.table.changelog_topic_name
+        self._out: AsyncBatchProducer | None = None  # state writes and incident updates (made on the loop)
         self._index_stale = True
         self._taken: dict[Any, int] = {}  # alert partition -> next offset not yet taken into a batch
         self._given_up: dict[Any, int] = {}  # alert partition -> a high-water mark waited for in vain
@@ -123,6 +140,7 @@ class CorrelationWorker:
         app.agent(self.alerts_topic, name="correlate-alerts")(self._alerts)
         app.agent(self.telemetry_topic, name="buffer-telemetry")(self._telemetry)
         app.on_partitions_assigned.connect(self._check_assignment)
+        app.on_partitions_revoked.connect(self._drain_output)
 
     # ---- agents -----------------------------------------------------------------------------------------------------
     async def _alerts(self, stream: Any) -> None:
@@ -189,23 +207,35 @@ class CorrelationWorker:
         return hw if isinstance(hw, int) else -1
 
     async def _publish(self, events: list[Any], built: list[tuple[bytes, bytes]], acked: asyncio.Future,
-                       previous: asyncio.Future | None, stream: Any) -> None:
+                       previous: asyncio.Future | None, stream: Any, sent: list[asyncio.Future]) -> None:
         """After the previous batch's publication and this batch's state acknowledgement: publish the updates not
-        yet sent, then ack the batch's alerts."""
+        yet sent; once the broker has them all, ack the batch's alerts (their offsets may then be committed)."""
         if previous is not None:
             await previous
         waited = time.perf_counter()
         await acked
         ACK_WAIT_SECONDS.observe(time.perf_counter() - waited)
-        await self._send_updates(built)
+        if built:
+            sent.append(self._output().produce_batch(self.settings.incidents_topic, built))
+        for fut in sent:
+            await fut
         for e in events:
             await stream.ack(e)
 
-    async def _send_updates(self, built: list[tuple[bytes, bytes]]) -> None:
-        producer = self.app.producer
-        for key, value in built:
-            # Handed to the producer, ack not awaited: Faust flushes the producer before it commits these offsets.
-            await producer.send(self.settings.incidents_topic, key, value, None, None, None)
+    def _output(self) -> AsyncBatchProducer:
+        if self._out is None:
+            # linger 1 ms: a batch's records are queued at once; the state acknowledgement is on the latency path
+            self._out = AsyncBatchProducer(BusProducer(self.bus, extra_config={"linger.ms": 1}))
+        return self._out
+
+    async def _drain_output(self, sender: Any, revoked: Any, **_: Any) -> None:
+        """Partitions revoked (a rebalance, or the worker stopping): let the broker have what was produced."""
+        if self._out is not None:
+            try:
+                await self._out.close(10.0)
+            except Exception:  # noqa: BLE001 - what was not written is replayed by whoever takes the partitions
+                log.exception("state writes or updates left unwritten at revocation")
+            self._out = None
 
     async def _alert_batch(self, events: list[Any], previous: asyncio.Future | None,
                            stream: Any) -> asyncio.Future:
@@ -225,7 +255,7 @@ class CorrelationWorker:
             if stamps:
                 ALERT_WAIT_SECONDS.observe(max(0.0, time.time() - min(stamps)))
             if self._index_stale:  # first batch after an assignment: the table is recovered by now
-                self.tables.rebuild_indexes()
+                await self._recover_state()
                 self._index_stale = False
                 # Everything alive now (Faust, clients, rules, the recovered state) lives as long as the worker:
                 # out of the cyclic collector's sight it is not traversed again by every full collection. Those
@@ -236,16 +266,15 @@ class CorrelationWorker:
             incidents = await self._outcomes(records, result)
         else:
             incidents = []
-        # Wait-for-acks on exactly this batch's state writes (and earlier ones): once they are all with the client,
-        # the flush task's first step notes the producer batches in flight, before anything else is added.
-        await self._drain_state_buffer()
-        acked = asyncio.ensure_future(self.app.producer.flush())
-        await asyncio.sleep(0)
-        # The records are built while the state writes travel: every await lets the client send and read acks.
+        # The batch's state records (its changed incidents, then its marker) go out now; the updates are built while
+        # they travel (every await lets the loop serve delivery reports).
+        state = self.tables.commit()
+        acked = self._output().produce_batch(self._changelog, state, partition=0)
+        apply_records(self.table.data, state)
         # The state of every version about to be published is on the broker first (changelog acknowledged): a
         # consumer never sees a version that a restart could not reproduce, so versions on the topic only grow
         # even when the replay after a crash is batched differently.
-        sent = 0
+        sent, sends = 0, []
         for inc, cause in incidents:
             await asyncio.sleep(0)
             try:
@@ -255,11 +284,11 @@ class CorrelationWorker:
             except Exception as e:  # noqa: BLE001 - dead-letter the alert that caused this version, go on
                 log.exception("incident record failed", extra={"incident_id": inc.incident_id})
                 await self._dead_letter(cause, e, prefix="incident record failed: ")
-            if _succeeded(acked) and (previous is None or _succeeded(previous)):
-                await self._send_updates(built[sent:])
+            if _succeeded(acked) and (previous is None or _succeeded(previous)) and len(built) > sent:
+                sends.append(self._output().produce_batch(self.settings.incidents_topic, built[sent:]))
                 sent = len(built)
         CORRELATE_SECONDS.observe(time.perf_counter() - started)
-        task = asyncio.ensure_future(self._publish(events, built[sent:], acked, previous, stream))
+        task = asyncio.ensure_future(self._publish(events, built[sent:], acked, previous, stream, sends))
         task.add_done_callback(_log_failure)  # seen now; the agent raises it when it next awaits the task
         return task
 
@@ -279,20 +308,15 @@ class CorrelationWorker:
                 cause[outcome.incident.incident_id] = msg
         return [(inc, cause[inc.incident_id]) for inc in result.incidents]
 
-    async def _drain_state_buffer(self) -> None:
-        """Hand every table write made so far to the Kafka client (Faust's producer buffer empty).
-
-        The buffer's ``flush()`` gives up after 0.1 s without a message sent and returns with messages still
-        buffered; so drain it until it is empty. The buffer's task hands messages over without suspending, so a
-        yield or two usually empties it; the timed ``flush()`` (a task and a timer per message) is the fallback for
-        a client that pushes back."""
-        producer = self.app.producer
-        for _ in range(3):
-            if not producer.buffer.size:
-                break
-            await asyncio.sleep(0)
-        while producer.buffer.size:
-            await producer.buffer.flush()
+    async def _recover_state(self) -> None:
+        """Load the incidents Faust replayed into the table; roll back a batch that has no marker (the worker
+        stopped while writing it) and make the roll-back durable before anything else is written."""
+        rollback = self.tables.load(self.table.data)
+        if rollback:
+            await self._output().produce_batch(self._changelog, rollback, partition=0)
+            apply_records(self.table.data, rollback)
+            log.warning("rolled back the state writes of an incomplete batch",
+                        extra={"incidents": len(rollback) - 1, "batch": self.tables.batch})
 
     async def _telemetry(self, stream: Any) -> None:
         async for event in stream.events():

@@ -255,9 +255,14 @@ class IncidentHandler:
         The updates are coalesced per batch: a skipped intermediate version is one consumers, idempotent on
         incident id + version and keeping the highest, never needed.
 
+        A store that writes a batch atomically (``writes_batches_atomically``, the worker's
+        :class:`~pilothouse.sensing.state.BatchLogStore`) gets each changed incident once, at the end: every prefix
+        of its durable writes is a whole number of batches.
+
         A record that raises is reported as its outcome (the exception); nothing of it is written, and the live
         state it may have half-changed is dropped.
         """
+        atomic = getattr(store, "writes_batches_atomically", False)
         cache = BatchStore(store)
         outcomes: list[Outcome | Exception] = []
         failed = False
@@ -273,9 +278,11 @@ class IncidentHandler:
                 for (r, seq), o in zip(alerts[:i], outcomes[:i]):
                     if not isinstance(o, Exception):
                         self.correlate(r, cache, sequence=seq)
-                        cache.flush_superseded()
+                        if not atomic:
+                            cache.flush_superseded()
                 continue
-            cache.flush_superseded()
+            if not atomic:
+                cache.flush_superseded()
             outcomes.append(outcome)
         cache.flush()
         emitted = _emitted(outcomes)

@@ -1,0 +1,136 @@
+"""The correlator's durable state (services/sensing/state.py): a batch's incidents and its marker on one changelog
+partition. A crash may cut the log anywhere after the last acknowledged batch (two batches can be in flight);
+recovery rolls back a batch without its marker, and a replay of the alerts after the committed offset, batched
+differently, must end in the state one-alert-at-a-time processing gives."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+import pytest
+
+from pilothouse.sensing.correlation import Correlator, MemoryStore
+from pilothouse.sensing.handlers import IncidentHandler
+from pilothouse.sensing.redaction import Redactor
+from pilothouse.sensing.state import MARKER_KEY, BatchLogStore, StateLogError, apply_records
+from tests.unit.test_sensing_batching import RULES, _batches, _current, _events, _numbered, _record
+
+
+@pytest.fixture(scope="module")
+def handler(deps) -> IncidentHandler:
+    return IncidentHandler(Correlator(deps, RULES), Redactor(b"unit-test-pseudonym-key-000001"))
+
+
+@pytest.fixture(scope="module")
+def deps():
+    from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
+    from pilothouse.sensing.correlation import DependencyMap
+
+    return DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())
+
+
+def _run(handler, store: BatchLogStore, batch) -> list:
+    handler.correlate_batch([(_record(ev), ev.sequence) for ev in batch], store)
+    return store.commit()
+
+
+def _recover(log: list, keep: int) -> tuple[BatchLogStore, list]:
+    """A fresh worker after a crash that kept ``log[:keep]``: the table a changelog replay builds, loaded."""
+    durable = log[:keep]
+    table: dict = {}
+    apply_records(table, durable)
+    store = BatchLogStore()
+    return store, store.load(table)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_crash_anywhere_in_the_unacknowledged_tail_then_a_differently_batched_replay_ends_in_the_reference_state(
+        handler, deps, seed):
+    events = _events(seed, 30)
+    reference = MemoryStore()
+    for ev in events:
+        Correlator(deps, RULES).apply(ev, reference)
+
+    rng = random.Random(2000 + seed)
+    batches = list(_batches(rng, events))
+    crash_in = rng.randrange(len(batches))
+    store, log = BatchLogStore(), []
+    ends: list[tuple[int, int]] = []  # per batch: (log length after it, alerts after it)
+    done = 0
+    for batch in batches[:crash_in + 1]:
+        log += _run(handler, store, batch)
+        done += len(batch)
+        ends.append((len(log), done))
+    # pipelined: the batch before the crashed one may be unacknowledged too; a crash keeps any prefix beyond that
+    acked_batches = max(0, crash_in - rng.randint(1, 2))
+    acked_log, acked_alerts = ends[acked_batches - 1] if acked_batches else (0, 0)
+    keep = rng.randint(acked_log, len(log))
+    committed = rng.randint(max(0, acked_alerts - 10), acked_alerts)  # acked alerts whose offsets were not committed
+    store, rollback = _recover(log, keep)
+    # recovered: exactly the state after the last batch whose marker was kept (one alert at a time to there)
+    whole = sum(1 for n, _ in ends if n <= keep)
+    prefix = MemoryStore()
+    for ev in events[:ends[whole - 1][1] if whole else 0]:
+        Correlator(deps, RULES).apply(ev, prefix)
+    assert _current(store) == _current(prefix)
+    log = log[:keep]
+    if rollback and rng.random() < 0.3:  # crash again while the roll-back is written
+        log += rollback[:rng.randint(0, len(rollback) - 1)]
+        store, rollback = _recover(log, len(log))
+    log += rollback
+    for batch in _batches(random.Random(seed), events[committed:]):
+        log += _run(handler, store, batch)
+    assert _current(store) == _current(reference)
+    assert store.alert_index == reference.alert_index and store.service_index == reference.service_index
+    # and what the log now holds recovers to the same state
+    again, more = _recover(log, len(log))
+    assert more == [] and _current(again) == _current(reference)
+
+
+def test_a_batch_writes_each_changed_incident_once_then_its_marker(handler):
+    store = BatchLogStore()
+    records = [(_numbered(i, "cart", f"cart-{i}"), i) for i in range(5)] + [(_numbered(9, "ad", "ad-0"), 9)]
+    handler.correlate_batch(records, store)
+    out = store.commit()
+    assert [k for k, _ in out][-1] == MARKER_KEY and orjson.loads(out[-1][1]) == {"b": 1}
+    docs = [orjson.loads(v) for _, v in out[:-1]]
+    assert [(d["b"], d["p"], d["s"]["version"]) for d in docs] == [(1, None, 5), (1, None, 1)]
+    assert store.commit() == []  # nothing written since
+    handler.correlate_batch([(_numbered(10, "cart", "cart-9"), 10)], store)
+    out2 = store.commit()
+    doc = orjson.loads(out2[0][1])
+    assert doc["b"] == 2 and doc["p"] == docs[0]["s"] and doc["s"]["version"] == 6
+
+
+def test_an_incomplete_batch_is_rolled_back_and_an_incident_it_opened_is_dropped(handler):
+    store = BatchLogStore()
+    log = _run(handler, store, [])  # nothing
+    handler.correlate_batch([(_numbered(0, "cart", "cart-0"), 0)], store)
+    log += store.commit()
+    handler.correlate_batch([(_numbered(1, "cart", "cart-1"), 1), (_numbered(2, "ad", "ad-0"), 2)], store)
+    second = store.commit()
+    log += second[:-1]  # the crash took the marker
+    recovered, rollback = _recover(log, len(log))
+    (cart_id,) = [k for k in recovered.incidents]
+    assert recovered.incidents[cart_id]["version"] == 1  # the cart incident as batch 1 left it; ad's is gone
+    keys = [k for k, _ in rollback]
+    assert keys[-1] == MARKER_KEY and len(keys) == 3
+    assert dict(rollback)[keys[1] if keys[0] == cart_id.encode() else keys[0]] is None  # ad: tombstone
+    assert orjson.loads(dict(rollback)[MARKER_KEY])["b"] == 3  # above every batch number seen
+    again, more = _recover(log + rollback, len(log + rollback))
+    assert more == [] and again.incidents == recovered.incidents
+
+
+def test_a_record_of_the_per_alert_worker_loads_as_a_complete_batch(handler):
+    old = MemoryStore()
+    handler.correlate_batch([(_numbered(0, "cart", "cart-0"), 0)], old)
+    table = {iid.encode(): orjson.dumps(d) for iid, d in old.incidents.items()}
+    store = BatchLogStore()
+    assert store.load(table) == []
+    assert _current(store) == _current(old) and store.alert_index == old.alert_index
+
+
+def test_an_unreadable_record_stops_the_worker_with_a_reason():
+    with pytest.raises(StateLogError, match="not a state record"):
+        BatchLogStore().load({b"inc-1": b"\x00garbage"})
