@@ -98,14 +98,15 @@ def cpu_limit(n: int, batch: int, correlator_batches: dict[str, int]) -> dict:
     stage2: dict[str, dict] = {}
     for label, size in correlator_batches.items():
         size = max(1, int(size))
-        handler = IncidentHandler(Correlator(DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())), redactor)
+        handler = IncidentHandler(Correlator(DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())), redactor,
+                                  serde=serde)
         store, updates = MemoryStore(), 0
         t0 = time.process_time()
         for first in range(0, len(encoded), size):
             alerts = [(serde.decode(raw, expected="pilothouse.sensing.AlertReceived").record, first + i)
                       for i, raw in enumerate(encoded[first:first + size])]
             for inc in handler.correlate_batch(alerts, store).incidents:
-                serde.encode(handler.incident_record(inc))
+                handler.encoded_incident_record(inc)  # what the worker publishes
                 updates += 1
         elapsed = time.process_time() - t0
         stage2[label] = {"batch": size, "per_s": round(len(encoded) / elapsed, 1), "updates": updates}

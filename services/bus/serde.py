@@ -67,6 +67,7 @@ class Serde:
         self.registry = registry
         self._ids_by_name: dict[tuple[str, str], int] = {}
         self._schema_by_id: dict[int, RecordSchema] = {}
+        self._splits: dict[tuple[str, str], Any] = {}
 
     # -- encoding ---------------------------------------------------------------------------------------------
     def encode(self, record: AvroRecord, *, topic: str | None = None) -> bytes:
@@ -93,6 +94,73 @@ class Serde:
                 f"{rs.name} encodes to {len(data)} bytes, above the {self.max_message_bytes}-byte limit"
             )
         return data
+
+    def encode_item(self, name: str, field: str, obj: dict) -> bytes:
+        """The Avro body of one item of the array field ``field`` of record ``name``: a piece for
+        :meth:`encode_spliced`. Raises RecordInvalid."""
+        _, items, _ = self._split(name, field)
+        buf = io.BytesIO()
+        try:
+            schemaless_writer(buf, items, obj, strict_allow_default=True)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise RecordInvalid(f"{name}.{field}[]: {e}") from e
+        return buf.getvalue()
+
+    def encode_spliced(self, name: str, obj: dict, field: str, items: list[bytes], *,
+                       topic: str | None = None) -> bytes:
+        """Serialise ``obj`` with its array field ``field`` given as items already encoded by :meth:`encode_item`:
+        the same bytes as :meth:`encode_dict` of the whole record (Avro writes a record as its fields in order and an
+        array as count, items, 0). For records that carry a long, slowly changing list (an incident's evidence):
+        each item is encoded once, not once per version. Raises RecordInvalid / OversizedMessage."""
+        rs = self.schemas.get(name)
+        (head, head_names), _, (tail, tail_names) = self._split(name, field)
+        buf = io.BytesIO()
+        if self.registry is not None:
+            if topic is None:
+                raise RecordInvalid("the Confluent wire format needs the topic (subject <topic>-value)")
+            buf.write(CONFLUENT_MAGIC + struct.pack(">I", self._registered_id(topic, rs)))
+        else:
+            buf.write(SINGLE_OBJECT_MAGIC + rs.fingerprint)
+        try:
+            schemaless_writer(buf, head, {k: obj[k] for k in head_names if k in obj}, strict_allow_default=True)
+            if items:
+                buf.write(_zigzag_varint(len(items)))
+                buf.write(b"".join(items))
+            buf.write(b"\x00")
+            schemaless_writer(buf, tail, {k: obj[k] for k in tail_names if k in obj}, strict_allow_default=True)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise RecordInvalid(f"{rs.name}: {e}") from e
+        data = buf.getvalue()
+        if len(data) > self.max_message_bytes:
+            raise OversizedMessage(
+                f"{rs.name} encodes to {len(data)} bytes, above the {self.max_message_bytes}-byte limit"
+            )
+        return data
+
+    def _split(self, name: str, field: str) -> tuple[tuple[Any, list[str]], Any, tuple[Any, list[str]]]:
+        """Parsed schemas of the fields before ``field``, of its items, and of the fields after it (cached)."""
+        key = (name, field)
+        if key not in self._splits:
+            from fastavro import parse_schema
+
+            rs = self.schemas.get(name)
+            fields = rs.expanded["fields"]
+            at = [i for i, f in enumerate(fields) if f["name"] == field]
+            if not at or not isinstance(fields[at[0]]["type"], dict) or fields[at[0]]["type"].get("type") != "array":
+                raise RecordInvalid(f"{name} has no array field {field!r}")
+            i = at[0]
+            named: dict = {}  # shared: a later part may use a type an earlier part defined
+            base = rs.name.rsplit(".", 1)
+            parts = []
+            for suffix, part in (("Head", fields[:i]), ("Tail", fields[i + 1:])):
+                parts.append({"type": "record", "name": f"{base[-1]}__{field}__{suffix}", "namespace": base[0],
+                              "fields": part})
+            head = parse_schema(parts[0], named)
+            items = parse_schema(fields[i]["type"]["items"], named)
+            tail = parse_schema(parts[1], named)
+            self._splits[key] = ((head, [f["name"] for f in fields[:i]]), items,
+                                 (tail, [f["name"] for f in fields[i + 1:]]))
+        return self._splits[key]
 
     def _registered_id(self, topic: str, rs: RecordSchema) -> int:
         key = (topic, rs.name)
@@ -170,3 +238,14 @@ class Serde:
                 raise DecodeError(f"schema id {sid} is not one of our schemas")
             self._schema_by_id[sid] = rs
         return self._schema_by_id[sid]
+
+
+def _zigzag_varint(n: int) -> bytes:
+    """An Avro long (zigzag, then base-128 varint)."""
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while z & ~0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)

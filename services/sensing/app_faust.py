@@ -94,15 +94,14 @@ class CorrelationWorker:
                                  reopen_window_ms=settings.reopen_window_s * 1000,
                                  topology_hops=settings.topology_hops,
                                  max_alerts_per_incident=settings.max_alerts_per_incident)
+        serde = Serde(max_message_bytes=bus.max_message_bytes)
         self.handler = IncidentHandler(Correlator(deps, rules), redactor,
-                                       telemetry=TelemetryBuffer(settings.telemetry_buffer_per_service))
+                                       telemetry=TelemetryBuffer(settings.telemetry_buffer_per_service), serde=serde)
         self.metrics = metrics  # PrometheusMetrics or None
         self.bus = bus
         self._metric_cache: dict[str, tuple[float, list[str], MetricEvidence]] = {}
-        serde = Serde(max_message_bytes=bus.max_message_bytes)
         self.alert_codec = AvroCodec(serde, expected="pilothouse.sensing.AlertReceived")
         self.telemetry_codec = AvroCodec(serde, expected="pilothouse.sensing.TelemetryReceived")
-        self.incident_codec = AvroCodec(serde)
         self.app = faust.App(
             settings.app_id,
             broker=f"kafka://{bus.bootstrap_servers}",
@@ -279,8 +278,7 @@ class CorrelationWorker:
             await asyncio.sleep(0)
             try:
                 metrics = await self._metrics_for(inc)
-                update = self.handler.incident_record(inc, metrics=metrics)
-                built.append((update.incident_id.encode(), self.incident_codec.encode(update)))
+                built.append((inc.incident_id.encode(), self.handler.encoded_incident_record(inc, metrics=metrics)))
             except Exception as e:  # noqa: BLE001 - dead-letter the alert that caused this version, go on
                 log.exception("incident record failed", extra={"incident_id": inc.incident_id})
                 await self._dead_letter(cause, e, prefix="incident record failed: ")

@@ -117,3 +117,33 @@ def test_confluent_wire_format_through_the_mock_registry():
     foreign = registry.register_schema("other-value", Schema('{"type":"record","name":"Foreign","fields":[]}', "AVRO"))
     with pytest.raises(DecodeError, match="not one of our schemas"):
         reader.decode(CONFLUENT_MAGIC + struct.pack(">I", foreign))
+
+
+def _array_fields() -> list[tuple[str, str]]:
+    out = []
+    for name in sorted(RECORDS):
+        for f in load_schemas().get(name).expanded["fields"]:
+            if isinstance(f["type"], dict) and f["type"].get("type") == "array":
+                out.append((name, f["name"]))
+    return out
+
+
+@pytest.mark.parametrize(("name", "field"), _array_fields())
+@pytest.mark.parametrize("n", [0, 1, 64, 300])
+def test_a_spliced_array_encodes_to_the_same_bytes_as_the_whole_record(name, field, n):
+    serde = Serde()
+    whole = _instance(name).model_dump()
+    assert whole[field], "the sample must hold an item to repeat"
+    whole[field] = [whole[field][0]] * n
+    items = [serde.encode_item(name, field, item) for item in whole[field]]
+    spliced = serde.encode_spliced(name, {k: v for k, v in whole.items() if k != field}, field, items)
+    assert spliced == serde.encode_dict(name, whole)
+    assert serde.decode(spliced).data[field] == serde.decode(serde.encode_dict(name, whole)).data[field]
+
+
+def test_splicing_needs_an_array_field_and_valid_pieces():
+    serde = Serde()
+    with pytest.raises(RecordInvalid, match="no array field"):
+        serde.encode_spliced("pilothouse.sensing.IncidentUpdated", {}, "title", [])
+    with pytest.raises(RecordInvalid):
+        serde.encode_item("pilothouse.sensing.IncidentUpdated", "evidence", {"kind": "alert"})

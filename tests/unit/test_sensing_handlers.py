@@ -159,7 +159,7 @@ def test_cached_alert_evidence_gives_the_record_a_fresh_build_gives(redactor, ma
     one a handler without any cache history builds for the same incident (and its hash must be the evidence's)."""
     deps = DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())
     h, store = IncidentHandler(Correlator(deps), redactor, new_id=lambda: "id"), MemoryStore()
-    h.alert_items = AlertEvidenceCache(max_items=max_items)
+    h.alert_items = AlertEvidenceCache(h.serde, max_items=max_items)
     for i in range(30):  # log lines: some updates carry a log burst too (the other, scanned-again branch)
         h.handle_telemetry(_log(i, "cart", T + 600_000 + i * 1000, f"cart write failed for user {i}"))
     emitted = with_logs = 0
@@ -334,3 +334,24 @@ def test_unreachable_prometheus_is_said_on_the_incident(redactor):
     alert_ev = [e for e in rec.evidence if e.kind == "alert"]
     assert alert_ev and alert_ev[0].attributes["metrics_source"].startswith("prometheus unreachable")
     assert isinstance(rec.evidence[0], Evidence)
+
+
+
+def test_the_encoded_record_is_the_record_encoded_whatever_the_cache_held(redactor):
+    """encoded_incident_record splices evidence items encoded once into the record: the bytes must be those of
+    Serde.encode(incident_record), for fresh and cached items, and decode to the same record."""
+    from pilothouse.bus.serde import Serde
+
+    deps = DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())
+    h, store, serde = IncidentHandler(Correlator(deps), redactor, new_id=lambda: "ev-fixed"), MemoryStore(), Serde()
+    for i in range(30):
+        h.handle_telemetry(_log(i, "checkout", T + i * 1000, f"payment refused for order {i % 3}"))
+    for i in range(12):
+        outcome, _ = h.handle_alert(_alert(f"e{i}", f"fp-{i % 5}", "checkout" if i % 2 else "frontend",
+                                           T + i * 1000, status="resolved" if i == 7 else "firing"), store)
+        for metrics in (None, ([], "unreachable: timeout")):
+            record = h.incident_record(outcome.incident, metrics=metrics)
+            encoded = h.encoded_incident_record(outcome.incident, metrics=metrics)
+            assert encoded == serde.encode(record)
+            assert serde.decode(encoded).record == record
+    assert {e.kind for e in record.evidence} >= {"alert", "log_burst"} and len(record.evidence) > 5
