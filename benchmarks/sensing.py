@@ -288,8 +288,9 @@ def _correlator_metrics(port: int) -> dict[str, float]:
 
     out = {}
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
-        if line.startswith("pilothouse_sensing_") and line.split()[0].endswith(("_sum", "_count")):
-            out[line.split()[0]] = float(line.split()[-1])
+        name = line.split()[0] if line.strip() else ""
+        if line.startswith("pilothouse_sensing_") and name.split("{")[0].endswith(("_sum", "_count")):
+            out[name] = float(line.split()[-1])
     return out
 
 
@@ -318,9 +319,12 @@ def _batch_figures(delta: dict[str, float]) -> dict[str, float]:
         n = delta.get(f"pilothouse_sensing_{name}_count", 0.0)
         return round(delta.get(f"pilothouse_sensing_{name}_sum", 0.0) / n * scale, 2) if n else float("nan")
 
+    full = 'pilothouse_sensing_correlator_gc_pause_seconds_{}{{generation="2"}}'
     return {"batches": delta.get("pilothouse_sensing_correlate_batch_alerts_count", 0.0),
             "mean_batch": mean("correlate_batch_alerts", 1.0), "batch_ms": mean("correlate_seconds"),
-            "state_ack_wait_ms": mean("state_ack_wait_seconds"), "oldest_alert_wait_ms": mean("alert_wait_seconds")}
+            "state_ack_wait_ms": mean("state_ack_wait_seconds"), "oldest_alert_wait_ms": mean("alert_wait_seconds"),
+            "full_gc": delta.get(full.format("count"), 0.0),
+            "full_gc_ms": round(delta.get(full.format("sum"), 0.0) * 1000, 1)}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -462,6 +466,7 @@ def real_path(args, info) -> dict:
             "p50_latency_ms": round(_pct(lat, 0.5), 1), "p99_latency_ms": round(_pct(lat, 0.99), 1),
             "max_latency_ms": round(max(lat), 1) if lat else None, "incident_updates_read": watch.updates,
             "half_rate_stages_ms": stages, "half_rate_correlator": _batch_figures(delta2),
+            "full_speed_correlator": _batch_figures(delta),
             "latencies_ms": lat,
         }
     finally:

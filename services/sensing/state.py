@@ -21,7 +21,7 @@ Compaction keeps, per key, the latest record, which is all recovery reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -51,7 +51,10 @@ class BatchLogStore(MappingStore):
     def __init__(self) -> None:
         super().__init__({}, {}, {})
         self.batch = 0  # the last batch number handed out
-        self._encoded: dict[str, bytes] = {}  # incident id -> JSON of its durable state (the next record's "p")
+        # incident id -> JSON of its durable state (the next record's "p"). The state is kept as bytes only, read
+        # through a decoding view: thousands of incident dicts would be objects every full garbage collection walks.
+        self._encoded: dict[str, bytes] = {}
+        self.incidents = _JsonView(self._encoded)
         self._pending: dict[str, Incident] = {}
 
     # -- writes ------------------------------------------------------------------------------------------------------
@@ -76,10 +79,8 @@ class BatchLogStore(MappingStore):
         b = str(self.batch).encode()
         out: list[Record] = []
         for iid, inc in self._pending.items():
-            d = inc.to_dict()
-            s = orjson.dumps(d)
+            s = orjson.dumps(inc.to_dict())
             out.append((iid.encode(), b'{"b":' + b + b',"p":' + self._encoded.get(iid, b"null") + b',"s":' + s + b"}"))
-            self.incidents[iid] = d
             self._encoded[iid] = s
         self._pending.clear()
         out.append((MARKER_KEY, b'{"b":' + b + b"}"))
@@ -93,7 +94,6 @@ class BatchLogStore(MappingStore):
 
         A record of the worker before batch records (a bare incident dict) counts as written by a complete batch 0.
         """
-        self.incidents.clear()
         self._encoded.clear()
         self._pending.clear()
         marker = latest = 0
@@ -121,7 +121,6 @@ class BatchLogStore(MappingStore):
                 if previous is None:
                     continue
                 state = previous
-            self.incidents[iid] = state
             self._encoded[iid] = orjson.dumps(state)
         self.rebuild_indexes()
         self.batch = latest
@@ -146,3 +145,19 @@ def apply_records(table: dict, records: Iterable[Record]) -> None:
             table.pop(key, None)
         else:
             table[key] = value
+
+
+class _JsonView(Mapping):
+    """Read-only mapping of key -> JSON bytes, decoded on access."""
+
+    def __init__(self, raw: Mapping[str, bytes]) -> None:
+        self._raw = raw
+
+    def __getitem__(self, key: str) -> Any:
+        return orjson.loads(self._raw[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
