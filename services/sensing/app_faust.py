@@ -72,6 +72,7 @@ ALERT_WAIT_SECONDS = Histogram("pilothouse_sensing_alert_wait_seconds",
                                "correlation starts", buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2))
 BATCH_SIZE = Histogram("pilothouse_sensing_correlate_batch_alerts", "Alerts per correlation batch",
                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+PUBLISH_EVERY_S = 0.001  # while a batch's updates are built: how often the ones that may go are sent
 OPEN_INCIDENTS = Gauge("pilothouse_sensing_incidents_in_state", "Incidents in the state tables")
 GC_PAUSE_SECONDS = Histogram("pilothouse_sensing_correlator_gc_pause_seconds",
                              "Cyclic garbage collections of the correlator (it stops meanwhile), by generation",
@@ -290,17 +291,22 @@ class CorrelationWorker:
         # consumer never sees a version that a restart could not reproduce, so versions on the topic only grow
         # even when the replay after a crash is batched differently.
         sent, sends = 0, []
+        yielded = time.perf_counter()
         for inc, cause in incidents:
-            await asyncio.sleep(0)
             try:
                 metrics = await self._metrics_for(inc)
                 built.append((inc.incident_id.encode(), self.handler.encoded_incident_record(inc, metrics=metrics)))
             except Exception as e:  # noqa: BLE001 - dead-letter the alert that caused this version, go on
                 log.exception("incident record failed", extra={"incident_id": inc.incident_id})
                 await self._dead_letter(cause, e, prefix="incident record failed: ")
-            if _succeeded(acked) and (previous is None or _succeeded(previous)) and len(built) > sent:
-                sends.append(self._output().produce_batch(self.settings.incidents_topic, built[sent:]))
-                sent = len(built)
+            # Every ~PUBLISH_EVERY_S of building: let the loop serve delivery reports (the state acknowledgement)
+            # and send what is built, if it may go. (Per update, the yield and the send cost more than the build.)
+            if time.perf_counter() - yielded >= PUBLISH_EVERY_S:
+                await asyncio.sleep(0)
+                yielded = time.perf_counter()
+                if _succeeded(acked) and (previous is None or _succeeded(previous)) and len(built) > sent:
+                    sends.append(self._output().produce_batch(self.settings.incidents_topic, built[sent:]))
+                    sent = len(built)
         CORRELATE_SECONDS.observe(time.perf_counter() - started)
         task = asyncio.ensure_future(self._publish(events, built[sent:], acked, previous, stream, sends))
         task.add_done_callback(_log_failure)  # seen now; the agent raises it when it next awaits the task
