@@ -140,6 +140,7 @@ class TopicWatch:
         self.received_at: dict[str, int] = {}
         self.updates = 0
         self._alerts = alerts
+        self._fields = ("fingerprint", "received_at") if alerts else ("alert_fingerprints",)
         self._serde = Serde()
         self._raw: list[tuple[float, float, int, bytes]] = []  # (perf_counter, wall ms, log time ms, value)
         self._lock = threading.Lock()
@@ -163,7 +164,8 @@ class TopicWatch:
         with self._lock:
             raw, self._raw = self._raw, []
         for now, wall, log_time, value in raw:
-            data = self._serde.decode(value).data  # the dict: no pydantic model, this client is no stage
+            # only the fields read here (the evidence is skipped, not built): this client is no stage
+            data = self._serde.decode_fields(value, self._fields)
             self.updates += 1
             fps = [data["fingerprint"]] if self._alerts else data["alert_fingerprints"]
             for fp in fps:

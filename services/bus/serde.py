@@ -68,6 +68,7 @@ class Serde:
         self._ids_by_name: dict[tuple[str, str], int] = {}
         self._schema_by_id: dict[int, RecordSchema] = {}
         self._splits: dict[tuple[str, str], Any] = {}
+        self._projections: dict[tuple[bytes, tuple[str, ...]], Any] = {}
 
     # -- encoding ---------------------------------------------------------------------------------------------
     def encode(self, record: AvroRecord, *, topic: str | None = None) -> bytes:
@@ -200,6 +201,34 @@ class Serde:
         if buf.tell() != len(data):
             raise DecodeError(f"{rs.name}: {len(data) - buf.tell()} trailing bytes after the record")
         return Decoded(rs, obj)
+
+    def decode_fields(self, data: bytes, fields: tuple[str, ...]) -> dict:
+        """Only ``fields`` of a framed record, as a dict: Avro schema resolution skips the other fields without
+        building them (a reader that needs an incident's alert fingerprints, not its evidence). Raises DecodeError."""
+        if len(data) > self.max_message_bytes:
+            raise OversizedMessage(f"message of {len(data)} bytes is above the {self.max_message_bytes}-byte limit")
+        writer, offset = self._resolve_schema(data)
+        key = (writer.fingerprint, fields)
+        if key not in self._projections:
+            from fastavro import parse_schema
+
+            name = writer.name.rsplit(".", 1)
+            kept = [f for f in writer.expanded["fields"] if f["name"] in fields]
+            try:
+                self._projections[key] = parse_schema(
+                    {"type": "record", "name": name[-1], "namespace": name[0], "fields": kept})
+            except Exception as e:  # noqa: BLE001 - e.g. a kept field names a type defined in a skipped one
+                raise DecodeError(f"{writer.name}: cannot project onto {fields}: {e}") from e
+        buf = io.BytesIO(data)
+        buf.seek(offset)
+        try:
+            obj = schemaless_reader(buf, writer.parsed, self._projections[key])
+        except (EOFError, StopIteration, ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError,
+                UnicodeDecodeError, struct.error) as e:
+            raise DecodeError(f"{writer.name}: body does not decode: {type(e).__name__}: {e}") from e
+        if buf.tell() != len(data):
+            raise DecodeError(f"{writer.name}: {len(data) - buf.tell()} trailing bytes after the record")
+        return obj
 
     def _resolve_schema(self, data: bytes) -> tuple[RecordSchema, int]:
         if data[:2] == SINGLE_OBJECT_MAGIC:
