@@ -10,10 +10,11 @@ each) and reads the incident topic.
   in an IncidentUpdated (its fingerprint in ``alert_fingerprints``).
 * ``cpu_limit_per_s`` — the same stages in memory, in this run, on the same alerts, CPU time of one core each:
   stage 1 = normalise + redact + Avro encode (the gateway's work), stage 2 = Avro decode + correlate in batches +
-  build the incident records (evidence, hash) + encode (the correlator's work, its own ``correlate_batch`` code at the
-  mean batch size the real correlator used at full speed: same coalescing, same work per alert). A pipeline with one
-  core per stage is bounded by its slower stage. ``real_path.cpu_share`` says how much of a core each stage's process
-  actually got (the broker, this client and anything else on the machine share the same cores).
+  the batch's state records + build and encode the incident records (the correlator's work: its own
+  ``correlate_batch``, ``BatchLogStore`` and ``encoded_incident_record`` at the mean batch size the real correlator
+  used at full speed: same coalescing, same work per alert). A pipeline with one core per stage is bounded by its
+  slower stage. ``real_path.cpu_share`` says how much of a core each process actually got: the two stages, the
+  broker and this client (posting and reading) share the machine's cores.
 * ``p99_latency_ms`` — alert → incident update latency (from the POST being sent to the update read back) with alerts
   sent at half the measured ``alerts_per_s``, same batch size. How it is read: a consumer thread of this process
   (``fetch.wait.max.ms=1``) notes each incident record's arrival time and bytes, and decodes them only after the
@@ -73,13 +74,14 @@ def _webhook(run: str, start: int, n: int, now: datetime, svc: str = "svc") -> b
 def cpu_limit(n: int, batch: int, correlator_batches: dict[str, int]) -> dict:
     """Per-stage CPU-time rates of the same work in memory (this process, one core).
 
-    Stage 2 runs the worker's own batch code (``IncidentHandler.correlate_batch``: one state write and one update
-    per changed incident per batch) with each batch size in ``correlator_batches`` (label -> alerts per batch)."""
+    Stage 2 runs the worker's own batch code (``IncidentHandler.correlate_batch`` on a ``BatchLogStore``: one state
+    record and one update per changed incident per batch) with each batch size in ``correlator_batches`` (label -> alerts per batch)."""
     from pilothouse.bus.serde import Serde
     from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
-    from pilothouse.sensing.correlation import Correlator, DependencyMap, MemoryStore
+    from pilothouse.sensing.correlation import Correlator, DependencyMap
     from pilothouse.sensing.handlers import IncidentHandler, IngestHandler
     from pilothouse.sensing.redaction import Redactor
+    from pilothouse.sensing.state import BatchLogStore
 
     redactor = Redactor(PSEUDONYM_KEY.encode())
     ingest = IngestHandler(redactor, alerts_topic="a", telemetry_topic="t")
@@ -100,12 +102,14 @@ def cpu_limit(n: int, batch: int, correlator_batches: dict[str, int]) -> dict:
         size = max(1, int(size))
         handler = IncidentHandler(Correlator(DependencyMap.from_yaml(DEFAULT_DEPENDENCY_MAP.read_text())), redactor,
                                   serde=serde)
-        store, updates = MemoryStore(), 0
+        store, updates = BatchLogStore(), 0
         t0 = time.process_time()
         for first in range(0, len(encoded), size):
             alerts = [(serde.decode(raw, expected="pilothouse.sensing.AlertReceived").record, first + i)
                       for i, raw in enumerate(encoded[first:first + size])]
-            for inc in handler.correlate_batch(alerts, store).incidents:
+            result = handler.correlate_batch(alerts, store)
+            store.commit()  # the batch's state records, as the worker writes them
+            for inc in result.incidents:
                 handler.encoded_incident_record(inc)  # what the worker publishes
                 updates += 1
         elapsed = time.process_time() - t0
@@ -177,13 +181,20 @@ class TopicWatch:
                         r = data["received_at"]
                         self.received_at[fp] = r if isinstance(r, int) else int(r.timestamp() * 1000)
 
-    def wait_for(self, fps: list[str], timeout_s: float) -> bool:
+    def wait_for(self, fps: list[str], timeout_s: float, *, quiet_s: float = 0.3) -> bool:
+        """Wait until every fingerprint was seen. Records are decoded only once none arrived for ``quiet_s``
+        (the arrival times are noted as they come): decoding while the stages still work took CPU from them."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            with self._lock:
+                last = self._raw[-1][0] if self._raw else 0.0
+            if last and time.perf_counter() - last < quiet_s:
+                time.sleep(0.05)
+                continue
             self._decode_pending()
             if all(fp in self.first_seen for fp in fps):
                 return True
-            time.sleep(0.02)
+            time.sleep(0.05)
         return False
 
     def close(self) -> None:
@@ -403,7 +414,7 @@ def real_path(args, info) -> dict:
                                        [f"bench-{run}w-{i:07d}" for i in range(args.batch)])], warm, 1)
         if warm_status != [200]:
             raise RuntimeError(f"warm-up request answered {warm_status}; logs in {log_dir}")
-        if not watch.wait_for(list(warm), 120):
+        if not watch.wait_for(list(warm), 120, quiet_s=0):
             raise RuntimeError(f"no incident update within 120 s after warm-up; logs in {log_dir}")
 
         # 1) full speed
@@ -424,7 +435,7 @@ def real_path(args, info) -> dict:
         statuses = _post_all(url, bodies, sent, args.concurrency)
         posted_s = time.perf_counter() - t0
         all_fps = [fp for _, _, fps in bodies for fp in fps]
-        complete = watch.wait_for(all_fps, 300)
+        complete = watch.wait_for(all_fps, 300, quiet_s=0)  # decoding as they come: the CPU shares end here
         end = max(watch.first_seen.get(fp, time.perf_counter()) for fp in all_fps)
         # CPU share of each process over the full-speed phase (1.0 = one core all the time; the machine has
         # os.cpu_count() of them) ...

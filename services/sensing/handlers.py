@@ -277,6 +277,8 @@ class IncidentHandler:
                 # Forget what the failure may have half-changed in place; that includes the held write of the
                 # alerts just before it, so apply the batch's earlier alerts again: those already written are
                 # recognised as replays and change nothing, the others redo their writes.
+                if atomic:
+                    store.discard()  # the live incidents it read may be damaged in place
                 cache, failed = BatchStore(store), True
                 for (r, seq), o in zip(alerts[:i], outcomes[:i]):
                     if not isinstance(o, Exception):

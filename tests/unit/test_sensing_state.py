@@ -134,3 +134,26 @@ def test_a_record_of_the_per_alert_worker_loads_as_a_complete_batch(handler):
 def test_an_unreadable_record_stops_the_worker_with_a_reason():
     with pytest.raises(StateLogError, match="not a state record"):
         BatchLogStore().load({b"inc-1": b"\x00garbage"})
+
+
+def test_a_failing_record_leaves_no_damage_in_the_live_incidents(deps):
+    from tests.unit.test_sensing_batching import _Failing
+
+    good = IncidentHandler(Correlator(deps), Redactor(b"unit-test-pseudonym-key-000001"))
+    store, expected = BatchLogStore(), MemoryStore()
+    first = [(_numbered(i, "cart", f"cart-{i}"), i) for i in range(3)]
+    good.correlate_batch(first, store)
+    store.commit()
+    for record, seq in first:
+        good.correlate(record, expected, sequence=seq)
+    # the next batch reads the live incident, damages it in place and raises on ev-4; the others must still apply
+    failing = IncidentHandler(_Failing(deps, "ev-4"), Redactor(b"unit-test-pseudonym-key-000001"))
+    second = [(_numbered(i, "cart", f"cart-{i}"), i) for i in range(3, 6)]
+    result = failing.correlate_batch(second, store)
+    store.commit()
+    assert isinstance(result.outcomes[1], RuntimeError)
+    for record, seq in second[:1] + second[2:]:
+        good.correlate(record, expected, sequence=seq)
+    assert _current(store) == _current(expected)
+    (iid,) = list(store.incidents)
+    assert len(store.get_incident(iid).alerts) == 5  # the live object too, not only the bytes
