@@ -244,17 +244,22 @@ class Incident:
     def fingerprints(self) -> list[str]:
         return sorted({a.fingerprint for a in self.alerts.values()})
 
-    def primary_service(self, deps: DependencyMap) -> str:
-        services = self.services
+    def primary_service(self, deps: DependencyMap, services: list[str] | None = None) -> str:
+        """``services``: this incident's, if the caller has them already."""
+        services = self.services if services is None else services
         if not services:
             return "unknown"
-        first = {s: min(a.first_seen for a in self.alerts.values() if a.service == s) for s in services}
+        first: dict[str, int] = {}
+        for a in self.alerts.values():
+            if a.service and (a.service not in first or a.first_seen < first[a.service]):
+                first[a.service] = a.first_seen
         # the most downstream service: it depends on no other service of the incident
         roots = [s for s in services if not any(deps.depends_on(s, o) for o in services if o != s)]
         return min(roots or services, key=lambda s: (first[s], s))
 
-    def title(self, deps: DependencyMap) -> str:
-        primary = self.primary_service(deps)
+    def title(self, deps: DependencyMap, primary: str | None = None) -> str:
+        """``primary``: this incident's primary service, if the caller has it already."""
+        primary = self.primary_service(deps) if primary is None else primary
         pool = [a for a in self.alerts.values() if a.service == primary] or list(self.alerts.values())
         lead = min(pool, key=lambda a: (a.first_seen, a.fingerprint), default=None)
         text = lead.summary if lead is not None and lead.summary else "alert"

@@ -311,9 +311,10 @@ class IncidentHandler:
     def handle_telemetry(self, record: avro.TelemetryReceived) -> None:
         self.telemetry.add(record)
 
-    def evidence_scope(self, inc: Incident) -> list[str]:
-        """The incident's services and their callees (evidence and topology cover both; see Dependencies.downstream)."""
-        return self.correlator.deps.downstream(inc.services, self.evidence_hops)
+    def evidence_scope(self, inc: Incident, services: list[str] | None = None) -> list[str]:
+        """The incident's services and their callees (evidence and topology cover both; see Dependencies.downstream).
+        ``services``: the incident's, if the caller has them already."""
+        return self.correlator.deps.downstream(inc.services if services is None else services, self.evidence_hops)
 
     def incident_record(self, inc: Incident, *, metrics: MetricEvidence | None = None) -> avro.IncidentUpdated:
         """The IncidentUpdated of the incident's current version."""
@@ -332,8 +333,9 @@ class IncidentHandler:
                 metrics: MetricEvidence | None) -> tuple[avro.IncidentUpdated, list[_CachedEvidence]]:
         """The record without its evidence, and its evidence items in the order the record lists them."""
         deps = self.correlator.deps
-        services = inc.services
-        scope = self.evidence_scope(inc)
+        services = inc.services  # each derived view once: every one walks the incident's alerts
+        primary = inc.primary_service(deps, services)
+        scope = self.evidence_scope(inc, services)
         metric_items, status = metrics or ([], "not configured")
         # The title and the alert items are built from alerts that were redacted at the gateway (and come from the
         # cache: built once per alert state, see AlertEvidenceCache). Every string leaving sensing passes redaction:
@@ -348,13 +350,13 @@ class IncidentHandler:
         else:  # nothing to scan: the manifest of an empty scan (same every time, built once)
             other_items, redaction = [], self._empty_manifest()
         evidence = alert_items + other_items
-        title = inc.title(deps)
+        title = inc.title(deps, primary)
         edges = [avro.DependencyEdge(caller=a, callee=b) for a, b in deps.topology(services, scope)]
         head = avro.IncidentUpdated(
             event_id=self._new_id(), incident_id=inc.incident_id, correlation_id=inc.incident_id,
             causation_id=inc.causation_id, occurred_at=_ts(inc.last_seen), producer=PRODUCER,
             version=inc.version, change=inc.change, state=inc.state, title=title, severity=inc.severity,
-            primary_service=inc.primary_service(deps), services=services, alert_fingerprints=inc.fingerprints,
+            primary_service=primary, services=services, alert_fingerprints=inc.fingerprints,
             alert_count=len(inc.alerts), first_seen=_ts(inc.first_seen), last_seen=_ts(inc.last_seen),
             resolved_at=_ts(inc.resolved_at) if inc.resolved_at is not None else None,
             evidence=[], dependency_edges=edges, evidence_sha256=_CachedEvidence.sha256(evidence),
