@@ -319,7 +319,7 @@ class IncidentHandler:
     def incident_record(self, inc: Incident, *, metrics: MetricEvidence | None = None) -> avro.IncidentUpdated:
         """The IncidentUpdated of the incident's current version."""
         head, evidence = self._update(inc, metrics)
-        return head.model_copy(update={"evidence": [i.model() for i in evidence]})  # items are validated models
+        return head.model_copy(update={"evidence": [_CachedEvidence.model(i) for i in evidence]})
 
     def encoded_incident_record(self, inc: Incident, *, metrics: MetricEvidence | None = None) -> bytes:
         """The same record, Avro-encoded (the bytes ``serde.encode(incident_record(...))`` gives): each evidence item
@@ -327,10 +327,10 @@ class IncidentHandler:
         of every alert of its incident (an incident's n-th update cost O(n) item encodings, its whole life O(n^2))."""
         head, evidence = self._update(inc, metrics)
         return self.serde.encode_spliced(avro.IncidentUpdated.AVRO_NAME, head.model_dump(), "evidence",
-                                         [i.encoded for i in evidence])
+                                         [i[2] for i in evidence])
 
     def _update(self, inc: Incident,
-                metrics: MetricEvidence | None) -> tuple[avro.IncidentUpdated, list[_CachedEvidence]]:
+                metrics: MetricEvidence | None) -> tuple[avro.IncidentUpdated, list[CachedItem]]:
         """The record without its evidence, and its evidence items in the order the record lists them."""
         deps = self.correlator.deps
         services = inc.services  # each derived view once: every one walks the incident's alerts
@@ -380,33 +380,32 @@ class IncidentHandler:
         return items + list(metric_items)
 
 
-@dataclass(frozen=True, slots=True)
+CachedItem = tuple[str, bytes, bytes]
+"""One evidence item as an IncidentUpdated carries it: (evidence_id, canonical JSON, Avro body). A plain tuple of
+bytes and strings: tens of thousands live as long as their incidents, and the garbage collector stops tracking
+such tuples, where objects (a validated model each, before) are walked at every full collection (10-27 ms)."""
+
+
 class _CachedEvidence:
-    """One evidence item as an IncidentUpdated carries it: its id, its part of ``evidence_sha256`` and its Avro body.
-
-    Bytes and strings only: tens of thousands of these live as long as their incidents, and a validated model each
-    (an object graph the cyclic garbage collector walks at every full collection) made those pauses 10-27 ms."""
-
-    evidence_id: str
-    canonical: bytes  # orjson of model_dump() with sorted keys: what evidence_sha256 hashes for this item
-    encoded: bytes  # the item's Avro encoding inside an IncidentUpdated (Serde.encode_item)
-
-    @classmethod
-    def of(cls, model: avro.Evidence, serde: Serde) -> _CachedEvidence:
-        canonical = orjson.dumps(model.model_dump(), option=orjson.OPT_SORT_KEYS)
-        # encoded from the canonical form (maps in key order), so model() encodes to the same bytes
-        return cls(model.evidence_id, canonical,
-                   serde.encode_item(avro.IncidentUpdated.AVRO_NAME, "evidence", orjson.loads(canonical)))
-
-    def model(self) -> avro.Evidence:
-        """The item as a model again (for the record; the worker publishes the bytes)."""
-        return avro.Evidence.model_validate_json(self.canonical)
+    """Functions over :data:`CachedItem`."""
 
     @staticmethod
-    def sha256(items: Sequence[_CachedEvidence]) -> str:
+    def of(model: avro.Evidence, serde: Serde) -> CachedItem:
+        canonical = orjson.dumps(model.model_dump(), option=orjson.OPT_SORT_KEYS)  # what evidence_sha256 hashes
+        # encoded from the canonical form (maps in key order), so model() encodes to the same bytes
+        return (model.evidence_id, canonical,
+                serde.encode_item(avro.IncidentUpdated.AVRO_NAME, "evidence", orjson.loads(canonical)))
+
+    @staticmethod
+    def model(item: CachedItem) -> avro.Evidence:
+        """The item as a model again (for the record; the worker publishes the bytes)."""
+        return avro.Evidence.model_validate_json(item[1])
+
+    @staticmethod
+    def sha256(items: Sequence[CachedItem]) -> str:
         """Same digest as :func:`evidence_sha256` of the models (orjson writes a list as ``[a,b,...]``)."""
-        ordered = sorted(items, key=lambda i: i.evidence_id)
-        return hashlib.sha256(b"[" + b",".join(i.canonical for i in ordered) + b"]").hexdigest()
+        ordered = sorted(items, key=lambda i: i[0])
+        return hashlib.sha256(b"[" + b",".join(i[1] for i in ordered) + b"]").hexdigest()
 
 
 class AlertEvidenceCache:
@@ -422,16 +421,16 @@ class AlertEvidenceCache:
     def __init__(self, serde: Serde, max_items: int = 50_000) -> None:
         self.serde = serde
         self.max_items = max_items
-        self._by_incident: OrderedDict[str, dict[str, tuple[tuple, _CachedEvidence]]] = OrderedDict()
+        self._by_incident: OrderedDict[str, dict[str, tuple[tuple, CachedItem]]] = OrderedDict()
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
-    def items(self, inc: Incident, metrics_source: str) -> list[_CachedEvidence]:
+    def items(self, inc: Incident, metrics_source: str) -> list[CachedItem]:
         """The incident's alert items, ordered by (first_seen, fingerprint) of their alerts."""
         old = self._by_incident.pop(inc.incident_id, {})
-        fresh: dict[str, tuple[tuple, _CachedEvidence]] = {}
+        fresh: dict[str, tuple[tuple, CachedItem]] = {}
         out = []
         for dkey, ref in sorted(inc.alerts.items(), key=lambda kv: (kv[1].first_seen, kv[1].fingerprint)):
             key = (ref.service, ref.source, ref.fingerprint, ref.status, ref.severity, ref.summary, ref.first_seen,
@@ -448,7 +447,7 @@ class AlertEvidenceCache:
         return out
 
     @staticmethod
-    def _build(inc: Incident, ref: Any, metrics_source: str, serde: Serde) -> _CachedEvidence:
+    def _build(inc: Incident, ref: Any, metrics_source: str, serde: Serde) -> CachedItem:
         # Say where metric evidence came from (or why there is none) on every alert item, so a reader of the
         # incident sees that the absence of metric evidence is not a clean bill of health.
         return _CachedEvidence.of(avro.Evidence(
