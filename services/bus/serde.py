@@ -78,6 +78,15 @@ class Serde:
     def encode_dict(self, name: str, obj: dict, *, topic: str | None = None) -> bytes:
         """Serialise a plain dict against schema ``name`` (the hot path: no pydantic round trip)."""
         rs = self.schemas.get(name)
+        buf = self._framed(rs, topic)
+        try:
+            schemaless_writer(buf, rs.parsed, obj, strict_allow_default=True)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise RecordInvalid(f"{rs.name}: {e}") from e
+        return self._bounded(rs, buf.getvalue())
+
+    def _framed(self, rs: RecordSchema, topic: str | None) -> io.BytesIO:
+        """A buffer holding the framing header of a record of ``rs``."""
         buf = io.BytesIO()
         if self.registry is not None:
             if topic is None:
@@ -85,11 +94,9 @@ class Serde:
             buf.write(CONFLUENT_MAGIC + struct.pack(">I", self._registered_id(topic, rs)))
         else:
             buf.write(SINGLE_OBJECT_MAGIC + rs.fingerprint)
-        try:
-            schemaless_writer(buf, rs.parsed, obj, strict_allow_default=True)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise RecordInvalid(f"{rs.name}: {e}") from e
-        data = buf.getvalue()
+        return buf
+
+    def _bounded(self, rs: RecordSchema, data: bytes) -> bytes:
         if len(data) > self.max_message_bytes:
             raise OversizedMessage(
                 f"{rs.name} encodes to {len(data)} bytes, above the {self.max_message_bytes}-byte limit"
@@ -115,13 +122,7 @@ class Serde:
         each item is encoded once, not once per version. Raises RecordInvalid / OversizedMessage."""
         rs = self.schemas.get(name)
         (head, head_names), _, (tail, tail_names) = self._split(name, field)
-        buf = io.BytesIO()
-        if self.registry is not None:
-            if topic is None:
-                raise RecordInvalid("the Confluent wire format needs the topic (subject <topic>-value)")
-            buf.write(CONFLUENT_MAGIC + struct.pack(">I", self._registered_id(topic, rs)))
-        else:
-            buf.write(SINGLE_OBJECT_MAGIC + rs.fingerprint)
+        buf = self._framed(rs, topic)
         try:
             schemaless_writer(buf, head, {k: obj[k] for k in head_names if k in obj}, strict_allow_default=True)
             if items:
@@ -131,12 +132,7 @@ class Serde:
             schemaless_writer(buf, tail, {k: obj[k] for k in tail_names if k in obj}, strict_allow_default=True)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise RecordInvalid(f"{rs.name}: {e}") from e
-        data = buf.getvalue()
-        if len(data) > self.max_message_bytes:
-            raise OversizedMessage(
-                f"{rs.name} encodes to {len(data)} bytes, above the {self.max_message_bytes}-byte limit"
-            )
-        return data
+        return self._bounded(rs, buf.getvalue())
 
     def _split(self, name: str, field: str) -> tuple[tuple[Any, list[str]], Any, tuple[Any, list[str]]]:
         """Parsed schemas of the fields before ``field``, of its items, and of the fields after it (cached)."""
@@ -191,16 +187,7 @@ class Serde:
         rs = self.schemas.get(writer.name)  # the current version: a record an earlier version wrote resolves to it
         if expected is not None and rs.name != expected:
             raise DecodeError(f"record {rs.name} is not the type this topic carries ({expected})")
-        buf = io.BytesIO(data)
-        buf.seek(offset)
-        try:
-            obj = schemaless_reader(buf, writer.parsed, None if writer is rs else rs.parsed)
-        except (EOFError, StopIteration, ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError,
-                UnicodeDecodeError, struct.error) as e:
-            raise DecodeError(f"{rs.name}: body does not decode: {type(e).__name__}: {e}") from e
-        if buf.tell() != len(data):
-            raise DecodeError(f"{rs.name}: {len(data) - buf.tell()} trailing bytes after the record")
-        return Decoded(rs, obj)
+        return Decoded(rs, _read_body(data, offset, writer.parsed, None if writer is rs else rs.parsed, rs.name))
 
     def decode_fields(self, data: bytes, fields: tuple[str, ...]) -> dict:
         """Only ``fields`` of a framed record, as a dict: Avro schema resolution skips the other fields without
@@ -219,16 +206,7 @@ class Serde:
                     {"type": "record", "name": name[-1], "namespace": name[0], "fields": kept})
             except Exception as e:  # noqa: BLE001 - e.g. a kept field names a type defined in a skipped one
                 raise DecodeError(f"{writer.name}: cannot project onto {fields}: {e}") from e
-        buf = io.BytesIO(data)
-        buf.seek(offset)
-        try:
-            obj = schemaless_reader(buf, writer.parsed, self._projections[key])
-        except (EOFError, StopIteration, ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError,
-                UnicodeDecodeError, struct.error) as e:
-            raise DecodeError(f"{writer.name}: body does not decode: {type(e).__name__}: {e}") from e
-        if buf.tell() != len(data):
-            raise DecodeError(f"{writer.name}: {len(data) - buf.tell()} trailing bytes after the record")
-        return obj
+        return _read_body(data, offset, writer.parsed, self._projections[key], writer.name)
 
     def _resolve_schema(self, data: bytes) -> tuple[RecordSchema, int]:
         if data[:2] == SINGLE_OBJECT_MAGIC:
@@ -278,3 +256,18 @@ def _zigzag_varint(n: int) -> bytes:
         z >>= 7
     out.append(z)
     return bytes(out)
+
+
+def _read_body(data: bytes, offset: int, writer: Any, reader: Any, name: str) -> dict:
+    """The record body at ``offset``, written with ``writer``, read as ``reader`` (None: the same); it must use
+    every byte. Raises DecodeError."""
+    buf = io.BytesIO(data)
+    buf.seek(offset)
+    try:
+        obj = schemaless_reader(buf, writer, reader)
+    except (EOFError, StopIteration, ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError,
+            UnicodeDecodeError, struct.error) as e:
+        raise DecodeError(f"{name}: body does not decode: {type(e).__name__}: {e}") from e
+    if buf.tell() != len(data):
+        raise DecodeError(f"{name}: {len(data) - buf.tell()} trailing bytes after the record")
+    return obj
