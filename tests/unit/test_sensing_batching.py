@@ -100,6 +100,14 @@ def handler(deps) -> IncidentHandler:
     return IncidentHandler(Correlator(deps, RULES), Redactor(b"unit-test-pseudonym-key-000001"))
 
 
+def _one_at_a_time(deps, events) -> MemoryStore:
+    """The reference: the events applied one at a time, unbatched, on a fresh store."""
+    reference = MemoryStore()
+    for ev in events:
+        Correlator(deps, RULES).apply(ev, reference)
+    return reference
+
+
 def _collapsed(writes: list[tuple]) -> list[tuple]:
     """Incident writes without those the very next write replaces (same incident, nothing in between)."""
     out: list[tuple] = []
@@ -171,9 +179,7 @@ class OrderedLog(MemoryStore):
 @pytest.mark.parametrize("seed", range(150))
 def test_a_crash_mid_batch_and_a_differently_batched_replay_end_in_the_reference_state(deps, handler, seed):
     events = _events(seed, 30)
-    reference = MemoryStore()
-    for ev in events:
-        Correlator(deps, RULES).apply(ev, reference)
+    reference = _one_at_a_time(deps, events)
 
     rng = random.Random(1000 + seed)
     batches = list(_batches(rng, events))

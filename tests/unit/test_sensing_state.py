@@ -14,7 +14,7 @@ from pilothouse.sensing.correlation import Correlator, MemoryStore
 from pilothouse.sensing.handlers import IncidentHandler
 from pilothouse.sensing.redaction import Redactor
 from pilothouse.sensing.state import MARKER_KEY, BatchLogStore, StateLogError, apply_records
-from tests.unit.test_sensing_batching import RULES, _batches, _current, _events, _numbered, _record
+from tests.unit.test_sensing_batching import RULES, _batches, _current, _events, _numbered, _one_at_a_time, _record
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,7 @@ def _recover(log: list, keep: int) -> tuple[BatchLogStore, list]:
 def test_a_crash_anywhere_in_the_unacknowledged_tail_then_a_differently_batched_replay_ends_in_the_reference_state(
         handler, deps, seed):
     events = _events(seed, 30)
-    reference = MemoryStore()
-    for ev in events:
-        Correlator(deps, RULES).apply(ev, reference)
+    reference = _one_at_a_time(deps, events)
 
     rng = random.Random(2000 + seed)
     batches = list(_batches(rng, events))
@@ -70,9 +68,7 @@ def test_a_crash_anywhere_in_the_unacknowledged_tail_then_a_differently_batched_
     store, rollback = _recover(log, keep)
     # recovered: exactly the state after the last batch whose marker was kept (one alert at a time to there)
     whole = sum(1 for n, _ in ends if n <= keep)
-    prefix = MemoryStore()
-    for ev in events[:ends[whole - 1][1] if whole else 0]:
-        Correlator(deps, RULES).apply(ev, prefix)
+    prefix = _one_at_a_time(deps, events[:ends[whole - 1][1] if whole else 0])
     assert _current(store) == _current(prefix)
     log = log[:keep]
     if rollback and rng.random() < 0.3:  # crash again while the roll-back is written
