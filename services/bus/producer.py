@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -144,8 +146,6 @@ class BusProducer:
     def wait(self, deliveries: Iterable[Delivery], timeout: float = 30.0) -> None:
         """Block until every delivery is acknowledged; raise the first delivery error (after all finished)."""
         pending = list(deliveries)
-        import time
-
         deadline = time.monotonic() + timeout
         for d in pending:
             while not d.done:
@@ -198,8 +198,6 @@ class AsyncBatchProducer:
     message costs a C call here instead of a few dozen Python frames there."""
 
     def __init__(self, producer: BusProducer, *, poll_interval_s: float = 0.0005) -> None:
-        import asyncio
-
         self.producer = producer
         self._raw = producer.raw
         self._poll_interval_s = poll_interval_s
@@ -210,8 +208,6 @@ class AsyncBatchProducer:
                       partition: int | None = None) -> Any:
         """Queue ``(key, value)`` records (value None: a tombstone); returns an asyncio future that resolves once
         every one is acknowledged, or fails with the first delivery error (translated) once all are reported."""
-        import asyncio
-
         loop = asyncio.get_running_loop()
         if self._server is None or self._server.done():
             self._server = loop.create_task(self._serve())
@@ -242,8 +238,6 @@ class AsyncBatchProducer:
         return fut
 
     async def _serve(self) -> None:
-        import asyncio
-
         while True:
             if len(self._raw) == 0:  # nothing queued, in flight or reported but unserved
                 self._wake.clear()
@@ -254,9 +248,6 @@ class AsyncBatchProducer:
 
     async def close(self, timeout: float = 30.0) -> None:
         """Wait (without blocking the loop) for every outstanding message, then stop serving reports."""
-        import asyncio
-        import time
-
         deadline = time.monotonic() + timeout
         while len(self._raw) and time.monotonic() < deadline:
             self._raw.poll(0)
