@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -208,21 +209,31 @@ class TopicWatch:
         self._c.close()
 
 
-def stage_breakdown(fps: list[str], sent_wall: dict[str, float], alerts: TopicWatch,
-                    incidents: TopicWatch) -> dict[str, dict[str, float]]:
-    """p50/p99 of each stage of alert -> incident-update latency, per alert (ms, wall clock of this one host):
+STAGES = ("post_to_gateway", "gateway_to_alert_log", "alert_log_to_incident_log", "incident_log_to_reader")
+
+
+def stage_times(fps: list[str], sent_wall: dict[str, float], alerts: TopicWatch,
+                incidents: TopicWatch) -> dict[str, list[float]]:
+    """Per alert (fingerprint), each stage of alert -> incident-update latency (ms, wall clock of this one host):
     POST sent -> gateway stamp (``received_at``) -> alert appended to its log (broker's LogAppendTime) -> first
     incident update with it appended -> that update read by this process."""
-    stages: dict[str, list[float]] = {"post_to_gateway": [], "gateway_to_alert_log": [], "alert_log_to_incident_log": [],
-                                      "incident_log_to_reader": [], "total": []}
+    out = {}
     for fp in fps:
         if fp not in alerts.log_time or fp not in incidents.log_time or fp not in sent_wall:
             continue
         t = [sent_wall[fp], alerts.received_at[fp], alerts.log_time[fp], incidents.log_time[fp],
              incidents.first_wall[fp]]
-        for name, a, b in zip(stages, t, t[1:]):
-            stages[name].append(b - a)
-        stages["total"].append(t[-1] - t[0])
+        out[fp] = [b - a for a, b in zip(t, t[1:])]
+    return out
+
+
+def stage_breakdown(times: Iterable[list[float]]) -> dict[str, dict[str, float]]:
+    """p50/p99 of each stage (and of their sum) over the alerts' :func:`stage_times`."""
+    stages: dict[str, list[float]] = {name: [] for name in (*STAGES, "total")}
+    for row in times:
+        for name, value in zip(STAGES, row):
+            stages[name].append(value)
+        stages["total"].append(sum(row))
     return {k: {"p50": round(_pct(v, 0.5), 1), "p99": round(_pct(v, 0.99), 1)} for k, v in stages.items() if v}
 
 
@@ -487,19 +498,25 @@ def real_path(args, info) -> dict:
         fps2 = [fp for _, _, fps in bodies2 for fp in fps]
         complete2 = watch.wait_for(fps2, 300)
         lat = [(watch.first_seen[fp] - sent2[fp]) * 1000 for fp in fps2 if fp in watch.first_seen]
-        # over the phase (by send time, 0.5 s windows): the incidents grow, and so does an update's cost
-        first = min(sent2.values()) if sent2 else 0.0
-        windows: dict[int, list[float]] = {}
-        for fp in fps2:
-            if fp in watch.first_seen:
-                windows.setdefault(int((sent2[fp] - first) / 0.5), []).append((watch.first_seen[fp] - sent2[fp]) * 1000)
-        over_time = [{"t_s": k * 0.5, "alerts": len(v), "p50": round(_pct(v, 0.5), 1), "p99": round(_pct(v, 0.99), 1)}
-                     for k, v in sorted(windows.items())]
         delta2 = {k: v - metrics2.get(k, 0.0) for k, v in _correlator_metrics(cobs).items()}
         alert_watch = TopicWatch(info.kafka_config("admin"), topics["alerts"], alerts=True)
         alert_watch.wait_for(fps2, 60)
-        stages = stage_breakdown(fps2, {fp: t * 1000 + wall_offset_ms for fp, t in sent2.items()}, alert_watch,
-                                 watch)
+        times = stage_times(fps2, {fp: t * 1000 + wall_offset_ms for fp, t in sent2.items()}, alert_watch, watch)
+        stages = stage_breakdown(times.values())
+        # over the phase (by send time, 0.5 s windows): the incidents grow, and so does an update's cost; and the
+        # stage a slow window lost its time in
+        first = min(sent2.values()) if sent2 else 0.0
+        windows: dict[int, list[str]] = {}
+        for fp in fps2:
+            if fp in watch.first_seen:
+                windows.setdefault(int((sent2[fp] - first) / 0.5), []).append(fp)
+        over_time = []
+        for k, members in sorted(windows.items()):
+            v = [(watch.first_seen[fp] - sent2[fp]) * 1000 for fp in members]
+            over_time.append({"t_s": k * 0.5, "alerts": len(v), "p50": round(_pct(v, 0.5), 1),
+                              "p99": round(_pct(v, 0.99), 1),
+                              "stages_p99": {name: x["p99"] for name, x in stage_breakdown(
+                                  times[fp] for fp in members if fp in times).items() if name != "total"}})
         return {
             "alerts": len(all_fps), "batch": args.batch, "concurrency": args.concurrency,
             "http_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},

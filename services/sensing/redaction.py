@@ -34,6 +34,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import math
 import re
 import sys
@@ -69,6 +70,7 @@ __all__ = [
 # Bump when recogniser code changes behaviour; it is folded into the rule-set version.
 REDACTOR_CODE_VERSION = "redaction-1"
 RULES_DIR = Path(__file__).with_name("rules")
+CLEAN_CACHE_MAX_CHARS = 512  # longer strings (log lines, descriptions with ids) rarely repeat exactly
 RULE_FILES = ("gitleaks.toml", "pilothouse-secrets.toml")
 
 
@@ -92,6 +94,8 @@ class RedactionSettings(BaseSettings):
     max_record_chars: int = Field(default=4_000_000, ge=1)
     max_record_nodes: int = Field(default=100_000, ge=1)
     max_depth: int = Field(default=64, ge=1)
+    clean_cache: int = Field(default=65_536, ge=0, description="recent strings that needed no redaction, remembered "
+                             "so they are not scanned again (0: off)")
 
 
 @dataclass(frozen=True)
@@ -582,9 +586,16 @@ class Redactor:
         max_record_nodes: int = 100_000,
         max_depth: int = 64,
         prefilter: bool = True,
+        clean_cache: int = 65_536,
     ) -> None:
         """`prefilter=False` runs every recogniser on every text (same output, slower): the benchmark's baseline and
-        the tests' check that the gate never hides a finding."""
+        the tests' check that the gate never hides a finding.
+
+        `clean_cache`: how many recently scanned strings that needed nothing (no invisible character, no finding)
+        are remembered, so the same string is not scanned again (0: none). Alerts repeat most of their strings
+        (label names, alert names, severities, namespaces, templated annotations). Only strings of at most
+        ``CLEAN_CACHE_MAX_CHARS`` are kept; the cache holds nothing that redaction would have changed, and redacting
+        is a pure function of the text for a given Redactor, so a hit gives what a scan gives."""
         if not isinstance(pseudonym_key, bytes | bytearray) or len(pseudonym_key) < 16:
             raise ValueError("pseudonym_key must be at least 16 bytes")
         if not 8 <= pseudonym_hex_chars <= 64:
@@ -623,6 +634,8 @@ class Redactor:
         self._keywords = keywords
         _invisible_table()  # build the normalisation table now, not on the first non-ASCII record
         self._pseudonym = functools.lru_cache(maxsize=65536)(self._pseudonym_uncached)
+        self._clean_max = max(0, clean_cache)
+        self._clean: dict[str, None] = {}  # strings that redact to themselves with no finding (insertion order)
 
     @classmethod
     def from_settings(cls, settings: RedactionSettings, *, rules_dir: Path | None = None) -> Redactor:
@@ -634,6 +647,7 @@ class Redactor:
             max_record_chars=settings.max_record_chars,
             max_record_nodes=settings.max_record_nodes,
             max_depth=settings.max_depth,
+            clean_cache=settings.clean_cache,
         )
 
     # ---- public API -------------------------------------------------------------------------------------------------
@@ -726,21 +740,34 @@ class Redactor:
             raise RedactionRefused(f"text longer than {self._max_text} characters")
         if scope.chars > self._max_record_chars:
             raise RedactionRefused(f"record holds more than {self._max_record_chars} characters")
+        if text in self._clean:
+            return text
         if not text.isascii():
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise RedactionRefused("text holds unpaired surrogates (a decoding error upstream)") from None
+        original = text
         text, removed = normalise(text)
         if removed:
             scope.counts["INVISIBLE_CHARACTERS"] += removed
         hits = self._gate.Match(text) if self._prefilter else self._exhaustive_hits(text)
-        if not hits:
-            return text
-        spans = self._find(text, hits)
-        if not spans:
-            return text
-        return self._replace(text, spans, scope)
+        spans = self._find(text, hits) if hits else None
+        if spans:
+            return self._replace(text, spans, scope)
+        if text == original and self._clean_max and len(text) <= CLEAN_CACHE_MAX_CHARS:
+            self._remember_clean(text)
+        return text
+
+    def _remember_clean(self, text: str) -> None:
+        clean = self._clean
+        if len(clean) >= self._clean_max:  # drop the oldest eighth (dicts keep insertion order)
+            try:
+                for old in list(itertools.islice(clean, max(1, self._clean_max // 8))):
+                    clean.pop(old, None)
+            except RuntimeError:  # another thread changed it meanwhile: start afresh (only a cache)
+                clean.clear()
+        clean[text] = None
 
     def _exhaustive_hits(self, text: str) -> list[int]:
         """Without the RE2 set: every family, and each rule whose keyword occurs (gitleaks' own semantics)."""

@@ -352,6 +352,35 @@ def test_the_prefilter_never_hides_a_finding(redactor: Redactor):
         assert redactor.redact_text(text) == exhaustive.redact_text(text)
 
 
+def test_the_clean_string_cache_changes_no_output():
+    """Strings that needed nothing are remembered; a second pass (all hits) and a cache-less redactor agree with the
+    first pass on every fixture text, the records too (their walk shares the cache), and nothing the redactor
+    changed, nor anything it found, is ever in the cache."""
+    cached, uncached = Redactor(KEY), Redactor(KEY, clean_cache=0)
+    texts = (FIXTURES / "benign_logs.txt").read_text().splitlines() + [c[0] for c in SECRET_CASES + PII_CASES]
+    texts += [row["full_text"] for row in json.loads((FIXTURES / "presidio_sample.json").read_text())]
+    texts += ["env\u200b", "ｓｅｃｒｅｔ", "alertname", "HighErrorRate", "x" * 600]
+    first = [cached.redact_text(t) for t in texts]
+    assert first == [cached.redact_text(t) for t in texts] == [uncached.redact_text(t) for t in texts]
+    records = [{"labels": {"alertname": t, "note": t, t[:40]: "critical"}, "links": [t, t]} for t in texts]
+    first_records = [cached.redact_record(r) for r in records]
+    assert first_records == [cached.redact_record(r) for r in records] == [uncached.redact_record(r) for r in records]
+    remembered = set(cached._clean)
+    assert "HighErrorRate" in remembered and "x" * 600 not in remembered  # too long to keep
+    for text, (out, manifest) in zip(texts, first):
+        if out != text or manifest.findings:
+            assert text not in remembered
+    assert not uncached._clean
+
+
+def test_the_clean_string_cache_is_bounded():
+    small = Redactor(KEY, clean_cache=64)
+    for i in range(1000):
+        assert small.redact_text(f"plain value {i}")[0] == f"plain value {i}"
+        assert len(small._clean) <= 64
+    assert "plain value 999" in small._clean
+
+
 # ---- benign lines ---------------------------------------------------------------------------------------------------
 
 
