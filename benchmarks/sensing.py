@@ -85,7 +85,7 @@ def cpu_limit(n: int, batch: int, correlator_batches: dict[str, int]) -> dict:
     from pilothouse.bus.serde import Serde
     from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
     from pilothouse.sensing.correlation import Correlator, DependencyMap
-    from pilothouse.sensing.handlers import IncidentHandler, IngestHandler
+    from pilothouse.sensing.handlers import IncidentHandler, IngestHandler, decode_alert_input
     from pilothouse.sensing.redaction import Redactor
     from pilothouse.sensing.state import BatchLogStore
 
@@ -111,7 +111,7 @@ def cpu_limit(n: int, batch: int, correlator_batches: dict[str, int]) -> dict:
         store, updates = BatchLogStore(), 0
         t0 = time.process_time()
         for first in range(0, len(encoded), size):
-            alerts = [(serde.decode(raw, expected="pilothouse.sensing.AlertReceived").record, first + i)
+            alerts = [(decode_alert_input(serde, raw, first + i), first + i)  # as the worker decodes
                       for i, raw in enumerate(encoded[first:first + size])]
             result = handler.correlate_batch(alerts, store)
             store.commit()  # the batch's state records, as the worker writes them
@@ -245,19 +245,27 @@ def _pinned(core: int | None):
 
 def _post_all(url: str, bodies: list[tuple[float, bytes, list[str]]], sent_at: dict[str, float],
               concurrency: int) -> list[int]:
-    import httpx
+    """POST every body (at its offset in seconds from the start) over ``concurrency`` keep-alive connections;
+    the answers' statuses. The standard library's http.client: this process shares the gateway's core, and httpx
+    spent 1.1 ms of CPU per 50-alert request here against 0.4 ms (about 2 % of the whole path's CPU per alert)."""
+    import http.client
+    from urllib.parse import urlsplit
 
+    where = urlsplit(url)
+    headers = {"Authorization": f"Bearer {GATEWAY_TOKEN}", "Content-Type": "application/json"}
     statuses: list[int] = []
     lock = threading.Lock()
     queue = list(enumerate(bodies))
-    # clients made before the clock starts: making one (its TLS context) took 10-50 ms of the gateway's core, and the
-    # first requests of a paced phase then went out bunched (a burst the correlator took ~0.5 s to absorb)
-    clients = [httpx.Client(timeout=30, headers={"Authorization": f"Bearer {GATEWAY_TOKEN}"})
-               for _ in range(concurrency)]
+    # connections opened before the clock starts (the first requests of a paced phase must not go out bunched)
+    connections = []
+    for _ in range(concurrency):
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        conn.connect()
+        connections.append(conn)
     start = time.perf_counter()
 
-    def worker(client: httpx.Client) -> None:
-        with client:
+    def worker(conn: http.client.HTTPConnection) -> None:
+        try:
             while True:
                 with lock:
                     if not queue:
@@ -267,13 +275,17 @@ def _post_all(url: str, bodies: list[tuple[float, bytes, list[str]]], sent_at: d
                 if delay > 0:
                     time.sleep(delay)
                 t = time.perf_counter()
-                r = client.post(url, content=body, headers={"Content-Type": "application/json"})
+                conn.request("POST", where.path, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
                 with lock:
-                    statuses.append(r.status_code)
+                    statuses.append(response.status)
                     for fp in fps:
                         sent_at[fp] = t
+        finally:
+            conn.close()
 
-    threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
+    threads = [threading.Thread(target=worker, args=(c,)) for c in connections]
     for t in threads:
         t.start()
     for t in threads:

@@ -52,8 +52,8 @@ from pilothouse.bus.faust_codec import AvroCodec
 from pilothouse.bus.producer import AsyncBatchProducer, BusProducer
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.config import SensingSettings
-from pilothouse.sensing.correlation import CorrelationRules, Correlator, DependencyMap, Incident
-from pilothouse.sensing.handlers import IncidentHandler, MetricEvidence, TelemetryBuffer
+from pilothouse.sensing.correlation import AlertInput, CorrelationRules, Correlator, DependencyMap, Incident
+from pilothouse.sensing.handlers import IncidentHandler, MetricEvidence, TelemetryBuffer, decode_alert_input
 from pilothouse.sensing.redaction import Redactor
 from pilothouse.sensing.state import BatchLogStore, apply_records
 
@@ -117,7 +117,6 @@ class CorrelationWorker:
         self.metrics = metrics  # PrometheusMetrics or None
         self.bus = bus
         self._metric_cache: dict[str, tuple[float, list[str], MetricEvidence]] = {}
-        self.alert_codec = AvroCodec(serde, expected="pilothouse.sensing.AlertReceived")
         self.telemetry_codec = AvroCodec(serde, expected="pilothouse.sensing.TelemetryReceived")
         self.app = faust.App(
             settings.app_id,
@@ -258,10 +257,11 @@ class CorrelationWorker:
         """Decode and correlate a batch (its state writes handed to the producer), build its IncidentUpdated
         records, and return the task that publishes them (some may be sent already) and acks the batch."""
         started = time.perf_counter()
-        records: list[tuple[Any, Any]] = []  # (record, message)
+        records: list[tuple[AlertInput, Any]] = []  # (alert, message)
+        serde = self.handler.serde
         for event in events:
             try:
-                records.append((self.alert_codec.decode(event.value), event.message))
+                records.append((decode_alert_input(serde, event.value, event.message.offset), event.message))
             except PermanentError as e:
                 await self._dead_letter(event.message, e)
         built: list[tuple[bytes, bytes]] = []

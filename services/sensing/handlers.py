@@ -169,6 +169,20 @@ def alert_input(record: avro.AlertReceived, sequence: int = -1) -> AlertInput:
                       sequence=sequence)
 
 
+ALERT_INPUT_FIELDS = ("event_id", "source", "fingerprint", "status", "severity", "service", "summary", "received_at",
+                      "labels")
+
+
+def decode_alert_input(serde: Serde, raw: bytes, sequence: int = -1) -> AlertInput:
+    """The same AlertInput, straight from a framed AlertReceived: only the fields correlation reads, timestamps as
+    milliseconds (no model: the Avro decoding is the validation, and the generated model adds no constraint to an
+    AlertReceived that Avro does not enforce). Raises DecodeError / OversizedMessage like ``Serde.decode``."""
+    d = serde.decode_fields(raw, ALERT_INPUT_FIELDS, expected=avro.AlertReceived.AVRO_NAME, millis=True)
+    return AlertInput(event_id=d["event_id"], source=d["source"], fingerprint=d["fingerprint"], status=d["status"],
+                      severity=d["severity"], service=d["service"], summary=d["summary"],
+                      received_at_ms=d["received_at"], labels=d["labels"], sequence=sequence)
+
+
 def evidence_sha256(items: Iterable[avro.Evidence]) -> str:
     """SHA-256 over the canonical evidence set: items sorted by id, each as sorted-key JSON (orjson)."""
     canon = sorted((i.model_dump() for i in items), key=lambda d: d["evidence_id"])
@@ -241,11 +255,14 @@ class IncidentHandler:
         self.alert_items = AlertEvidenceCache(self.serde)
         self._empty: avro.RedactionManifest | None = None
 
-    def correlate(self, record: avro.AlertReceived, store: CorrelationStore, *, sequence: int = -1) -> Outcome:
-        """Apply one alert; ``outcome.emits`` says whether an IncidentUpdated must be written."""
-        return self.correlator.apply(alert_input(record, sequence), store)
+    def correlate(self, record: avro.AlertReceived | AlertInput, store: CorrelationStore, *,
+                  sequence: int = -1) -> Outcome:
+        """Apply one alert; ``outcome.emits`` says whether an IncidentUpdated must be written. An AlertInput
+        (:func:`decode_alert_input`) carries its sequence already."""
+        return self.correlator.apply(record if isinstance(record, AlertInput) else alert_input(record, sequence),
+                                     store)
 
-    def correlate_batch(self, alerts: Sequence[tuple[avro.AlertReceived, int]],
+    def correlate_batch(self, alerts: Sequence[tuple[avro.AlertReceived | AlertInput, int]],
                         store: CorrelationStore) -> BatchOutcome:
         """Apply a batch of ``(record, sequence)`` in order; emit each changed incident once, in its final state.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -163,3 +164,20 @@ def test_a_projection_decodes_the_fields_it_names_as_a_full_decode_does(name):
     assert got == {k: full[k] for k in fields}
     with pytest.raises(DecodeError, match="trailing bytes"):
         serde.decode_fields(data + b"\x00", fields)
+    # timestamps as the milliseconds on the wire; everything else the same
+    millis = serde.decode_fields(data, fields, millis=True, expected=name)
+    assert millis == {k: _as_millis(full[k]) for k in fields}
+    other = next(n for n in sorted(RECORDS) if n != name)
+    with pytest.raises(DecodeError, match="not the type this topic carries"):
+        serde.decode_fields(data, fields, expected=other)
+
+
+def _as_millis(value):
+    """A decoded value with every datetime as milliseconds since the epoch (what ``millis=True`` reads)."""
+    if isinstance(value, datetime):
+        return (value - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(milliseconds=1)
+    if isinstance(value, dict):
+        return {k: _as_millis(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_millis(v) for v in value]
+    return value

@@ -13,13 +13,21 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from pilothouse.bus.errors import DecodeError
 from pilothouse.bus.records import AlertReceived, Evidence, RedactionManifest, TelemetryReceived
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.adapters.prometheus import PrometheusMetrics
 from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
 from pilothouse.sensing.correlation import Correlator, DependencyMap, MemoryStore
 from pilothouse.sensing.evidence import Window
-from pilothouse.sensing.handlers import AlertEvidenceCache, IncidentHandler, IngestHandler, evidence_sha256
+from pilothouse.sensing.handlers import (
+    AlertEvidenceCache,
+    IncidentHandler,
+    IngestHandler,
+    alert_input,
+    decode_alert_input,
+    evidence_sha256,
+)
 from pilothouse.sensing.redaction import Redactor
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "alert-payloads"
@@ -54,6 +62,26 @@ def test_alertmanager_payload_becomes_valid_avro_records(ingest):
     first = result.outbound[0].record
     assert "<IP:" in first.annotations["description"] and result.findings["IP"] == 12
     assert "$.annotations.description" in first.redaction.redacted_fields
+
+
+def test_the_worker_decodes_the_alert_input_a_full_decode_gives(ingest):
+    """decode_alert_input (a projection, timestamps as milliseconds, no model) == alert_input of the whole record,
+    for every alert of every real Alertmanager payload; another record type is refused."""
+    serde = Serde()
+    bodies = sorted((FIXTURES / "prometheus-msteams-testdata/payloads").glob("*.json"))
+    seen = 0
+    for body in bodies:
+        try:
+            result = ingest.handle("alertmanager", body.read_bytes(), received_at_ms=T + seen)
+        except Exception:  # noqa: BLE001 - the malformed examples are other tests' business
+            continue
+        for n, o in enumerate(result.outbound):
+            raw = serde.encode(o.record)
+            assert decode_alert_input(serde, raw, n) == alert_input(serde.decode(raw).record, n)
+            seen += 1
+    assert seen >= 12
+    with pytest.raises(DecodeError, match="not the type"):
+        decode_alert_input(serde, serde.encode(_log(1, "cart", T, "a log line")))
 
 
 def _am(fingerprint: str) -> bytes:
