@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import struct
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -28,6 +29,75 @@ from pilothouse.bus.schemas import RecordSchema, SchemaSet, load_schemas
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+
+
+class _Writer:
+    """Writes records of one schema: with fastavro's parsed schema, or, where the schema's only logical types are
+    timestamps in its own fields (the case of every pilothouse record), with the same schema read as plain longs,
+    after turning those fields' datetimes into milliseconds here. The bytes are the same; fastavro's logical-type
+    path cost 17 of the 28 us of writing an AlertReceived."""
+
+    __slots__ = ("parsed", "plain", "stamps")
+
+    def __init__(self, schema: dict, parsed: Any, named: dict) -> None:
+        from fastavro import parse_schema
+
+        self.parsed = parsed
+        self.stamps = _timestamp_fields(schema)
+        self.plain = None
+        if self.stamps is not None:
+            try:
+                self.plain = parse_schema(_without_logical_types(schema), named, _force=True)
+            except Exception:  # noqa: BLE001 - e.g. it names a type another part defined: fastavro converts
+                self.stamps = None
+
+    def write(self, buf: io.BytesIO, obj: dict) -> None:
+        if self.stamps is not None:
+            converted = None
+            for name in self.stamps:
+                value = obj.get(name)
+                if isinstance(value, datetime):
+                    if value.tzinfo is None:  # local time: fastavro's own conversion decides what it means
+                        converted = None
+                        break
+                    if converted is None:
+                        converted = dict(obj)
+                    converted[name] = (value - _EPOCH) // _MS
+            else:
+                schemaless_writer(buf, self.plain, obj if converted is None else converted,
+                                  strict_allow_default=True)
+                return
+        schemaless_writer(buf, self.parsed, obj, strict_allow_default=True)
+
+
+def _timestamp_fields(schema: dict) -> tuple[str, ...] | None:
+    """The names of a record schema's timestamp-millis fields (nullable ones too); None if a logical type sits
+    anywhere else (inside an array, a map, a nested record) or is not a timestamp-millis."""
+    names = []
+    for f in schema.get("fields", ()) if isinstance(schema, dict) and schema.get("type") == "record" else [None]:
+        if f is None:
+            return None
+        alternatives = f["type"] if isinstance(f["type"], list) else [f["type"]]
+        stamps = [a for a in alternatives if isinstance(a, dict) and a.get("logicalType") == "timestamp-millis"
+                  and a.get("type") == "long"]
+        rest = [a for a in alternatives if not any(a is x for x in stamps)]
+        if _has_logical_type(rest):
+            return None
+        if stamps:
+            names.append(f["name"])
+    return tuple(names)
+
+
+def _has_logical_type(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        return "logicalType" in schema or any(_has_logical_type(v) for v in schema.values())
+    if isinstance(schema, list):
+        return any(_has_logical_type(v) for v in schema)
+    return False
 
 
 class Decoded:
@@ -68,6 +138,7 @@ class Serde:
         self._ids_by_name: dict[tuple[str, str], int] = {}
         self._schema_by_id: dict[int, RecordSchema] = {}
         self._splits: dict[tuple[str, str], Any] = {}
+        self._writers: dict[str, _Writer] = {}
         self._projections: dict[tuple[bytes, tuple[str, ...], bool], tuple[Any, Any]] = {}
 
     # -- encoding ---------------------------------------------------------------------------------------------
@@ -80,10 +151,16 @@ class Serde:
         rs = self.schemas.get(name)
         buf = self._framed(rs, topic)
         try:
-            schemaless_writer(buf, rs.parsed, obj, strict_allow_default=True)
+            self._writer(rs).write(buf, obj)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise RecordInvalid(f"{rs.name}: {e}") from e
         return self._bounded(rs, buf.getvalue())
+
+    def _writer(self, rs: RecordSchema) -> _Writer:
+        writer = self._writers.get(rs.name)
+        if writer is None:
+            writer = self._writers[rs.name] = _Writer(rs.expanded, rs.parsed, {})
+        return writer
 
     def _framed(self, rs: RecordSchema, topic: str | None) -> io.BytesIO:
         """A buffer holding the framing header of a record of ``rs``."""
@@ -109,7 +186,7 @@ class Serde:
         _, items, _ = self._split(name, field)
         buf = io.BytesIO()
         try:
-            schemaless_writer(buf, items, obj, strict_allow_default=True)
+            items.write(buf, obj)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise RecordInvalid(f"{name}.{field}[]: {e}") from e
         return buf.getvalue()
@@ -124,18 +201,18 @@ class Serde:
         (head, head_names), _, (tail, tail_names) = self._split(name, field)
         buf = self._framed(rs, topic)
         try:
-            schemaless_writer(buf, head, {k: obj[k] for k in head_names if k in obj}, strict_allow_default=True)
+            head.write(buf, {k: obj[k] for k in head_names if k in obj})
             if items:
                 buf.write(_zigzag_varint(len(items)))
                 buf.write(b"".join(items))
             buf.write(b"\x00")
-            schemaless_writer(buf, tail, {k: obj[k] for k in tail_names if k in obj}, strict_allow_default=True)
+            tail.write(buf, {k: obj[k] for k in tail_names if k in obj})
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise RecordInvalid(f"{rs.name}: {e}") from e
         return self._bounded(rs, buf.getvalue())
 
-    def _split(self, name: str, field: str) -> tuple[tuple[Any, list[str]], Any, tuple[Any, list[str]]]:
-        """Parsed schemas of the fields before ``field``, of its items, and of the fields after it (cached)."""
+    def _split(self, name: str, field: str) -> tuple[tuple[_Writer, list[str]], _Writer, tuple[_Writer, list[str]]]:
+        """Writers of the fields before ``field``, of its items, and of the fields after it (cached)."""
         key = (name, field)
         if key not in self._splits:
             from fastavro import parse_schema
@@ -152,9 +229,11 @@ class Serde:
             for suffix, part in (("Head", fields[:i]), ("Tail", fields[i + 1:])):
                 parts.append({"type": "record", "name": f"{base[-1]}__{field}__{suffix}", "namespace": base[0],
                               "fields": part})
-            head = parse_schema(parts[0], named)
-            items = parse_schema(fields[i]["type"]["items"], named)
-            tail = parse_schema(parts[1], named)
+            plain: dict = {}  # the same, for the writers' schemas without logical types
+            head = _Writer(parts[0], parse_schema(parts[0], named), plain)
+            item_schema = fields[i]["type"]["items"]
+            items = _Writer(item_schema, parse_schema(item_schema, named), plain)
+            tail = _Writer(parts[1], parse_schema(parts[1], named), plain)
             self._splits[key] = ((head, [f["name"] for f in fields[:i]]), items,
                                  (tail, [f["name"] for f in fields[i + 1:]]))
         return self._splits[key]
