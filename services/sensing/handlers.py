@@ -15,6 +15,7 @@ stable, so deduplication holds, and never the original value. The manifest lists
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -236,6 +237,8 @@ def _emitted(outcomes: Iterable[Outcome | Exception]) -> list[Incident]:
     return list(emit.values())
 
 
+_HEAD_TIMESTAMPS = ("occurred_at", "first_seen", "last_seen", "resolved_at")  # of an IncidentUpdated, in ms in _update
+
 MetricEvidence = tuple[list[ev.EvidenceItem], str]
 """Metric evidence of an incident and where it came from ("prometheus", "not configured", "unreachable: ...")."""
 
@@ -253,7 +256,7 @@ class IncidentHandler:
         self._new_id = new_id
         self.serde = serde or Serde()
         self.alert_items = AlertEvidenceCache(self.serde)
-        self._empty: avro.RedactionManifest | None = None
+        self._empty: dict[str, Any] | None = None
 
     def correlate(self, record: avro.AlertReceived | AlertInput, store: CorrelationStore, *,
                   sequence: int = -1) -> Outcome:
@@ -336,19 +339,22 @@ class IncidentHandler:
     def incident_record(self, inc: Incident, *, metrics: MetricEvidence | None = None) -> avro.IncidentUpdated:
         """The IncidentUpdated of the incident's current version."""
         head, evidence = self._update(inc, metrics)
-        return head.model_copy(update={"evidence": [_CachedEvidence.model(i) for i in evidence]})
+        return avro.IncidentUpdated.model_validate({
+            **head, **{k: _ts(head[k]) if head[k] is not None else None for k in _HEAD_TIMESTAMPS},
+            "evidence": [_CachedEvidence.model(i) for i in evidence]})
 
     def encoded_incident_record(self, inc: Incident, *, metrics: MetricEvidence | None = None) -> bytes:
         """The same record, Avro-encoded (the bytes ``serde.encode(incident_record(...))`` gives): each evidence item
         is encoded once per state of its source and spliced in, so an update no longer costs a dump and an encode
-        of every alert of its incident (an incident's n-th update cost O(n) item encodings, its whole life O(n^2))."""
+        of every alert of its incident (an incident's n-th update cost O(n) item encodings, its whole life O(n^2));
+        the rest is written from a plain dict (no model to validate and dump again: the Avro writer checks every
+        field against the schema)."""
         head, evidence = self._update(inc, metrics)
-        return self.serde.encode_spliced(avro.IncidentUpdated.AVRO_NAME, head.model_dump(), "evidence",
-                                         [i[2] for i in evidence])
+        return self.serde.encode_spliced(avro.IncidentUpdated.AVRO_NAME, head, "evidence", [i[2] for i in evidence])
 
-    def _update(self, inc: Incident,
-                metrics: MetricEvidence | None) -> tuple[avro.IncidentUpdated, list[CachedItem]]:
-        """The record without its evidence, and its evidence items in the order the record lists them."""
+    def _update(self, inc: Incident, metrics: MetricEvidence | None) -> tuple[dict[str, Any], list[CachedItem]]:
+        """The record without its evidence, as the dict its model dumps to (timestamps as milliseconds), and its
+        evidence items in the order the record lists them."""
         deps = self.correlator.deps
         services = inc.services  # each derived view once: every one walks the incident's alerts
         primary = inc.primary_service(deps, services)
@@ -363,27 +369,25 @@ class IncidentHandler:
         if found:
             other, manifest = self.redactor.redact_record([i.to_dict() for i in found])
             other_items = [_CachedEvidence.of(avro.Evidence.model_validate(d), self.serde) for d in other]
-            redaction = to_avro_manifest([manifest])
+            redaction = to_avro_manifest([manifest]).model_dump()
         else:  # nothing to scan: the manifest of an empty scan (same every time, built once)
             other_items, redaction = [], self._empty_manifest()
         evidence = alert_items + other_items
-        title = inc.title(deps, primary)
-        edges = [avro.DependencyEdge(caller=a, callee=b) for a, b in deps.topology(services, scope)]
-        head = avro.IncidentUpdated(
-            event_id=self._new_id(), incident_id=inc.incident_id, correlation_id=inc.incident_id,
-            causation_id=inc.causation_id, occurred_at=_ts(inc.last_seen), producer=PRODUCER,
-            version=inc.version, change=inc.change, state=inc.state, title=title, severity=inc.severity,
-            primary_service=primary, services=services, alert_fingerprints=inc.fingerprints,
-            alert_count=len(inc.alerts), first_seen=_ts(inc.first_seen), last_seen=_ts(inc.last_seen),
-            resolved_at=_ts(inc.resolved_at) if inc.resolved_at is not None else None,
-            evidence=[], dependency_edges=edges, evidence_sha256=_CachedEvidence.sha256(evidence),
-            redaction=redaction, episode=inc.episode,
-        )
+        head = {
+            "event_id": self._new_id(), "incident_id": inc.incident_id, "correlation_id": inc.incident_id,
+            "causation_id": inc.causation_id, "occurred_at": inc.last_seen, "producer": PRODUCER,
+            "version": inc.version, "change": inc.change, "state": inc.state, "title": inc.title(deps, primary),
+            "severity": inc.severity, "primary_service": primary, "services": services,
+            "alert_fingerprints": inc.fingerprints, "alert_count": len(inc.alerts), "first_seen": inc.first_seen,
+            "last_seen": inc.last_seen, "resolved_at": inc.resolved_at, "evidence": [],
+            "dependency_edges": [{"caller": a, "callee": b} for a, b in deps.topology(services, scope)],
+            "evidence_sha256": _CachedEvidence.sha256(evidence), "redaction": redaction, "episode": inc.episode,
+        }
         return head, evidence
 
-    def _empty_manifest(self) -> avro.RedactionManifest:
+    def _empty_manifest(self) -> dict[str, Any]:
         if self._empty is None:
-            self._empty = to_avro_manifest([self.redactor.redact_record([])[1]])
+            self._empty = to_avro_manifest([self.redactor.redact_record([])[1]]).model_dump()
         return self._empty
 
     def _other_evidence(self, services: list[str], window: ev.Window,
@@ -438,7 +442,10 @@ class AlertEvidenceCache:
     def __init__(self, serde: Serde, max_items: int = 50_000) -> None:
         self.serde = serde
         self.max_items = max_items
-        self._by_incident: OrderedDict[str, dict[str, tuple[tuple, CachedItem]]] = OrderedDict()
+        # incident id -> (context, alert keys in item order, alert key -> (alert's key, item)); the context is what
+        # every item of the incident depends on (its first_seen, the metric-source note)
+        self._by_incident: OrderedDict[str, tuple[tuple, list[str], dict[str, tuple[tuple, CachedItem]]]] = \
+            OrderedDict()
         self._size = 0
 
     def __len__(self) -> int:
@@ -446,20 +453,41 @@ class AlertEvidenceCache:
 
     def items(self, inc: Incident, metrics_source: str) -> list[CachedItem]:
         """The incident's alert items, ordered by (first_seen, fingerprint) of their alerts."""
-        old = self._by_incident.pop(inc.incident_id, {})
+        context = (inc.first_seen, metrics_source)
+        old_context, order, old = self._by_incident.pop(inc.incident_id, (None, [], {}))
+        self._size -= len(old)
+        if old_context != context:
+            old = {}
+        alerts = inc.alerts
+
+        def position(k: str) -> tuple[int, str]:
+            return alerts[k].first_seen, alerts[k].fingerprint
+
+        # An alert's first_seen never changes and alerts are only added: the last call's order holds, with the
+        # alerts added since inserted (usually at the end); sorted afresh if one of its alerts is gone
+        if len(order) > len(alerts) or any(k not in alerts for k in order):
+            order = sorted(alerts, key=position)
+        elif len(order) < len(alerts):
+            have = set(order)
+            order = list(order)
+            for k in alerts:
+                if k not in have:
+                    bisect.insort(order, k, key=position)
         fresh: dict[str, tuple[tuple, CachedItem]] = {}
         out = []
-        for dkey, ref in sorted(inc.alerts.items(), key=lambda kv: (kv[1].first_seen, kv[1].fingerprint)):
-            key = (ref.service, ref.source, ref.fingerprint, ref.status, ref.severity, ref.summary, ref.first_seen,
-                   ref.last_event_id, inc.first_seen, metrics_source)
+        for dkey in order:
+            ref = alerts[dkey]
+            # what the item depends on besides the context (source and fingerprint are the alert key's own)
+            key = (ref.service, ref.status, ref.severity, ref.summary, ref.first_seen, ref.last_event_id)
             hit = old.get(dkey)
-            item = hit[1] if hit is not None and hit[0] == key else self._build(inc, ref, metrics_source, self.serde)
-            fresh[dkey] = (key, item)
-            out.append(item)
-        self._size += len(fresh) - len(old)
-        self._by_incident[inc.incident_id] = fresh  # most recently used last
+            if hit is None or hit[0] != key:
+                hit = (key, self._build(inc, ref, metrics_source, self.serde))
+            fresh[dkey] = hit
+            out.append(hit[1])
+        self._size += len(fresh)
+        self._by_incident[inc.incident_id] = (context, order, fresh)  # most recently used last
         while self._size > self.max_items and len(self._by_incident) > 1:
-            _, dropped = self._by_incident.popitem(last=False)
+            _, (_, _, dropped) = self._by_incident.popitem(last=False)
             self._size -= len(dropped)
         return out
 

@@ -205,6 +205,7 @@ def test_cached_alert_evidence_gives_the_record_a_fresh_build_gives(redactor, ma
         with_logs += any(e.kind == "log_burst" for e in got.evidence)
         largest = max(len(i.alerts) for i in (store.get_incident(x) for x in store.incidents))
         assert len(h.alert_items) <= max(max_items, largest)
+        assert len(h.alert_items) == sum(len(items) for _, _, items in h.alert_items._by_incident.values())
     assert emitted > 100 and with_logs > 0
 
 
