@@ -51,7 +51,7 @@ class _Writer:
         self.plain = None
         if self.stamps is not None:
             try:
-                self.plain = parse_schema(_without_logical_types(schema), named, _force=True)
+                self.plain = parse_schema(_without_logical_types(schema), named)
             except Exception:  # noqa: BLE001 - e.g. it names a type another part defined: fastavro converts
                 self.stamps = None
 
@@ -74,20 +74,19 @@ class _Writer:
         schemaless_writer(buf, self.parsed, obj, strict_allow_default=True)
 
 
-def _timestamp_fields(schema: dict) -> tuple[str, ...] | None:
-    """The names of a record schema's timestamp-millis fields (nullable ones too); None if a logical type sits
-    anywhere else (inside an array, a map, a nested record) or is not a timestamp-millis."""
+def _timestamp_fields(schema: Any) -> tuple[str, ...] | None:
+    """The names of a record schema's timestamp-millis fields (nullable ones too); None if it is not a record or a
+    logical type sits anywhere else (inside an array, a map, a nested record) or is not a timestamp-millis."""
+    if not isinstance(schema, dict) or schema.get("type") != "record":
+        return None
     names = []
-    for f in schema.get("fields", ()) if isinstance(schema, dict) and schema.get("type") == "record" else [None]:
-        if f is None:
-            return None
+    for f in schema["fields"]:
         alternatives = f["type"] if isinstance(f["type"], list) else [f["type"]]
-        stamps = [a for a in alternatives if isinstance(a, dict) and a.get("logicalType") == "timestamp-millis"
-                  and a.get("type") == "long"]
-        rest = [a for a in alternatives if not any(a is x for x in stamps)]
-        if _has_logical_type(rest):
+        stamp = [isinstance(a, dict) and a.get("type") == "long" and a.get("logicalType") == "timestamp-millis"
+                 for a in alternatives]
+        if _has_logical_type([a for a, is_stamp in zip(alternatives, stamp) if not is_stamp]):
             return None
-        if stamps:
+        if any(stamp):
             names.append(f["name"])
     return tuple(names)
 
@@ -258,15 +257,21 @@ class Serde:
 
         ``expected``: the full Avro name the topic carries; any other known schema is refused too.
         """
+        writer, rs, offset = self._header(data, expected)
+        return Decoded(rs, _read_body(data, offset, writer.parsed, None if writer is rs else rs.parsed, rs.name))
+
+    def _header(self, data: bytes | None, expected: str | None) -> tuple[RecordSchema, RecordSchema, int]:
+        """The writer's schema, the current version of it (a record an earlier version wrote resolves to it) and
+        where the body starts; refuses tombstones, oversized messages and a record other than ``expected``."""
         if data is None:
             raise DecodeError("null value (tombstone) where a record was expected")
         if len(data) > self.max_message_bytes:
             raise OversizedMessage(f"message of {len(data)} bytes is above the {self.max_message_bytes}-byte limit")
         writer, offset = self._resolve_schema(data)
-        rs = self.schemas.get(writer.name)  # the current version: a record an earlier version wrote resolves to it
+        rs = self.schemas.get(writer.name)
         if expected is not None and rs.name != expected:
             raise DecodeError(f"record {rs.name} is not the type this topic carries ({expected})")
-        return Decoded(rs, _read_body(data, offset, writer.parsed, None if writer is rs else rs.parsed, rs.name))
+        return writer, rs, offset
 
     def decode_fields(self, data: bytes, fields: tuple[str, ...], *, expected: str | None = None,
                       millis: bool = False) -> dict:
@@ -277,13 +282,7 @@ class Serde:
         ``millis``: timestamps as the integers on the wire (milliseconds since the epoch), not datetimes (every
         logical type as its underlying Avro value: the schemas use only timestamp-millis); the
         datetime conversion (fastavro's, in Python) was two thirds of decoding an AlertReceived (31 -> 14 us)."""
-        if data is None:
-            raise DecodeError("null value (tombstone) where a record was expected")
-        if len(data) > self.max_message_bytes:
-            raise OversizedMessage(f"message of {len(data)} bytes is above the {self.max_message_bytes}-byte limit")
-        writer, offset = self._resolve_schema(data)
-        if expected is not None and self.schemas.get(writer.name).name != expected:
-            raise DecodeError(f"record {writer.name} is not the type this topic carries ({expected})")
+        writer, _, offset = self._header(data, expected)
         key = (writer.fingerprint, fields, millis)
         if key not in self._projections:
             from fastavro import parse_schema
@@ -295,9 +294,7 @@ class Serde:
             if millis:
                 full, projection = _without_logical_types(full), _without_logical_types(projection)
             try:
-                # _force: the same names as the writer's parsed schema, in fastavro's global registry of names
-                self._projections[key] = (parse_schema(full, _force=True) if millis else writer.parsed,
-                                          parse_schema(projection, _force=True))
+                self._projections[key] = (parse_schema(full) if millis else writer.parsed, parse_schema(projection))
             except Exception as e:  # noqa: BLE001 - e.g. a kept field names a type defined in a skipped one
                 raise DecodeError(f"{writer.name}: cannot project onto {fields}: {e}") from e
         body_writer, reader = self._projections[key]
