@@ -39,8 +39,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import sys
 import time
+import warnings
 from typing import Any
 
 import faust
@@ -115,6 +117,7 @@ class CorrelationWorker:
         self.handler = IncidentHandler(Correlator(deps, rules), redactor,
                                        telemetry=TelemetryBuffer(settings.telemetry_buffer_per_service), serde=serde)
         self.metrics = metrics  # PrometheusMetrics or None
+        self.failure: BaseException | None = None  # why the alert stream stopped the worker (see _fail)
         self.bus = bus
         self._metric_cache: dict[str, tuple[float, list[str], MetricEvidence]] = {}
         self.telemetry_codec = AvroCodec(serde, expected="pilothouse.sensing.TelemetryReceived")
@@ -185,10 +188,35 @@ class CorrelationWorker:
                 if older is not None:
                     await older  # at most two batches wait for their acks; raises if a publication failed
                 older, publishing = publishing, await self._alert_batch(batch, publishing, stream)
+        except Exception as e:  # noqa: BLE001 - a batch failed: stop the worker (see _fail), do not go on past it
+            self._fail(e)
         finally:
             for task in (older, publishing):
                 if task is not None and not task.done():
                     task.cancel()  # its alerts stay unacked: a restart replays them
+
+    def _published(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("publishing a batch failed; its alerts stay unacked", exc_info=task.exception())
+            self._fail(task.exception())
+
+    def _fail(self, error: BaseException) -> None:
+        """The alert stream failed (a batch's state or updates were refused by the broker, or a bug): stop the
+        worker, and have it exit non-zero (``main``) for its supervisor to restart it.
+
+        That batch's alerts, and those of any batch after it, are unacked; the restarted worker replays them from
+        the last committed offset. Left to Faust, the agent would be restarted in this process and go on past them:
+        those alerts unprocessed until some later restart, the offsets of every later alert uncommittable, and a
+        stop waiting forever for their acks. So the stop does not wait for them (it commits what was acked)."""
+        if self.failure is not None:
+            return  # stopping already
+        log.critical("the alert stream failed; stopping the worker so that a restart replays the unacked alerts",
+                     exc_info=error)
+        self.failure = error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "reconfiguring late": the consumer reads it when it stops
+            self.app.conf.stream_wait_empty = False
+        signal.raise_signal(signal.SIGTERM)  # the worker's own graceful stop (flushes, commits what was acked)
 
     async def _more_in_log(self, stream: Any) -> bool:
         """True once the stream has another event that the log already held: the batch should take it too.
@@ -309,7 +337,7 @@ class CorrelationWorker:
                     sent = len(built)
         CORRELATE_SECONDS.observe(time.perf_counter() - started)
         task = asyncio.ensure_future(self._publish(events, built[sent:], acked, previous, stream, sends))
-        task.add_done_callback(_log_failure)  # seen now; the agent raises it when it next awaits the task
+        task.add_done_callback(self._published)  # a failure stops the worker now, not when the next batch comes
         return task
 
     async def _outcomes(self, records: list[tuple[Any, Any]], result: Any) -> list[tuple[Incident, Any]]:
@@ -345,7 +373,12 @@ class CorrelationWorker:
             except PermanentError as e:
                 await self._dead_letter(event.message, e)
                 continue
-            self.handler.handle_telemetry(record)
+            try:
+                self.handler.handle_telemetry(record)
+            except Exception as e:  # noqa: BLE001 - a bug on one record must not stop the stream or lose it
+                log.error("telemetry handling failed", exc_info=e, extra={"offset": event.message.offset})
+                await self._dead_letter(event.message, e, prefix="handler crashed: ")
+                continue
             TELEMETRY.labels(record.kind).inc()
 
     # ---- helpers ----------------------------------------------------------------------------------------------------
@@ -389,11 +422,6 @@ class CorrelationWorker:
         mine = sorted(tp.partition for tp in assigned if tp.topic == self.settings.alerts_topic)
         # one instance must hold every partition (see the module docstring); make a split visible in the logs
         log.info("partitions assigned", extra={"alerts_partitions": mine})
-
-
-def _log_failure(task: asyncio.Future) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("publishing a batch failed; its alerts stay unacked", exc_info=task.exception())
 
 
 def _succeeded(task: asyncio.Future) -> bool:
@@ -453,10 +481,16 @@ def main(argv: list[str] | None = None) -> int:
         # Faust's start-up spinner sets the root logger to DEBUG (so it spins on every record) and leaves it there:
         # every debug call of Faust and aiokafka then built a LogRecord per message (~4% of the worker's CPU).
         fw.spinner = None
-        fw.execute_from_commandline()
+        try:
+            fw.execute_from_commandline()
+        except SystemExit as stopped:
+            if worker.failure is None:
+                raise
+            log.critical("stopped after a failure of the alert stream: %s", worker.failure)
+            return 1 if stopped.code in (0, None) else stopped.code
     finally:
         server.shutdown()
-    return 0
+    return 1 if worker.failure is not None else 0
 
 
 if __name__ == "__main__":

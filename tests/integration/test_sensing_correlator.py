@@ -296,3 +296,55 @@ def test_offset_gaps_of_transactional_writes_neither_stall_nor_change_the_incide
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(30)
         reader.close()
+
+
+def _set_topic_config(stack_info, topic: str, name: str, value: str | None) -> None:
+    """Set (or, with None, remove) one config of a topic."""
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+    op = AlterConfigOpType.SET if value is not None else AlterConfigOpType.DELETE
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+        ConfigEntry(name, value, incremental_operation=op)])
+    admin = AdminClient(stack_info.kafka_config("admin"))  # referenced until the result is in
+    for fut in admin.incremental_alter_configs([resource]).values():
+        fut.result(30)
+
+
+@pytest.mark.timeout(240)
+def test_a_batch_that_cannot_be_published_stops_the_worker_and_a_restart_publishes_it(stack_info, bus_settings,
+                                                                                        new_topic, tmp_path, app_id):
+    """The incidents topic refuses the updates (its max.message.bytes is below an update's size), so a batch's
+    publication fails for good. The worker must exit non-zero, for its supervisor to restart it, and not go on with
+    that batch's alerts unprocessed and their offsets uncommittable; once the topic takes updates again, a restarted
+    worker publishes every incident of those alerts (none was committed past)."""
+    alerts_topic, incidents_topic, env = _worker_setup(stack_info, new_topic, tmp_path, app_id)
+    _set_topic_config(stack_info, incidents_topic, "max.message.bytes", "100")
+    run = uuid.uuid4().hex[:8]
+    alerts = _alerts(30, run)
+    expected = _reference(alerts)
+    producer = BusProducer(bus_settings("admin"))
+    for a in alerts:
+        producer.produce(a, key=a.fingerprint, topic=alerts_topic)
+    producer.flush(10)
+    reader = IncidentReader(bus_settings, incidents_topic)
+    log_path = tmp_path / "worker.log"
+    worker = _start(env, log_path)
+    try:
+        try:
+            code = worker.wait(90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the worker kept running after a publication failed:\n" + log_path.read_text()[-3000:])
+        assert code != 0, log_path.read_text()[-3000:]
+        assert "publishing a batch failed" in log_path.read_text()
+        assert reader.records == []  # the broker refused every update
+
+        _set_topic_config(stack_info, incidents_topic, "max.message.bytes", None)
+        worker = _start(env, log_path)
+        done = _wait_for(lambda: _summary(reader.latest()) == expected, 90, worker)
+        got = _summary(reader.latest())
+        assert done, f"{len(got)} incidents vs {len(expected)} expected\n" + log_path.read_text()[-3000:]
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(30)
+        reader.close()
