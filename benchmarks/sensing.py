@@ -1,10 +1,12 @@
 """``pilothouse bench sensing --out FILE``: alerts through gateway → Kafka → correlation → incident topic.
 
 Real path: the gateway (``python -m pilothouse.sensing gateway``) and the Faust correlator
-(``python -m pilothouse.sensing correlator``) run as subprocesses pinned to one core each (when the machine has two),
-against the local stack's broker on uuid-named ``test.bench-sensing-*`` topics (deleted afterwards, with the Faust
-app's changelog topics and consumer group); this process posts Alertmanager webhooks (``--batch`` alerts
-each) and reads the incident topic.
+(``python -m pilothouse.sensing correlator``) run as subprocesses pinned to one core each (when the machine has two;
+the gateway, this client and the local broker share core 0, so that the correlator, the slower stage, has core 1 to
+itself: ``real_path.pinned``), against the local stack's broker on uuid-named ``test.bench-sensing-*`` topics
+(deleted afterwards, with the Faust app's changelog topics and consumer group); this process posts Alertmanager
+webhooks (``--batch`` alerts each; the gateway writes one AlertsReceived per webhook and partition) and reads the
+incident topic.
 
 * ``alerts_per_s`` — alerts posted at full speed divided by the time from the first POST until every alert appears
   in an IncidentUpdated (its fingerprint in ``alert_fingerprints``); the median of ``--repeats`` (3) such phases,
@@ -55,6 +57,7 @@ from pathlib import Path
 GATEWAY_TOKEN = "bench-alertmanager-token-0123456789"
 PSEUDONYM_KEY = "bench-pseudonym-key-000000000001"
 SERVICES = 200  # alerts spread over services outside the dependency map: incidents of moderate size
+ALERT_PARTITIONS = 3  # the bench's alerts topic (the catalogue's default)
 
 
 def _webhook(run: str, start: int, n: int, now: datetime, svc: str = "svc") -> bytes:
@@ -85,23 +88,24 @@ def cpu_limit(n: int, batch: int, correlator_batches: dict[str, int]) -> dict:
     from pilothouse.bus.serde import Serde
     from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
     from pilothouse.sensing.correlation import Correlator, DependencyMap
-    from pilothouse.sensing.handlers import IncidentHandler, IngestHandler, decode_alert_input
+    from pilothouse.sensing.handlers import IncidentHandler, IngestHandler, decode_alert_inputs
     from pilothouse.sensing.redaction import Redactor
     from pilothouse.sensing.state import BatchLogStore
 
     redactor = Redactor(PSEUDONYM_KEY.encode())
-    ingest = IngestHandler(redactor, alerts_topic="a", telemetry_topic="t")
     serde = Serde()
+    ingest = IngestHandler(redactor, alerts_topic="a", telemetry_topic="t", serde=serde)
     now = datetime.now(timezone.utc)
     bodies = [_webhook("mem", i, batch, now) for i in range(0, n, batch)]
     received = int(time.time() * 1000)
 
     t0 = time.process_time()
-    encoded = []
+    encoded = []  # the AlertsReceived messages, as the gateway writes them (the bench's alerts topic: 3 partitions)
     for body in bodies:
-        for o in ingest.handle("alertmanager", body, received_at_ms=received).outbound:
-            encoded.append(serde.encode(o.record))
+        encoded.extend(m.value for m in ingest.messages(
+            ingest.handle("alertmanager", body, received_at_ms=received), partitions=ALERT_PARTITIONS))
     stage1 = time.process_time() - t0
+    alert_count = sum(len(decode_alert_inputs(serde, raw)) for raw in encoded)
 
     stage2: dict[str, dict] = {}
     for label, size in correlator_batches.items():
@@ -110,18 +114,21 @@ def cpu_limit(n: int, batch: int, correlator_batches: dict[str, int]) -> dict:
                                   serde=serde)
         store, updates = BatchLogStore(), 0
         t0 = time.process_time()
-        for first in range(0, len(encoded), size):
-            alerts = [(decode_alert_input(serde, raw, first + i), first + i)  # as the worker decodes
-                      for i, raw in enumerate(encoded[first:first + size])]
-            result = handler.correlate_batch(alerts, store)
+        offset, pending = 0, []
+        while offset < len(encoded):
+            while offset < len(encoded) and len(pending) < size:  # messages until the batch holds `size` alerts
+                pending.extend(decode_alert_inputs(serde, encoded[offset], offset))  # as the worker decodes
+                offset += 1
+            result = handler.correlate_batch([(a, a.sequence) for a in pending], store)
+            pending = []
             store.commit()  # the batch's state records, as the worker writes them
             for inc in result.incidents:
                 handler.encoded_incident_record(inc)  # what the worker publishes
                 updates += 1
         elapsed = time.process_time() - t0
-        stage2[label] = {"batch": size, "per_s": round(len(encoded) / elapsed, 1), "updates": updates}
-    return {"gateway_stage_per_s": round(len(encoded) / stage1, 1), "correlator_stage": stage2,
-            "alerts": len(encoded)}
+        stage2[label] = {"batch": size, "per_s": round(alert_count / elapsed, 1), "updates": updates}
+    return {"gateway_stage_per_s": round(alert_count / stage1, 1), "correlator_stage": stage2,
+            "alerts": alert_count, "messages": len(encoded)}
 
 
 # ---------------------------------------------------------------------------------------------------- real path
@@ -150,7 +157,8 @@ class TopicWatch:
         self.received_at: dict[str, int] = {}
         self.updates = 0
         self._alerts = alerts
-        self._fields = ("fingerprint", "received_at") if alerts else ("alert_fingerprints",)
+        self._fields = ((("alerts", ("fingerprint", "received_at")),) if alerts  # AlertsReceived: a request's alerts
+                        else ("alert_fingerprints",))
         self._serde = Serde()
         self._raw: list[tuple[float, float, int, bytes]] = []  # (perf_counter, wall ms, log time ms, value)
         self._lock = threading.Lock()
@@ -177,14 +185,15 @@ class TopicWatch:
             # only the fields read here (the evidence is skipped, not built): this client is no stage
             data = self._serde.decode_fields(value, self._fields)
             self.updates += 1
-            fps = [data["fingerprint"]] if self._alerts else data["alert_fingerprints"]
-            for fp in fps:
+            items = data["alerts"] if self._alerts else [{"fingerprint": fp} for fp in data["alert_fingerprints"]]
+            for item in items:
+                fp = item["fingerprint"]
                 if fp not in self.first_seen:
                     self.first_seen[fp] = now
                     self.first_wall[fp] = wall
                     self.log_time[fp] = log_time
                     if self._alerts:
-                        r = data["received_at"]
+                        r = item["received_at"]
                         self.received_at[fp] = r if isinstance(r, int) else int(r.timestamp() * 1000)
 
     def wait_for(self, fps: list[str], timeout_s: float, *, quiet_s: float = 0.3) -> bool:
@@ -317,6 +326,22 @@ def _run_delay_seconds(pid: int) -> float:
     except (OSError, IndexError, ValueError):
         pass
     return total
+
+
+def _pin_all_threads(pid: int | None, cores: set[int]) -> dict[int, set[int]] | None:
+    """Pin every thread of process ``pid`` to ``cores`` (``sched_setaffinity`` of a pid sets one thread only);
+    returns each thread's affinity before, to put back."""
+    if pid is None:
+        return None
+    before = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(task.name)
+        try:
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cores)
+        except OSError:
+            pass
+    return before
 
 
 def _broker_pid(info) -> int | None:
@@ -453,6 +478,8 @@ def real_path(args, info) -> dict:
     own_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     if own_affinity is not None and cores >= 2 and args.pin:
         os.sched_setaffinity(0, {0})
+    # and so does the broker (every thread; put back afterwards): the correlator, the slower stage, has core 1 alone
+    broker_affinity = _pin_all_threads(_broker_pid(info), {0}) if cores >= 2 and args.pin else None
     watch = TopicWatch(info.kafka_config("admin"), topics["incidents"])
     alert_watch = None  # the alert log is read after the runs (its timestamps are the broker's): no extra load
     wall_offset_ms = time.time() * 1000 - time.perf_counter() * 1000  # perf_counter -> wall clock, this run
@@ -532,7 +559,10 @@ def real_path(args, info) -> dict:
         return {
             "alerts": len(all_fps), "batch": args.batch, "concurrency": args.concurrency,
             "http_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
-            "complete": complete, "post_seconds": round(posted_s, 3), "cpu_share": cpu_share, "cpu_wait_share": cpu_wait, "pinned": args.pin,
+            "complete": complete, "post_seconds": round(posted_s, 3), "cpu_share": cpu_share,
+            "cpu_wait_share": cpu_wait,
+            "pinned": ({"gateway": 0, "client": 0, "broker": 0 if broker_affinity else None, "correlator": 1}
+                       if args.pin and cores >= 2 else False),
             "full_speed_runs": [{k: x[k] for k in ("alerts_per_s", "mean_batch", "cpu_share")} for x in runs],
             "correlator_mean_batch": round(mean_batch, 1), "correlator_state_ack_wait_s": round(ack_wait_s, 3),
             "alerts_per_s": round(alerts_per_s, 1),
@@ -551,6 +581,11 @@ def real_path(args, info) -> dict:
             alert_watch.close()
         if own_affinity is not None:
             os.sched_setaffinity(0, own_affinity)
+        for tid, aff in (broker_affinity or {}).items():
+            try:
+                os.sched_setaffinity(tid, aff)
+            except OSError:
+                pass
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -575,8 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=4, help="concurrent HTTP clients")
     ap.add_argument("--latency-seconds", type=float, default=10.0, help="length of the half-rate phase")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
-                    help="do not pin the gateway and the correlator to a core each (each is one Python process: "
-                    "its GIL still bounds it to about one core)")
+                    help="do not pin (default: the gateway, this client and the broker on core 0, the correlator on "
+                    "core 1; each stage is one Python process, its GIL bounds it to about one core)")
     ap.add_argument("--correlator-batch-max", type=int, default=500,
                     help="PILOTHOUSE_SENSING_BATCH_MAX of the correlator under test")
     args = ap.parse_args(argv)

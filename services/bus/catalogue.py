@@ -34,7 +34,8 @@ class TopicSpec(_Frozen):
 
     name: str
     record: str = Field(description="Full Avro name of the one record type this topic carries.")
-    key: str
+    key: str = Field(description="The record field the message key holds ('none': no key, the producer picks the "
+                                 "partition).")
     partitions: int
     cleanup_policy: Literal["delete", "compact"]
     retention_ms: int

@@ -96,6 +96,7 @@ class BusProducer:
         }
         conf.update(extra_config or {})
         self._producer = Producer(conf)
+        self._partitions: dict[str, tuple[int, float]] = {}  # topic -> (partition count, when read)
 
     @property
     def raw(self) -> Producer:
@@ -127,14 +128,18 @@ class BusProducer:
         return self.produce_bytes(target, value, key=key, headers=headers)
 
     def produce_bytes(
-        self, topic: str, value: bytes | None, *, key: str | bytes | None, headers: dict[str, str | bytes] | None = None
+        self, topic: str, value: bytes | None, *, key: str | bytes | None,
+        headers: dict[str, str | bytes] | None = None, partition: int | None = None,
     ) -> Delivery:
-        """Queue already-encoded bytes (dead letters, benchmarks). Waits for queue space if the queue is full."""
+        """Queue already-encoded bytes (dead letters, batched records, benchmarks); ``partition`` None: the
+        partitioner's choice by key. Waits for queue space if the queue is full."""
         delivery = Delivery()
         hdrs = list(headers.items()) if headers else None
+        extra = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=hdrs, on_delivery=delivery._report)
+                self._producer.produce(topic, value=value, key=key, headers=hdrs, on_delivery=delivery._report,
+                                       **extra)
                 break
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: serve delivery reports, then try again
@@ -142,6 +147,26 @@ class BusProducer:
                 raise translate_kafka_error(e.args[0], f"produce to {topic}") from e
         self._producer.poll(0)
         return delivery
+
+    def partitions(self, topic: str, *, max_age_s: float = 60.0, timeout: float = 5.0) -> int:
+        """The partition count of ``topic`` from the broker's metadata, cached for ``max_age_s`` (a topic can gain
+        partitions). Raises DeliveryFailed (retryable) when the broker does not answer, PermanentError for an
+        unknown topic."""
+        now = time.monotonic()
+        cached = self._partitions.get(topic)
+        if cached is not None and now - cached[1] < max_age_s:
+            return cached[0]
+        try:
+            meta = self._producer.list_topics(topic, timeout=timeout)
+        except KafkaException as e:
+            raise translate_kafka_error(e.args[0], f"metadata of {topic}") from e
+        t = meta.topics.get(topic)
+        if t is None or t.error is not None or not t.partitions:
+            if t is not None and t.error is not None:
+                raise translate_kafka_error(t.error, f"metadata of {topic}")
+            raise DeliveryFailed(f"no partitions known for {topic}")
+        self._partitions[topic] = (len(t.partitions), now)
+        return len(t.partitions)
 
     def wait(self, deliveries: Iterable[Delivery], timeout: float = 30.0) -> None:
         """Block until every delivery is acknowledged; raise the first delivery error (after all finished)."""

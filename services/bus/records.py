@@ -431,6 +431,19 @@ class AlertReceived(AvroRecord):
     redaction: RedactionManifest
 
 
+class AlertsReceived(AvroRecord):
+    """The alerts of one request that share a partition of the alerts topic (CRC-32 of the fingerprint modulo the partition count), in request order; split only to stay under the message size limit."""
+
+    AVRO_NAME: ClassVar[str] = 'pilothouse.sensing.AlertsReceived'
+    event_id: str
+    incident_id: None | str = None
+    correlation_id: str
+    causation_id: None | str = None
+    occurred_at: Timestamp
+    producer: str = ''
+    alerts: list[AlertReceived]
+
+
 class DependencyEdge(AvroRecord):
     """caller depends on callee."""
 
@@ -530,6 +543,7 @@ RECORDS: dict[str, type[AvroRecord]] = {
     'pilothouse.reasoning.Hypothesis': Hypothesis,
     'pilothouse.reasoning.Prediction': Prediction,
     'pilothouse.sensing.AlertReceived': AlertReceived,
+    'pilothouse.sensing.AlertsReceived': AlertsReceived,
     'pilothouse.sensing.DependencyEdge': DependencyEdge,
     'pilothouse.sensing.Evidence': Evidence,
     'pilothouse.sensing.IncidentUpdated': IncidentUpdated,

@@ -273,11 +273,12 @@ class Serde:
             raise DecodeError(f"record {rs.name} is not the type this topic carries ({expected})")
         return writer, rs, offset
 
-    def decode_fields(self, data: bytes, fields: tuple[str, ...], *, expected: str | None = None,
+    def decode_fields(self, data: bytes, fields: tuple[str | tuple[str, tuple], ...], *, expected: str | None = None,
                       millis: bool = False) -> dict:
         """Only ``fields`` of a framed record, as a dict: Avro schema resolution skips the other fields without
-        building them (a reader that needs an incident's alert fingerprints, not its evidence). Raises DecodeError
-        (also for a record other than ``expected``, as :meth:`decode`).
+        building them (a reader that needs an incident's alert fingerprints, not its evidence). A field given as
+        ``(name, subfields)`` is a record, or an array of records, read with only those of its fields (the same
+        rules, nested). Raises DecodeError (also for a record other than ``expected``, as :meth:`decode`).
 
         ``millis``: timestamps as the integers on the wire (milliseconds since the epoch), not datetimes (every
         logical type as its underlying Avro value: the schemas use only timestamp-millis); the
@@ -288,12 +289,11 @@ class Serde:
             from fastavro import parse_schema
 
             name = writer.name.rsplit(".", 1)
-            kept = [f for f in writer.expanded["fields"] if f["name"] in fields]
             full = writer.expanded
-            projection = {"type": "record", "name": name[-1], "namespace": name[0], "fields": kept}
-            if millis:
-                full, projection = _without_logical_types(full), _without_logical_types(projection)
             try:
+                projection = {**_projection(full, fields), "name": name[-1], "namespace": name[0]}
+                if millis:
+                    full, projection = _without_logical_types(full), _without_logical_types(projection)
                 self._projections[key] = (parse_schema(full) if millis else writer.parsed, parse_schema(projection))
             except Exception as e:  # noqa: BLE001 - e.g. a kept field names a type defined in a skipped one
                 raise DecodeError(f"{writer.name}: cannot project onto {fields}: {e}") from e
@@ -348,6 +348,27 @@ def _zigzag_varint(n: int) -> bytes:
         z >>= 7
     out.append(z)
     return bytes(out)
+
+
+def _projection(record: dict, fields: tuple[str | tuple[str, tuple], ...]) -> dict:
+    """The reader schema of ``record`` (expanded) with only ``fields``; ``(name, subfields)`` projects a record or
+    array-of-records field in turn. Raises ValueError for a field that cannot be projected so."""
+    wanted = {f if isinstance(f, str) else f[0]: None if isinstance(f, str) else f[1] for f in fields}
+    kept = []
+    for f in record["fields"]:
+        if f["name"] not in wanted:
+            continue
+        sub, t = wanted[f["name"]], f["type"]
+        if sub is None:
+            kept.append(f)
+        elif isinstance(t, dict) and t.get("type") == "record":
+            kept.append({**f, "type": _projection(t, sub)})
+        elif isinstance(t, dict) and t.get("type") == "array" and isinstance(t["items"], dict) \
+                and t["items"].get("type") == "record":
+            kept.append({**f, "type": {**t, "items": _projection(t["items"], sub)}})
+        else:
+            raise ValueError(f"field {f['name']!r} is not a record or an array of records")
+    return {**{k: v for k, v in record.items() if k in ("type", "name", "namespace")}, "fields": kept}
 
 
 def _without_logical_types(schema: Any) -> Any:

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Read-model role -> the catalogue topic the console consumes for it. Overridable (tests use ``test.<uuid>`` topics).
 DEFAULT_TOPICS: dict[str, str] = {
-    "alerts": "pilothouse.sensing.alerts.v1",
+    "alerts": "pilothouse.sensing.alerts.v2",
     "incidents": "pilothouse.sensing.incidents.v1",
     "hypotheses": "pilothouse.reasoning.hypotheses.v1",
     "proposals": "pilothouse.reasoning.proposals.v1",

@@ -26,6 +26,7 @@ from pilothouse.bus.records import (
     ActionProposed,
     ActionVerified,
     AlertReceived,
+    AlertsReceived,
     ApprovalRecorded,
     ApprovalRequested,
     AvroRecord,
@@ -219,6 +220,10 @@ class ReadModel:
 
     def _alert(self, r: AlertReceived) -> None:
         self.alerts[r.event_id] = r
+
+    def _alerts(self, r: AlertsReceived) -> None:
+        for a in r.alerts:
+            self._alert(a)
 
     def _hypotheses(self, r: HypothesesProposed) -> None:
         items = self.hypotheses.setdefault(r.incident_id, [])
@@ -414,7 +419,7 @@ class ReadModel:
 
 _APPLY = {
     IncidentUpdated: ReadModel._incident,
-    AlertReceived: ReadModel._alert,
+    AlertsReceived: ReadModel._alerts,
     HypothesesProposed: ReadModel._hypotheses,
     ActionProposed: ReadModel._proposal,
     PolicyDecided: ReadModel._decision,

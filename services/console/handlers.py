@@ -14,7 +14,7 @@ from pilothouse.bus.records import (
     ActionExecuted,
     ActionProposed,
     ActionVerified,
-    AlertReceived,
+    AlertsReceived,
     ApprovalRequested,
     AvroRecord,
     CheckpointSigned,
@@ -29,7 +29,7 @@ from pilothouse.console.domain import ReadModel
 
 # topic role (ConsoleSettings.topics) -> the record type carried there
 RECORD_OF_ROLE: dict[str, type[AvroRecord]] = {
-    "alerts": AlertReceived,
+    "alerts": AlertsReceived,
     "incidents": IncidentUpdated,
     "hypotheses": HypothesesProposed,
     "proposals": ActionProposed,

@@ -298,7 +298,7 @@ def _wait_http(url: str, name: str, log: Path, timeout_s: float = 60.0) -> None:
 # following the loop on the topics (as the admin principal: read-only observation)
 # ------------------------------------------------------------------------------------------------------------------
 WATCHED = {
-    "pilothouse.sensing.alerts.v1": "alert",
+    "pilothouse.sensing.alerts.v2": "alert",
     "pilothouse.sensing.incidents.v1": "incident",
     "pilothouse.reasoning.hypotheses.v1": "hypotheses",
     "pilothouse.reasoning.proposals.v1": "proposal",
@@ -321,8 +321,9 @@ class Observed:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, kind: str, record: Any) -> None:
-        with self.lock:
-            self.events.append((time.time(), kind, record))
+        now = time.time()
+        with self.lock:  # an AlertsReceived holds a request's alerts: each is seen as an "alert"
+            self.events.extend((now, kind, r) for r in (record.alerts if kind == "alert" else [record]))
 
     def of(self, kind: str) -> list[tuple[float, Any]]:
         with self.lock:

@@ -55,7 +55,7 @@ from pilothouse.bus.producer import AsyncBatchProducer, BusProducer
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.config import SensingSettings
 from pilothouse.sensing.correlation import AlertInput, CorrelationRules, Correlator, DependencyMap, Incident
-from pilothouse.sensing.handlers import IncidentHandler, MetricEvidence, TelemetryBuffer, decode_alert_input
+from pilothouse.sensing.handlers import IncidentHandler, MetricEvidence, TelemetryBuffer, decode_alert_inputs
 from pilothouse.sensing.redaction import Redactor
 from pilothouse.sensing.state import BatchLogStore, apply_records
 
@@ -174,20 +174,27 @@ class CorrelationWorker:
         # producer, and Faust flushes the producer before it commits offsets. If a batch fails, the worker stops
         # with it (and every later batch) unacked, and the restarted worker replays them.
         stream = stream.noack()
-        pending: list[Any] = []
+        pending: list[Any] = []  # events (AlertsReceived records)
+        alerts: list[tuple[AlertInput, Any]] = []  # their alerts, decoded: (alert, message)
         publishing: asyncio.Future | None = None  # the latest batch's publication
         older: asyncio.Future | None = None  # the one before it
+        serde = self.handler.serde
         try:
             async for event in stream.events():
                 pending.append(event)
                 self._taken[event.message.tp] = event.message.offset + 1
-                if len(pending) < self.settings.batch_max and (
+                try:
+                    decoded = decode_alert_inputs(serde, event.value, event.message.offset)
+                    alerts.extend((a, event.message) for a in decoded)
+                except PermanentError as e:
+                    await self._dead_letter(event.message, e)
+                if len(alerts) < self.settings.batch_max and (
                         not stream.channel.empty() or await self._more_in_log(stream)):
                     continue
-                batch, pending = pending, []
+                (batch, pending), (records, alerts) = (pending, []), (alerts, [])
                 if older is not None:
                     await older  # at most two batches wait for their acks; raises if a publication failed
-                older, publishing = publishing, await self._alert_batch(batch, publishing, stream)
+                older, publishing = publishing, await self._alert_batch(batch, records, publishing, stream)
         except Exception as e:  # noqa: BLE001 - a batch failed: stop the worker (see _fail), do not go on past it
             self._fail(e)
         finally:
@@ -280,18 +287,12 @@ class CorrelationWorker:
                 log.exception("state writes or updates left unwritten at revocation")
             self._out = None
 
-    async def _alert_batch(self, events: list[Any], previous: asyncio.Future | None,
-                           stream: Any) -> asyncio.Future:
-        """Decode and correlate a batch (its state writes handed to the producer), build its IncidentUpdated
-        records, and return the task that publishes them (some may be sent already) and acks the batch."""
+    async def _alert_batch(self, events: list[Any], records: list[tuple[AlertInput, Any]],
+                           previous: asyncio.Future | None, stream: Any) -> asyncio.Future:
+        """Correlate a batch (``records``: the decoded alerts of ``events``, their state writes handed to the
+        producer), build its IncidentUpdated records, and return the task that publishes them (some may be sent
+        already) and acks the batch's events."""
         started = time.perf_counter()
-        records: list[tuple[AlertInput, Any]] = []  # (alert, message)
-        serde = self.handler.serde
-        for event in events:
-            try:
-                records.append((decode_alert_input(serde, event.value, event.message.offset), event.message))
-            except PermanentError as e:
-                await self._dead_letter(event.message, e)
         built: list[tuple[bytes, bytes]] = []
         if records:
             BATCH_SIZE.observe(len(records))
@@ -306,7 +307,7 @@ class CorrelationWorker:
                 # took 60-95 ms each here (the correlator stops meanwhile: the p99 of alert -> update latency).
                 gc.freeze()
                 OPEN_INCIDENTS.set(len(self.tables.incidents))
-            result = self.handler.correlate_batch([(r, m.offset) for r, m in records], self.tables)
+            result = self.handler.correlate_batch([(r, r.sequence) for r, _ in records], self.tables)
             incidents = await self._outcomes(records, result)
         else:
             incidents = []
@@ -346,8 +347,9 @@ class CorrelationWorker:
         cause: dict[str, Any] = {}
         for (record, msg), outcome in zip(records, result.outcomes):
             if isinstance(outcome, Exception):  # a bug on one record must not stop the stream or lose it
-                log.error("correlation failed", exc_info=outcome, extra={"offset": msg.offset})
-                await self._dead_letter(msg, outcome, prefix="handler crashed: ")
+                log.error("correlation failed", exc_info=outcome, extra={"offset": msg.offset,
+                                                                        "event_id": record.event_id})
+                await self._dead_letter(msg, outcome, prefix="handler crashed: ", alert_event_id=record.event_id)
                 continue
             OUTCOMES.labels(outcome.kind).inc()
             if outcome.kind == "ignored":
@@ -401,12 +403,16 @@ class CorrelationWorker:
             self._metric_cache.pop(next(iter(self._metric_cache)))
         return result
 
-    async def _dead_letter(self, msg: Any, error: Exception, prefix: str = "") -> None:
+    async def _dead_letter(self, msg: Any, error: Exception, prefix: str = "", *,
+                           alert_event_id: str | None = None) -> None:
+        """Dead-letter ``msg`` whole; ``alert_event_id``: the one alert of its AlertsReceived that failed (the
+        others were correlated)."""
         headers = {k: v.encode() for k, v in {
             "pilothouse.dlq.original_topic": msg.topic, "pilothouse.dlq.original_partition": str(msg.partition),
             "pilothouse.dlq.original_offset": str(msg.offset), "pilothouse.dlq.reason": (prefix + str(error))[:2000],
             "pilothouse.dlq.error_class": type(error).__name__, "pilothouse.dlq.consumer_group": self.settings.app_id,
             "pilothouse.dlq.failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"pilothouse.dlq.alert_event_id": alert_event_id} if alert_event_id else {}),
         }.items()}
         fut = await self.app.topic(msg.topic + ".dlq", value_serializer="raw", key_serializer="raw").send(
             key=msg.key, value=msg.value, headers=headers)

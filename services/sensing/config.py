@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Topic defaults are the catalogue's; tests point them at ``test.<uuid>`` topics.
-ALERTS_TOPIC = "pilothouse.sensing.alerts.v1"
+ALERTS_TOPIC = "pilothouse.sensing.alerts.v2"
 TELEMETRY_TOPIC = "pilothouse.sensing.telemetry.v1"
 INCIDENTS_TOPIC = "pilothouse.sensing.incidents.v1"
 

@@ -210,14 +210,16 @@ class Gateway:
             return _error(503, "broker_error", str(e), headers={"Retry-After": self.retry_after})
         for kind, n in result.findings.items():
             REDACTED.labels(kind).inc(n)
-        RECORDS.labels(token_source, result.kind).inc(len(result.outbound))
-        return JSONResponse({"accepted": len(result.outbound), "kind": result.kind, "event_ids": result.event_ids,
+        RECORDS.labels(token_source, result.kind).inc(len(result.records))
+        return JSONResponse({"accepted": len(result.records), "kind": result.kind, "event_ids": result.event_ids,
                              "redacted": result.findings})
 
     def _process(self, source: str, body: bytes, received_at_ms: int, mapping: str | None) -> IngestResult:
         """Worker thread: normalise + redact everything first (all or nothing), then produce and wait for acks."""
         result = self.handler.handle(source, body, received_at_ms=received_at_ms, mapping=mapping)
-        deliveries = [self.producer.produce(o.record, key=o.key, topic=o.topic) for o in result.outbound]
+        partitions = self.producer.partitions(self.handler.alerts_topic) if result.kind == "alert" else 1
+        deliveries = [self.producer.produce_bytes(m.topic, m.value, key=m.key, partition=m.partition)
+                      for m in self.handler.messages(result, partitions=partitions)]
         self.producer.wait(deliveries, timeout=self.ack_timeout_s)
         return result
 
@@ -245,7 +247,8 @@ def build_gateway(settings, bus_settings, redactor, *, producer: BusProducer | N
         "linger.ms": 1,
     })
     handler = IngestHandler(redactor, alerts_topic=settings.alerts_topic, telemetry_topic=settings.telemetry_topic,
-                            mapping_rules=rules, limits=Limits(max_body_bytes=settings.max_body_bytes))
+                            mapping_rules=rules, limits=Limits(max_body_bytes=settings.max_body_bytes),
+                            serde=producer.serde)
     return Gateway(handler, producer, token_digests=settings.token_digests(), max_body_bytes=settings.max_body_bytes,
                    max_in_flight=settings.max_in_flight, ack_timeout_s=settings.ack_timeout_s,
                    retry_after_s=settings.retry_after_s)

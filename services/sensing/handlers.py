@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import uuid
+import zlib
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 import orjson
 
 from pilothouse.bus import records as avro
+from pilothouse.bus.errors import DecodeError, OversizedMessage
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing import evidence as ev
 from pilothouse.sensing.correlation import AlertInput, BatchStore, Correlator, CorrelationStore, Incident, Outcome
@@ -62,44 +64,56 @@ def to_avro_manifest(manifests: Iterable[RedactionManifest], extra: Mapping[str,
     )
 
 
-@dataclass(frozen=True)
-class Outbound:
-    """A record to produce: where and under which key."""
+ALERTS_RECORD = avro.AlertsReceived.AVRO_NAME
 
-    record: avro.AlertReceived | avro.TelemetryReceived | avro.IncidentUpdated
+
+@dataclass(frozen=True)
+class Message:
+    """One Kafka message to produce: encoded value, topic, key, partition (None: the producer's partitioner)."""
+
     topic: str
-    key: str
+    value: bytes
+    key: str | None
+    partition: int | None = None
+    count: int = 1  # the alerts / telemetry records it carries
 
 
 @dataclass(frozen=True)
 class IngestResult:
     kind: str  # alert | telemetry
-    outbound: list[Outbound]
+    records: list[avro.AlertReceived] | list[avro.TelemetryReceived]  # one per alert / telemetry record, in order
     findings: dict[str, int]
 
     @property
     def event_ids(self) -> list[str]:
-        return [o.record.event_id for o in self.outbound]
+        return [r.event_id for r in self.records]
+
+
+def alert_partition(fingerprint: str, partitions: int) -> int:
+    """The alerts-topic partition of an alert: CRC-32 of its fingerprint modulo the partition count. Every alert
+    of a fingerprint lands in one partition, so the correlator sees them in order (its replay check relies on it)."""
+    return zlib.crc32(fingerprint.encode()) % partitions
 
 
 class IngestHandler:
-    """Normalise, redact and build the records of one request body."""
+    """Normalise, redact and build the records of one request body; encode them into the messages to produce."""
 
     def __init__(self, redactor: Redactor, *, alerts_topic: str, telemetry_topic: str,
                  mapping_rules: Mapping[str, MappingRules] | None = None, limits: Limits = DEFAULT_LIMITS,
-                 new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
+                 serde: Serde | None = None, new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
         self.redactor = redactor
         self.alerts_topic = alerts_topic
         self.telemetry_topic = telemetry_topic
         self.mapping_rules = dict(mapping_rules or {})
         self.limits = limits
+        self.serde = serde or Serde()
         self._new_id = new_id
 
     def handle(self, source: str, body: bytes, *, received_at_ms: int, mapping: str | None = None) -> IngestResult:
         """Raises MalformedPayload (400), RedactionRefused (422) — in both cases nothing is to be produced."""
         rules = self.mapping_rules[mapping] if mapping is not None else None
         items = normalize(source, body, rules, received_at_ms=received_at_ms, limits=self.limits)
-        out: list[Outbound] = []
+        out: list[Any] = []
         findings: Counter[str] = Counter()
         for i, item in enumerate(items):
             try:
@@ -109,12 +123,41 @@ class IngestHandler:
                 raise RedactionRefused(f"record {i} of {len(items)}: {e.reason}") from None
             for f in record.redaction.findings:
                 findings[f.kind] += f.count
-            if isinstance(record, avro.AlertReceived):
-                out.append(Outbound(record, self.alerts_topic, record.fingerprint))
-            else:
-                out.append(Outbound(record, self.telemetry_topic, record.service))
+            out.append(record)
         kind = "alert" if items and isinstance(items[0], NormalizedAlert) else "telemetry"
         return IngestResult(kind, out, dict(findings))
+
+    def messages(self, result: IngestResult, *, partitions: int) -> list[Message]:
+        """The Kafka messages of a result. Alerts: one ``AlertsReceived`` per partition of the alerts topic
+        (``partitions`` of them; see :func:`alert_partition`), in request order, each alert encoded once and the
+        list split where a record would pass the message size limit. Telemetry: one record each, keyed by service.
+        Raises RecordInvalid / OversizedMessage (a single alert above the limit)."""
+        if result.kind == "telemetry":
+            return [Message(self.telemetry_topic, self.serde.encode(r, topic=self.telemetry_topic), r.service)
+                    for r in result.records]
+        groups: dict[int, list[bytes]] = {}
+        for r in result.records:
+            item = self.serde.encode_item(ALERTS_RECORD, "alerts", r.model_dump())
+            groups.setdefault(alert_partition(r.fingerprint, partitions), []).append(item)
+        out: list[Message] = []
+        for partition, items in groups.items():
+            for chunk in self._fitting(items, result.records[0].received_at):
+                out.append(Message(self.alerts_topic, chunk[0], None, partition, chunk[1]))
+        return out
+
+    def _fitting(self, items: list[bytes], received_at: datetime) -> list[tuple[bytes, int]]:
+        """Encoded AlertsReceived of ``items`` (in order), as few as fit the message size limit: (value, count)."""
+        event_id = self._new_id()
+        envelope = {"event_id": event_id, "incident_id": None, "correlation_id": event_id, "causation_id": None,
+                    "occurred_at": received_at, "producer": PRODUCER}
+        try:
+            return [(self.serde.encode_spliced(ALERTS_RECORD, envelope, "alerts", items, topic=self.alerts_topic),
+                     len(items))]
+        except OversizedMessage:
+            if len(items) == 1:
+                raise
+        half = len(items) // 2
+        return self._fitting(items[:half], received_at) + self._fitting(items[half:], received_at)
 
     def pseudonymous_fingerprint(self, fingerprint: str) -> str:
         """The keyed pseudonym that replaces a fingerprint the redactor would change (96 bits, stable per key)."""
@@ -162,8 +205,13 @@ def _ms(dt: datetime) -> int:
     return int(dt.timestamp() * 1000)
 
 
+#: an alert's sequence is its record's offset times this plus its index in the record (AlertsReceived)
+SEQUENCE_STRIDE = 1 << 20
+
+
 def alert_input(record: avro.AlertReceived, sequence: int = -1) -> AlertInput:
-    """The fields of an AlertReceived that correlation reads; ``sequence`` is the record's Kafka offset."""
+    """The fields of an AlertReceived that correlation reads; ``sequence``: its place in its partition (see
+    :func:`decode_alert_inputs`)."""
     return AlertInput(event_id=record.event_id, source=record.source, fingerprint=record.fingerprint,
                       status=record.status, severity=record.severity, service=record.service,
                       summary=record.summary, received_at_ms=_ms(record.received_at), labels=record.labels,
@@ -174,14 +222,21 @@ ALERT_INPUT_FIELDS = ("event_id", "source", "fingerprint", "status", "severity",
                       "labels")
 
 
-def decode_alert_input(serde: Serde, raw: bytes, sequence: int = -1) -> AlertInput:
-    """The same AlertInput, straight from a framed AlertReceived: only the fields correlation reads, timestamps as
+def decode_alert_inputs(serde: Serde, raw: bytes, offset: int = -1) -> list[AlertInput]:
+    """The alerts of a framed AlertsReceived as AlertInputs: only the fields correlation reads, timestamps as
     milliseconds (no model: the Avro decoding is the validation, and the generated model adds no constraint to an
-    AlertReceived that Avro does not enforce). Raises DecodeError / OversizedMessage like ``Serde.decode``."""
-    d = serde.decode_fields(raw, ALERT_INPUT_FIELDS, expected=avro.AlertReceived.AVRO_NAME, millis=True)
-    return AlertInput(event_id=d["event_id"], source=d["source"], fingerprint=d["fingerprint"], status=d["status"],
-                      severity=d["severity"], service=d["service"], summary=d["summary"],
-                      received_at_ms=d["received_at"], labels=d["labels"], sequence=sequence)
+    AlertReceived that Avro does not enforce). Each alert's sequence is ``offset * SEQUENCE_STRIDE + index``: it grows
+    along the partition, as the replay check needs (-1 when the offset is unknown). Raises DecodeError /
+    OversizedMessage like ``Serde.decode``."""
+    d = serde.decode_fields(raw, (("alerts", ALERT_INPUT_FIELDS),), expected=ALERTS_RECORD, millis=True)
+    alerts = d["alerts"]
+    if len(alerts) >= SEQUENCE_STRIDE:
+        raise DecodeError(f"{len(alerts)} alerts in one record, at most {SEQUENCE_STRIDE - 1} are numbered")
+    base = offset * SEQUENCE_STRIDE if offset >= 0 else -1
+    return [AlertInput(event_id=a["event_id"], source=a["source"], fingerprint=a["fingerprint"], status=a["status"],
+                       severity=a["severity"], service=a["service"], summary=a["summary"],
+                       received_at_ms=a["received_at"], labels=a["labels"], sequence=base + i if base >= 0 else -1)
+            for i, a in enumerate(alerts)]
 
 
 def evidence_sha256(items: Iterable[avro.Evidence]) -> str:
@@ -261,7 +316,7 @@ class IncidentHandler:
     def correlate(self, record: avro.AlertReceived | AlertInput, store: CorrelationStore, *,
                   sequence: int = -1) -> Outcome:
         """Apply one alert; ``outcome.emits`` says whether an IncidentUpdated must be written. An AlertInput
-        (:func:`decode_alert_input`) carries its sequence already."""
+        (:func:`decode_alert_inputs`) carries its sequence already."""
         return self.correlator.apply(record if isinstance(record, AlertInput) else alert_input(record, sequence),
                                      store)
 

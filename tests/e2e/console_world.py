@@ -19,6 +19,7 @@ from pilothouse.bus.records import (
     ActionProposed,
     ActionVerified,
     AlertReceived,
+    AlertsReceived,
     ApprovalRequested,
     Claim,
     DroppedClaim,
@@ -68,7 +69,12 @@ class World:
         return {"event_id": eid, "incident_id": self.incident_id, "correlation_id": self.correlation_id,
                 "occurred_at": self.now + timedelta(minutes=minutes)}
 
-    def alert(self) -> AlertReceived:
+    def alert(self) -> AlertsReceived:
+        """A request's alerts as the gateway writes them: one AlertsReceived holding the alert."""
+        env = self._env("alerts", -6)
+        return AlertsReceived(**env, alerts=[self._alert()])
+
+    def _alert(self) -> AlertReceived:
         return AlertReceived(
             **self._env("alert", -6), source="alertmanager", fingerprint=f"fp-{self.tag}", status="firing",
             severity="critical", service="checkout", summary="checkout 5xx ratio 12% (SLO 1%) for user <PERSON_3f2a>",

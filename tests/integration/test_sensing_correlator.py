@@ -17,11 +17,11 @@ import pytest
 from confluent_kafka import Consumer
 
 from pilothouse.bus.producer import BusProducer
-from pilothouse.bus.records import AlertReceived, RedactionManifest
+from pilothouse.bus.records import AlertReceived, AlertsReceived, RedactionManifest
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
 from pilothouse.sensing.correlation import Correlator, DependencyMap, MemoryStore
-from pilothouse.sensing.handlers import alert_input
+from pilothouse.sensing.handlers import alert_input, alert_partition
 
 SERVICES = ["frontend", "checkout", "payment", "cart", "redis", "ad", "email", "currency", "shipping"]
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -44,6 +44,28 @@ def _alerts(n: int, run: str) -> list[AlertReceived]:
             severity="warning", service=SERVICES[(j * 7 + burst) % len(SERVICES)], summary=f"alert {j}",
             starts_at=at, received_at=at, redaction=RedactionManifest(ruleset_version="rs-test", scanned=True)))
     return out
+
+
+def _messages(alerts: list[AlertReceived], partitions: int, per_record: int = 4) -> list[tuple[int, bytes]]:
+    """The alerts as the gateway writes them: AlertsReceived records of up to ``per_record`` alerts, each on the
+    partition of its alerts' fingerprints, in order: (partition, value)."""
+    serde, groups = Serde(), {}
+    for a in alerts:
+        groups.setdefault(alert_partition(a.fingerprint, partitions), []).append(a)
+    out = []
+    for partition, items in groups.items():
+        for i in range(0, len(items), per_record):
+            first = items[i]
+            record = AlertsReceived(event_id=f"{first.event_id}+", correlation_id=f"{first.event_id}+",
+                                    occurred_at=first.received_at, producer="sensing", alerts=items[i:i + per_record])
+            out.append((partition, serde.encode(record)))
+    return out
+
+
+def _send(producer: BusProducer, topic: str, alerts: list[AlertReceived], per_record: int = 4) -> None:
+    for partition, value in _messages(alerts, producer.partitions(topic), per_record):
+        producer.produce_bytes(topic, value, key=None, partition=partition)
+    producer.flush(10)
 
 
 def _env(stack_info, settings: dict[str, str], data_dir: Path) -> dict[str, str]:
@@ -172,21 +194,15 @@ def test_sigkill_mid_stream_neither_loses_nor_duplicates_incidents(stack_info, b
     worker = _start(env, log_path)
     try:
         # first third, then the kill while the worker is busy with the second third
-        for a in alerts[:100]:
-            producer.produce(a, key=a.fingerprint, topic=alerts_topic)
-        producer.flush(10)
+        _send(producer, alerts_topic, alerts[:100], per_record=1)  # one alert per record, as v1 had it
         # the worker coalesces updates per batch: a backlog of 100 alerts may come out as a handful of updates
         assert _wait_for(lambda: len(reader.records) >= 1, 90, worker), log_path.read_text()[-3000:]
-        for a in alerts[100:200]:
-            producer.produce(a, key=a.fingerprint, topic=alerts_topic)
-        producer.flush(10)
+        _send(producer, alerts_topic, alerts[100:200], per_record=7)
         time.sleep(0.5)
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
         killed_with = len(reader.records)
-        for a in alerts[200:]:  # alerts keep coming while the worker is down
-            producer.produce(a, key=a.fingerprint, topic=alerts_topic)
-        producer.flush(10)
+        _send(producer, alerts_topic, alerts[200:], per_record=3)  # alerts keep coming while the worker is down
 
         worker = _start(env, log_path)
         done = _wait_for(lambda: _summary(reader.latest()) == expected, 120, worker)
@@ -234,9 +250,8 @@ def test_a_poison_pill_is_dead_lettered_and_the_stream_goes_on(stack_info, bus_s
     run = uuid.uuid4().hex[:8]
     producer = BusProducer(bus_settings("admin"))
     good = _alerts(1, run)[0]
-    producer.produce_bytes(alerts_topic, b"\xc3\x01" + b"\x00" * 8 + b"garbage", key=b"poison")
-    producer.produce(good, key=good.fingerprint, topic=alerts_topic)
-    producer.flush(10)
+    producer.produce_bytes(alerts_topic, b"\xc3\x01" + b"\x00" * 8 + b"garbage", key=b"poison", partition=0)
+    _send(producer, alerts_topic, [good])
     reader = IncidentReader(bus_settings, incidents_topic)
     worker = _start(env, tmp_path / "worker.log")
     try:
@@ -275,7 +290,7 @@ def test_offset_gaps_of_transactional_writes_neither_stall_nor_change_the_incide
     run = uuid.uuid4().hex[:8]
     alerts = _alerts(100, run)
     expected = _reference(alerts)
-    serde = Serde()
+    partitions = BusProducer(bus_settings("admin")).partitions(alerts_topic)
     producer = Producer({**bus_settings("admin").librdkafka(), "transactional.id": f"test.{run}"})
     producer.init_transactions(30)
     reader = IncidentReader(bus_settings, incidents_topic)
@@ -283,8 +298,8 @@ def test_offset_gaps_of_transactional_writes_neither_stall_nor_change_the_incide
     try:
         for start in range(0, len(alerts), 25):  # four transactions: four markers, one after each burst
             producer.begin_transaction()
-            for a in alerts[start:start + 25]:
-                producer.produce(alerts_topic, key=a.fingerprint, value=serde.encode(a))
+            for partition, value in _messages(alerts[start:start + 25], partitions, per_record=2):
+                producer.produce(alerts_topic, value=value, partition=partition)
             producer.commit_transaction(30)
             time.sleep(0.5)  # the worker catches up in between: it meets each gap at the end of what it has
         done = _wait_for(lambda: _summary(reader.latest()) == expected, 90, worker)
@@ -323,9 +338,7 @@ def test_a_batch_that_cannot_be_published_stops_the_worker_and_a_restart_publish
     alerts = _alerts(30, run)
     expected = _reference(alerts)
     producer = BusProducer(bus_settings("admin"))
-    for a in alerts:
-        producer.produce(a, key=a.fingerprint, topic=alerts_topic)
-    producer.flush(10)
+    _send(producer, alerts_topic, alerts)
     reader = IncidentReader(bus_settings, incidents_topic)
     log_path = tmp_path / "worker.log"
     worker = _start(env, log_path)

@@ -12,9 +12,11 @@ from confluent_kafka import Consumer
 from starlette.testclient import TestClient
 
 from pilothouse.bus.config import BusSettings
+from pilothouse.bus.records import AlertsReceived
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.config import SensingSettings
 from pilothouse.sensing.gateway import build_gateway
+from pilothouse.sensing.handlers import alert_partition
 from pilothouse.sensing.redaction import Redactor
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "alert-payloads"
@@ -71,24 +73,34 @@ def auth(source: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[source]}", "Content-Type": "application/json"}
 
 
-def consume(bus_settings, topic: str, group_id: str, expected: int, timeout_s: float = 30) -> list[tuple[bytes, bytes]]:
+def _records(topic: str, value: bytes) -> list:
+    """The alerts (an AlertsReceived holds a request's alerts on one partition) or the telemetry record."""
+    record = Serde().decode(value).record
+    return list(record.alerts) if isinstance(record, AlertsReceived) else [record]
+
+
+def consume(bus_settings, topic: str, group_id: str, expected: int,
+            timeout_s: float = 30) -> list[tuple[bytes | None, bytes, int]]:
+    """(key, value, partition) of the messages on ``topic`` until they hold ``expected`` records, then a second
+    more (anything more would be a duplicate)."""
     consumer = Consumer({**bus_settings("admin").librdkafka(), "group.id": group_id,
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([topic])
-    out: list[tuple[bytes, bytes]] = []
+    out: list[tuple[bytes | None, bytes, int]] = []
+    held = 0
     deadline = time.monotonic() + timeout_s
     try:
-        while len(out) < expected and time.monotonic() < deadline:
+        while held < expected and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
             if msg is None or msg.error():
                 continue
-            out.append((msg.key(), msg.value()))
-        # anything more than expected would be a duplicate: give it a moment to show up
+            out.append((msg.key(), msg.value(), msg.partition()))
+            held += len(_records(topic, msg.value()))
         end = time.monotonic() + 1.0
         while time.monotonic() < end:
             msg = consumer.poll(0.2)
             if msg is not None and not msg.error():
-                out.append((msg.key(), msg.value()))
+                out.append((msg.key(), msg.value(), msg.partition()))
     finally:
         consumer.close()
     return out
@@ -110,14 +122,18 @@ def test_every_real_payload_is_accepted_and_lands_on_its_topic(gateway, topics, 
                 sent[alerts_topic if body["kind"] == "alert" else telemetry_topic].update(body["event_ids"])
                 files += 1
     assert files >= 25
-    serde = Serde()
     for topic, ids in sent.items():
         got = consume(bus_settings, topic, f"{group_id}-{topic}", len(ids))
-        records = [serde.decode(v).record for _, v in got]
-        assert sorted(r.event_id for r in records) == sorted(ids)  # every accepted record, exactly once
-        for (key, _), rec in zip(got, records):
+        records = [(key, partition, rec) for key, value, partition in got for rec in _records(topic, value)]
+        assert sorted(r.event_id for _, _, r in records) == sorted(ids)  # every accepted record, exactly once
+        for key, partition, rec in records:
             assert rec.redaction.scanned and rec.redaction.ruleset_version.startswith("rs-")
-            assert key.decode() == (rec.fingerprint if topic == alerts_topic else rec.service)
+            if topic == alerts_topic:  # no key; the partition of its fingerprint
+                assert key is None and partition == alert_partition(rec.fingerprint, 3)
+            else:
+                assert key.decode() == rec.service
+        if topic == alerts_topic:  # one message per request and partition, not one per alert
+            assert len(got) < len(records)
 
 
 @pytest.mark.parametrize("route, source, body, status, path, reason", [
@@ -215,7 +231,7 @@ def test_a_secret_in_an_annotation_never_reaches_the_topic(gateway, topics, bus_
     assert len(got) == 1
     raw = got[0][1]
     assert AWS_KEY.encode() not in raw and b"ops@example.org" not in raw
-    rec = Serde().decode(raw).record
+    (rec,) = _records(alerts_topic, raw)
     kinds = {f.kind: f.count for f in rec.redaction.findings}
     assert any("AWS" in k for k in kinds) and kinds.get("EMAIL") == 1
     assert "$.annotations.description" in rec.redaction.redacted_fields

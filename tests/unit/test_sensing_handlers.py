@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from pilothouse.bus.errors import DecodeError
+from pilothouse.bus.errors import DecodeError, OversizedMessage
 from pilothouse.bus.records import AlertReceived, Evidence, RedactionManifest, TelemetryReceived
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.adapters.prometheus import PrometheusMetrics
@@ -21,11 +21,13 @@ from pilothouse.sensing.config import DEFAULT_DEPENDENCY_MAP
 from pilothouse.sensing.correlation import Correlator, DependencyMap, MemoryStore
 from pilothouse.sensing.evidence import Window
 from pilothouse.sensing.handlers import (
+    SEQUENCE_STRIDE,
     AlertEvidenceCache,
     IncidentHandler,
     IngestHandler,
     alert_input,
-    decode_alert_input,
+    alert_partition,
+    decode_alert_inputs,
     evidence_sha256,
 )
 from pilothouse.sensing.redaction import Redactor
@@ -53,35 +55,75 @@ def _ts(ms):
 def test_alertmanager_payload_becomes_valid_avro_records(ingest):
     body = (FIXTURES / "prometheus-msteams-testdata/payloads/alert_testdata_prom_post_request_12_alerts__d4711790.json")
     result = ingest.handle("alertmanager", body.read_bytes(), received_at_ms=T)
-    assert result.kind == "alert" and len(result.outbound) == 12
+    assert result.kind == "alert" and len(result.records) == 12
     serde = Serde()
-    for o in result.outbound:
-        assert o.topic == "alerts" and o.key == o.record.fingerprint
-        assert serde.decode(serde.encode(o.record)).record == o.record  # schema-valid
+    for r in result.records:
+        assert serde.decode(serde.encode(r)).record == r  # schema-valid
     # the payload's description holds an IP: replaced by a keyed pseudonym and counted
-    first = result.outbound[0].record
+    first = result.records[0]
     assert "<IP:" in first.annotations["description"] and result.findings["IP"] == 12
     assert "$.annotations.description" in first.redaction.redacted_fields
 
 
+def test_a_requests_alerts_go_out_as_one_record_per_partition_in_order(ingest):
+    """AlertsReceived per partition of the alerts topic: every alert once, each in the partition of its
+    fingerprint (CRC-32 mod partitions), in request order within it; no key (the partition is chosen)."""
+    body = (FIXTURES / "prometheus-msteams-testdata/payloads/alert_testdata_prom_post_request_12_alerts__d4711790.json")
+    result = ingest.handle("alertmanager", body.read_bytes(), received_at_ms=T)
+    for partitions in (1, 3, 7):
+        messages = ingest.messages(result, partitions=partitions)
+        assert len({m.partition for m in messages}) == len(messages) <= partitions
+        got = []
+        for m in messages:
+            assert m.topic == "alerts" and m.key is None
+            batch = ingest.serde.decode(m.value, expected="pilothouse.sensing.AlertsReceived").record
+            assert m.count == len(batch.alerts) and batch.producer == "sensing" and batch.occurred_at == _ts(T)
+            assert all(alert_partition(a.fingerprint, partitions) == m.partition for a in batch.alerts)
+            got.extend(batch.alerts)
+            assert [a.event_id for a in batch.alerts] == [r.event_id for r in result.records if r in batch.alerts]
+        assert sorted(a.event_id for a in got) == sorted(result.event_ids)
+        assert {a.event_id: a for a in got} == {r.event_id: r for r in result.records}  # the same records
+
+
+def test_alerts_above_the_message_limit_are_split_and_a_single_oversized_alert_is_refused(redactor):
+    small = IngestHandler(redactor, alerts_topic="alerts", telemetry_topic="t", serde=Serde(max_message_bytes=3000))
+    alerts = [{"status": "firing", "labels": {"alertname": "A", "service": "cart", "n": str(i)},
+               "annotations": {"description": "x" * 400}, "startsAt": "2026-01-01T00:00:00Z",
+               "fingerprint": f"fp{i}"} for i in range(20)]
+    result = small.handle("alertmanager", json.dumps({"version": "4", "status": "firing", "alerts": alerts}).encode(),
+                          received_at_ms=T)
+    messages = small.messages(result, partitions=1)
+    assert len(messages) > 1 and all(len(m.value) <= 3000 for m in messages)
+    decoded = [a for m in messages for a in small.serde.decode(m.value).record.alerts]
+    assert [a.event_id for a in decoded] == result.event_ids  # all of them, in order
+    alerts[0]["annotations"]["description"] = "y" * 4000
+    big = small.handle("alertmanager", json.dumps({"version": "4", "status": "firing", "alerts": alerts}).encode(),
+                       received_at_ms=T)
+    with pytest.raises(OversizedMessage):
+        small.messages(big, partitions=1)
+
+
 def test_the_worker_decodes_the_alert_input_a_full_decode_gives(ingest):
-    """decode_alert_input (a projection, timestamps as milliseconds, no model) == alert_input of the whole record,
-    for every alert of every real Alertmanager payload; another record type is refused."""
+    """decode_alert_inputs (a projection, timestamps as milliseconds, no model) == alert_input of each whole
+    alert, numbered along the partition, for every alert of every real Alertmanager payload; another record
+    type is refused."""
     serde = Serde()
     bodies = sorted((FIXTURES / "prometheus-msteams-testdata/payloads").glob("*.json"))
     seen = 0
-    for body in bodies:
+    for offset, body in enumerate(bodies):
         try:
             result = ingest.handle("alertmanager", body.read_bytes(), received_at_ms=T + seen)
         except Exception:  # noqa: BLE001 - the malformed examples are other tests' business
             continue
-        for n, o in enumerate(result.outbound):
-            raw = serde.encode(o.record)
-            assert decode_alert_input(serde, raw, n) == alert_input(serde.decode(raw).record, n)
-            seen += 1
+        (message,) = ingest.messages(result, partitions=1)
+        inputs = decode_alert_inputs(serde, message.value, offset)
+        assert inputs == [alert_input(a, offset * SEQUENCE_STRIDE + i)
+                          for i, a in enumerate(serde.decode(message.value).record.alerts)]
+        assert [a.sequence for a in decode_alert_inputs(serde, message.value)] == [-1] * len(inputs)
+        seen += len(inputs)
     assert seen >= 12
     with pytest.raises(DecodeError, match="not the type"):
-        decode_alert_input(serde, serde.encode(_log(1, "cart", T, "a log line")))
+        decode_alert_inputs(serde, serde.encode(_log(1, "cart", T, "a log line")))
 
 
 def _am(fingerprint: str) -> bytes:
@@ -91,16 +133,16 @@ def _am(fingerprint: str) -> bytes:
 
 
 def test_fingerprints_the_redactor_would_change_become_stable_pseudonyms(ingest):
-    a = ingest.handle("alertmanager", _am(AWS_KEY), received_at_ms=T).outbound[0].record
-    b = ingest.handle("alertmanager", _am(AWS_KEY), received_at_ms=T + 1).outbound[0].record
+    a = ingest.handle("alertmanager", _am(AWS_KEY), received_at_ms=T).records[0]
+    b = ingest.handle("alertmanager", _am(AWS_KEY), received_at_ms=T + 1).records[0]
     assert a.fingerprint == b.fingerprint  # stable: deduplication still works
     assert a.fingerprint.startswith("psd:") and len(a.fingerprint) == 28 and AWS_KEY not in a.fingerprint
     assert "$.fingerprint" in a.redaction.redacted_fields
     assert {f.kind for f in a.redaction.findings} == {"FINGERPRINT_PSEUDONYM"}
     other = IngestHandler(Redactor(b"another-deployment-key-000000"), alerts_topic="a", telemetry_topic="t")
-    c = other.handle("alertmanager", _am(AWS_KEY), received_at_ms=T).outbound[0].record
+    c = other.handle("alertmanager", _am(AWS_KEY), received_at_ms=T).records[0]
     assert c.fingerprint != a.fingerprint  # keyed: not a plain hash anyone can recompute
-    plain = ingest.handle("alertmanager", _am("0123abcd"), received_at_ms=T).outbound[0].record
+    plain = ingest.handle("alertmanager", _am("0123abcd"), received_at_ms=T).records[0]
     assert plain.fingerprint == "0123abcd" and plain.redaction.redacted_fields == []
 
 
@@ -108,13 +150,12 @@ def test_otlp_logs_become_telemetry_with_redacted_bodies(ingest):
     doc = json.loads((FIXTURES / "opentelemetry-otlp-json/examples/logs.json").read_text())
     doc["resourceLogs"][0]["scopeLogs"][0]["logRecords"][0]["body"] = {"stringValue": f"login with {AWS_KEY}"}
     result = ingest.handle("otlp_logs", json.dumps(doc).encode(), received_at_ms=T)
-    rec = result.outbound[0].record
-    assert isinstance(rec, TelemetryReceived) and rec.kind == "log" and o_key(result) == rec.service
+    rec = result.records[0]
+    assert isinstance(rec, TelemetryReceived) and rec.kind == "log"
+    message = ingest.messages(result, partitions=3)[0]
+    assert message.topic == "telemetry" and message.key == rec.service and message.partition is None
+    assert ingest.serde.decode(message.value).record == rec
     assert AWS_KEY not in rec.body and "$.body" in rec.redaction.redacted_fields
-
-
-def o_key(result):
-    return result.outbound[0].key
 
 
 def _alert(event_id, fp, service, at, status="firing", summary="errors up"):
