@@ -29,7 +29,7 @@ def test_every_catalogue_topic_has_a_schema_with_the_envelope():
 
 def test_the_issue_s_record_families_are_all_declared():
     records = {t.record.rsplit(".", 1)[1] for t in load_catalogue().topics.values()}
-    for needed in ["AlertReceived", "IncidentUpdated", "HypothesesProposed", "HypothesisValidated", "ActionProposed",
+    for needed in ["AlertsReceived", "IncidentUpdated", "HypothesesProposed", "HypothesisValidated", "ActionProposed",
                    "PolicyDecided", "ApprovalRequested", "ApprovalRecorded", "ActionAuthorized", "ShadowRunCompleted",
                    "ActionExecuted", "ActionVerified", "LedgerEntry", "CheckpointSigned"]:
         assert needed in records
