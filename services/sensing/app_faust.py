@@ -1,7 +1,8 @@
 """The correlation worker: a thin Faust app around :mod:`pilothouse.sensing.correlation` and the handlers.
 
-Consumes ``AlertReceived`` (alerts topic) and ``TelemetryReceived`` (telemetry topic); writes ``IncidentUpdated`` to
-the compacted incidents topic, keyed by incident id, with a monotonic version per incident.
+Consumes ``AlertsReceived`` (alerts topic: a request's alerts per partition) and ``TelemetryReceived`` (telemetry
+topic); writes ``IncidentUpdated`` to the compacted incidents topic, keyed by incident id, with a monotonic version per
+incident.
 
 State: one Faust table (``incidents``), in memory, backed by the changelog topic ``<app_id>-incidents-changelog``
 that Faust creates and replays on assignment (the sensing principal owns the ``pilothouse-sensing-`` prefix). The

@@ -1,7 +1,8 @@
 """Handlers of the sensing service: model in, model(s) out. No I/O here; the gateway and the Faust app do the I/O.
 
 * :class:`IngestHandler` — one request body of one source: normalise → redact (fail closed) → Avro records
-  (``AlertReceived`` / ``TelemetryReceived``) with the redaction manifest. Nothing is produced unless every record of
+  (``AlertReceived`` / ``TelemetryReceived``) with the redaction manifest; ``messages`` encodes them for Kafka (a
+  request's alerts as one ``AlertsReceived`` per partition). Nothing is produced unless every record of
   the body was normalised and scanned.
 * :class:`IncidentHandler` — one ``AlertReceived``: correlate (``correlation.Correlator``) → ``IncidentUpdated`` with
   evidence, ``evidence_sha256`` and dependency edges. One ``TelemetryReceived``: remembered as evidence input.
