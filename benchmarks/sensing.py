@@ -57,7 +57,7 @@ from pathlib import Path
 GATEWAY_TOKEN = "bench-alertmanager-token-0123456789"
 PSEUDONYM_KEY = "bench-pseudonym-key-000000000001"
 SERVICES = 200  # alerts spread over services outside the dependency map: incidents of moderate size
-ALERT_PARTITIONS = 3  # the bench's alerts topic (the catalogue's default)
+ALERT_PARTITIONS = 3  # partitions of the bench's alerts topic (the catalogue's default)
 
 
 def _webhook(run: str, start: int, n: int, now: datetime, svc: str = "svc") -> bytes:
@@ -100,12 +100,13 @@ def cpu_limit(n: int, batch: int, correlator_batches: dict[str, int]) -> dict:
     received = int(time.time() * 1000)
 
     t0 = time.process_time()
-    encoded = []  # the AlertsReceived messages, as the gateway writes them (the bench's alerts topic: 3 partitions)
+    messages = []  # AlertsReceived, as the gateway writes them to the bench's alerts topic
     for body in bodies:
-        encoded.extend(m.value for m in ingest.messages(
-            ingest.handle("alertmanager", body, received_at_ms=received), partitions=ALERT_PARTITIONS))
+        messages.extend(ingest.messages(ingest.handle("alertmanager", body, received_at_ms=received),
+                                        partitions=ALERT_PARTITIONS))
     stage1 = time.process_time() - t0
-    alert_count = sum(len(decode_alert_inputs(serde, raw)) for raw in encoded)
+    encoded = [m.value for m in messages]
+    alert_count = sum(m.count for m in messages)
 
     stage2: dict[str, dict] = {}
     for label, size in correlator_batches.items():
@@ -446,7 +447,7 @@ def real_path(args, info) -> dict:
     topics = {k: f"test.bench-sensing-{k}-{run}" for k in ("alerts", "telemetry", "incidents")}
     admin = AdminClient(info.kafka_config("admin"))
     # LogAppendTime: each record carries the moment the broker appended it (the stage breakdown's middle points)
-    for f in admin.create_topics([NewTopic(t, 1 if k != "alerts" else 3, 1,
+    for f in admin.create_topics([NewTopic(t, 1 if k != "alerts" else ALERT_PARTITIONS, 1,
                                            config={"message.timestamp.type": "LogAppendTime"})
                                   for k, t in topics.items()]).values():
         f.result(30)
