@@ -275,8 +275,11 @@ class CorrelationWorker:
 
     def _output(self) -> AsyncBatchProducer:
         if self._out is None:
-            # linger 1 ms: a batch's records are queued at once; the state acknowledgement is on the latency path
-            self._out = AsyncBatchProducer(BusProducer(self.bus, extra_config={"linger.ms": 1}))
+            # linger 1 ms: a batch's records are queued at once; the state acknowledgement is on the latency path.
+            # Compressed (see SensingSettings.output_compression): ~9 KB of state and ~4 KB of update per alert
+            # in the bench, where the alert itself is 0.5 KB.
+            self._out = AsyncBatchProducer(BusProducer(self.bus, extra_config={
+                "linger.ms": 1, "compression.type": self.settings.output_compression}))
         return self._out
 
     async def _drain_output(self, sender: Any, revoked: Any, **_: Any) -> None:

@@ -412,8 +412,8 @@ class IncidentHandler:
         """The record without its evidence, as the dict its model dumps to (timestamps as milliseconds), and its
         evidence items in the order the record lists them."""
         deps = self.correlator.deps
-        services = inc.services  # each derived view once: every one walks the incident's alerts
-        primary = inc.primary_service(deps, services)
+        view = inc.view(deps)  # every derived view from one walk over the incident's alerts
+        services, primary = view.services, view.primary_service
         scope = self.evidence_scope(inc, services)
         metric_items, status = metrics or ([], "not configured")
         # The title and the alert items are built from alerts that were redacted at the gateway (and come from the
@@ -432,9 +432,9 @@ class IncidentHandler:
         head = {
             "event_id": self._new_id(), "incident_id": inc.incident_id, "correlation_id": inc.incident_id,
             "causation_id": inc.causation_id, "occurred_at": inc.last_seen, "producer": PRODUCER,
-            "version": inc.version, "change": inc.change, "state": inc.state, "title": inc.title(deps, primary),
-            "severity": inc.severity, "primary_service": primary, "services": services,
-            "alert_fingerprints": inc.fingerprints, "alert_count": len(inc.alerts), "first_seen": inc.first_seen,
+            "version": inc.version, "change": inc.change, "state": inc.state, "title": view.title,
+            "severity": view.severity, "primary_service": primary, "services": services,
+            "alert_fingerprints": view.fingerprints, "alert_count": len(inc.alerts), "first_seen": inc.first_seen,
             "last_seen": inc.last_seen, "resolved_at": inc.resolved_at, "evidence": [],
             "dependency_edges": [{"caller": a, "callee": b} for a, b in deps.topology(services, scope)],
             "evidence_sha256": _CachedEvidence.sha256(evidence), "redaction": redaction, "episode": inc.episode,
@@ -468,9 +468,15 @@ class _CachedEvidence:
 
     @staticmethod
     def of(model: avro.Evidence, serde: Serde) -> CachedItem:
-        canonical = orjson.dumps(model.model_dump(), option=orjson.OPT_SORT_KEYS)  # what evidence_sha256 hashes
+        return _CachedEvidence.of_dict(model.model_dump(), serde)
+
+    @staticmethod
+    def of_dict(data: dict[str, Any], serde: Serde) -> CachedItem:
+        """``data``: every field of an Evidence (as ``model_dump`` gives it). The Avro writer checks each field
+        against the schema (types, enum symbols), so an item that is not a valid Evidence is refused here too."""
+        canonical = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)  # what evidence_sha256 hashes
         # encoded from the canonical form (maps in key order), so model() encodes to the same bytes
-        return (model.evidence_id, canonical,
+        return (data["evidence_id"], canonical,
                 serde.encode_item(avro.IncidentUpdated.AVRO_NAME, "evidence", orjson.loads(canonical)))
 
     @staticmethod
@@ -551,12 +557,18 @@ class AlertEvidenceCache:
     def _build(inc: Incident, ref: Any, metrics_source: str, serde: Serde) -> CachedItem:
         # Say where metric evidence came from (or why there is none) on every alert item, so a reader of the
         # incident sees that the absence of metric evidence is not a clean bill of health.
-        return _CachedEvidence.of(avro.Evidence(
-            evidence_id=ev.evidence_id("alert", ref.service, f"{ref.source}/{ref.fingerprint}",
-                                       ev.Window(inc.first_seen, inc.first_seen)),
-            kind="alert", service=ref.service, signal=f"{ref.source}/{ref.fingerprint}",
-            summary=f"{ref.severity} alert {ref.status}: {ref.summary[:300]}", direction="none",
-            score=float({"critical": 4, "error": 3, "warning": 2, "info": 1}.get(ref.severity, 0)),
-            onset_ms=ref.first_seen, baseline=None, observed=None, source_link=f"alert:{ref.last_event_id}",
-            attributes={"status": ref.status, "source": ref.source, "metrics_source": metrics_source},
-        ), serde)
+        # A plain dict, not a validated model (two thirds of the item's cost): every field is given, with its
+        # schema type, and the Avro writer checks them (test_sensing_handlers compares it with the model's item).
+        return _CachedEvidence.of_dict({
+            "evidence_id": ev.evidence_id("alert", ref.service, f"{ref.source}/{ref.fingerprint}",
+                                          ev.Window(inc.first_seen, inc.first_seen)),
+            "kind": "alert", "service": ref.service, "signal": f"{ref.source}/{ref.fingerprint}",
+            "summary": f"{ref.severity} alert {ref.status}: {ref.summary[:300]}", "direction": "none",
+            "score": float(_ALERT_SCORE.get(ref.severity, 0)), "onset_ms": ref.first_seen, "baseline": None,
+            "observed": None, "source_link": f"alert:{ref.last_event_id}",
+            "attributes": {"status": ref.status, "source": ref.source, "metrics_source": metrics_source},
+        }, serde)
+
+
+_ALERT_SCORE = {"critical": 4, "error": 3, "warning": 2, "info": 1}
+"""The score of an alert evidence item, by severity (0 for any other)."""

@@ -107,7 +107,7 @@ class BatchLogStore(MappingStore):
         b = str(self.batch).encode()
         out: list[Record] = []
         for iid, inc in self._pending.items():
-            s = orjson.dumps(inc.to_dict())
+            s = orjson.dumps(inc)  # a dataclass: orjson writes its fields, as to_dict() has them, without the copy
             out.append((iid.encode(), b'{"b":' + b + b',"p":' + self._encoded.get(iid, b"null") + b',"s":' + s + b"}"))
             self._encoded[iid] = s
         self._pending.clear()
