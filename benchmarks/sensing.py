@@ -353,14 +353,14 @@ def _broker_pid(info) -> int | None:
     return running.pid if running is not None and running.alive() else None
 
 
-def _correlator_metrics(port: int) -> dict[str, float]:
-    """Sums and counts of the correlator's histograms, from its /metrics."""
+def _metrics(port: int) -> dict[str, float]:
+    """Sums and counts of a sensing process's histograms (the correlator's, the gateway's), from its /metrics."""
     import httpx
 
     out = {}
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
         name = line.split()[0] if line.strip() else ""
-        if line.startswith("pilothouse_sensing_") and name.split("{")[0].endswith(("_sum", "_count")):
+        if line.startswith("pilothouse_") and name.split("{")[0].endswith(("_sum", "_count")):
             out[name] = float(line.split()[-1])
     return out
 
@@ -384,13 +384,23 @@ def delete_app_topics(admin, app_id: str, extra: list[str] = (), groups: list[st
     return failed
 
 
+def _gc_figures(delta: dict[str, float]) -> dict[str, float]:
+    """Garbage collections of a process (all, and full ones) and their pause time (ms), from a difference of its
+    /metrics."""
+    name = 'pilothouse_gc_pause_seconds_{}{{generation="{}"}}'
+    every = [delta.get(name.format("count", g), 0.0) for g in "012"]
+    return {"collections": sum(every), "pause_ms": round(sum(delta.get(name.format("sum", g), 0.0)
+                                                              for g in "012") * 1000, 1),
+            "full": every[2], "full_ms": round(delta.get(name.format("sum", 2), 0.0) * 1000, 1)}
+
+
 def _batch_figures(delta: dict[str, float]) -> dict[str, float]:
     """Mean batch size and mean per-batch times (ms) of the correlator, from a difference of its /metrics."""
     def mean(name: str, scale: float = 1000.0) -> float:
         n = delta.get(f"pilothouse_sensing_{name}_count", 0.0)
         return round(delta.get(f"pilothouse_sensing_{name}_sum", 0.0) / n * scale, 2) if n else float("nan")
 
-    full = 'pilothouse_sensing_correlator_gc_pause_seconds_{}{{generation="2"}}'
+    full = 'pilothouse_gc_pause_seconds_{}{{generation="2"}}'
     return {"batches": delta.get("pilothouse_sensing_correlate_batch_alerts_count", 0.0),
             "mean_batch": mean("correlate_batch_alerts", 1.0), "batch_ms": mean("correlate_seconds"),
             "state_ack_wait_ms": mean("state_ack_wait_seconds"), "oldest_alert_wait_ms": mean("alert_wait_seconds"),
@@ -412,7 +422,7 @@ def _full_speed(args, url: str, watch: TopicWatch, cobs: int, pids: dict[str, in
         fps = [f"bench-{tag}-{i:07d}" for i in range(start, start + args.batch)]
         bodies.append((0.0, _webhook(tag, start, args.batch, now, svc=svc), fps))
     sent: dict[str, float] = {}
-    metrics0 = _correlator_metrics(cobs)
+    metrics0 = _metrics(cobs)
     cpu0 = {k: _cpu_seconds(pid) for k, pid in pids.items()}
     delay0 = {k: _run_delay_seconds(pid) for k, pid in pids.items()}
     t0 = time.perf_counter()
@@ -426,7 +436,7 @@ def _full_speed(args, url: str, watch: TopicWatch, cobs: int, pids: dict[str, in
     # ... and the share of the phase its threads were ready to run but waited for a core (someone else had it)
     cpu_wait = {k: round((_run_delay_seconds(pid) - delay0[k]) / (time.perf_counter() - t0), 2)
                 for k, pid in pids.items()}
-    metrics1 = _correlator_metrics(cobs)
+    metrics1 = _metrics(cobs)
     delta = {k: metrics1.get(k, 0.0) - metrics0.get(k, 0.0) for k in metrics1}
     mean_batch = (delta.get("pilothouse_sensing_correlate_batch_alerts_sum", 0.0)
                   / max(1.0, delta.get("pilothouse_sensing_correlate_batch_alerts_count", 0.0)))
@@ -451,7 +461,7 @@ def real_path(args, info) -> dict:
                                            config={"message.timestamp.type": "LogAppendTime"})
                                   for k, t in topics.items()]).values():
         f.result(30)
-    port, obs, cobs = _free_port(), 0, _free_port()
+    port, obs, cobs = _free_port(), _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILOTHOUSE_")}
     env.update({
         "PILOTHOUSE_KAFKA_BOOTSTRAP_SERVERS": info.kafka.bootstrap_servers, "PILOTHOUSE_KAFKA_USERNAME": "admin",
@@ -533,12 +543,13 @@ def real_path(args, info) -> dict:
             # its incident, so reusing phase 1's incidents would measure latency on a heavier workload)
             bodies2.append((k * args.batch / rate, _webhook(f"{run}h", start, args.batch, now, svc="half"), fps))
         sent2: dict[str, float] = {}
-        metrics2 = _correlator_metrics(cobs)
+        metrics2, gateway2 = _metrics(cobs), _metrics(obs)
         statuses2 = _post_all(url, bodies2, sent2, args.concurrency)
         fps2 = [fp for _, _, fps in bodies2 for fp in fps]
         complete2 = watch.wait_for(fps2, 300)
         lat = [(watch.first_seen[fp] - sent2[fp]) * 1000 for fp in fps2 if fp in watch.first_seen]
-        delta2 = {k: v - metrics2.get(k, 0.0) for k, v in _correlator_metrics(cobs).items()}
+        delta2 = {k: v - metrics2.get(k, 0.0) for k, v in _metrics(cobs).items()}
+        gateway_delta2 = {k: v - gateway2.get(k, 0.0) for k, v in _metrics(obs).items()}
         alert_watch = TopicWatch(info.kafka_config("admin"), topics["alerts"], alerts=True)
         alert_watch.wait_for(fps2, 60)
         times = stage_times(fps2, {fp: t * 1000 + wall_offset_ms for fp, t in sent2.items()}, alert_watch, watch)
@@ -573,6 +584,7 @@ def real_path(args, info) -> dict:
             "p50_latency_ms": round(_pct(lat, 0.5), 1), "p99_latency_ms": round(_pct(lat, 0.99), 1),
             "max_latency_ms": round(max(lat), 1) if lat else None, "incident_updates_read": watch.updates,
             "half_rate_stages_ms": stages, "half_rate_correlator": _batch_figures(delta2),
+            "half_rate_gc": {"gateway": _gc_figures(gateway_delta2), "correlator": _gc_figures(delta2)},
             "full_speed_correlator": _batch_figures(delta),
             "half_rate_latency_over_time_ms": over_time, "latencies_ms": lat,
         }

@@ -5,6 +5,7 @@ Lives in the bus package because it is the one package services share; it import
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import signal
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
 _STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -45,6 +46,30 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("pilothouse").info("starting", extra={"service": service})
+
+
+GC_PAUSE_SECONDS = Histogram("pilothouse_gc_pause_seconds",
+                             "Cyclic garbage collections of this process (it stops meanwhile), by generation",
+                             ["generation"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
+_gc_watched = False
+
+
+def watch_gc() -> None:
+    """Time every garbage collection of this process (the whole process stops meanwhile: requests and records
+    wait) into ``pilothouse_gc_pause_seconds{generation}``. Once per process; later calls do nothing."""
+    global _gc_watched
+    if _gc_watched:
+        return
+    _gc_watched = True
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(on_gc)
 
 
 class Health:

@@ -12,6 +12,7 @@ Settings from the environment: ``PILOTHOUSE_SENSING_*`` (SensingSettings), ``PIL
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ def run_gateway(child: subprocess.Popen | None = None) -> int:
     import uvicorn
 
     from pilothouse.bus.config import BusSettings
+    from pilothouse.bus.runtime import watch_gc
     from pilothouse.bus.service import ServiceRuntime
     from pilothouse.sensing.config import SensingSettings
     from pilothouse.sensing.gateway import build_gateway
@@ -31,6 +33,10 @@ def run_gateway(child: subprocess.Popen | None = None) -> int:
 
     settings = SensingSettings()
     gateway = build_gateway(settings, BusSettings(), Redactor.from_settings(RedactionSettings()))
+    # What lives as long as the gateway (the redaction rule sets above all) is left out of the cyclic collector's
+    # full collections from here on: walking it paused every request (as gc.freeze() did for the correlator).
+    gc.freeze()
+    watch_gc()
     server = uvicorn.Server(uvicorn.Config(gateway.app, host=settings.gateway_host, port=settings.gateway_port,
                                            log_config=None, access_log=False))
 

@@ -77,24 +77,6 @@ BATCH_SIZE = Histogram("pilothouse_sensing_correlate_batch_alerts", "Alerts per 
                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 PUBLISH_EVERY_S = 0.001  # while a batch's updates are built: how often the ones that may go are sent
 OPEN_INCIDENTS = Gauge("pilothouse_sensing_incidents_in_state", "Incidents in the state tables")
-GC_PAUSE_SECONDS = Histogram("pilothouse_sensing_correlator_gc_pause_seconds",
-                             "Cyclic garbage collections of the correlator (it stops meanwhile), by generation",
-                             ["generation"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
-
-
-def _watch_gc() -> None:
-    """Time every garbage collection (a pause of the worker: alerts wait) into GC_PAUSE_SECONDS."""
-    started = [0.0]
-
-    def on_gc(phase: str, info: dict) -> None:
-        if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
-
-    gc.callbacks.append(on_gc)
-
-
 def _credentials(bus: BusSettings) -> Any:
     if not bus.security_protocol.startswith("SASL"):
         return None
@@ -477,12 +459,12 @@ def build_worker(settings: SensingSettings | None = None, bus: BusSettings | Non
 
 def main(argv: list[str] | None = None) -> int:
     """Run the correlation worker until SIGTERM/SIGINT (``python -m pilothouse.sensing.app_faust``)."""
-    from pilothouse.bus.runtime import Health, serve_observability
+    from pilothouse.bus.runtime import Health, serve_observability, watch_gc
 
     argv = list(sys.argv[1:] if argv is None else argv)
     level = "info" if "--verbose" in argv else "warn"
     worker = build_worker()
-    _watch_gc()
+    watch_gc()
     health = Health()
     health.add("faust", lambda: worker.app.started if hasattr(worker.app, "started") else True)
     server = serve_observability("127.0.0.1", worker.settings.correlator_observability_port, health)

@@ -27,10 +27,9 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Iterable, Mapping, MutableMapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
-import orjson
 import yaml
 
 from pilothouse.bus.errors import ConfigurationError
@@ -250,6 +249,12 @@ class Incident:
     #: 1 as opened, +1 per re-open: what happens in a later episode is decided afresh downstream
     episode: int = 1
 
+    def __post_init__(self) -> None:
+        #: dedup keys of the alerts changed since a store last wrote the incident (not state, not a field: the
+        #: correlator adds the key of every alert it changes, a store that writes alerts one by one takes the set;
+        #: see state.BatchLogStore.commit)
+        self.changed_alerts: set[str] = set()
+
     # -- derived views (what IncidentUpdated carries) -------------------------------------------------------------
     # Every view walks the incident's alerts; an update needs all of them, so :meth:`view` gives them from one walk
     # (five walks cost ~18 us per update of a 25-alert incident, a quarter of building its IncidentUpdated).
@@ -310,9 +315,11 @@ class Incident:
 
     # -- (de)serialisation for state stores -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The incident as plain data (what the state stores keep): its fields, alerts as dicts. orjson writes the
-        dataclass directly (the state record's bytes: ``orjson.dumps(incident)``); this is those bytes read back."""
-        return orjson.loads(orjson.dumps(self))
+        """The incident as plain data (what the state stores keep): its fields, alerts as dicts (copies)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["alerts"] = {k: dict(a.__dict__) for k, a in self.alerts.items()}
+        d["service_marks"] = dict(self.service_marks)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Incident:
@@ -613,6 +620,7 @@ class Correlator:
         inc.version += 1
         inc.change = change
         inc.causation_id = alert.event_id
+        inc.changed_alerts.add(alert.key)  # every rule changes at most this alert of the incident
         # Only this alert's entries can have changed, except on reopen (the incident's services point back to it).
         only_key = None if change == "reopened" else alert.key
         services = self._indexed_services(inc, only_key)

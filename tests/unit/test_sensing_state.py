@@ -13,7 +13,7 @@ import pytest
 from pilothouse.sensing.correlation import Correlator, MemoryStore
 from pilothouse.sensing.handlers import IncidentHandler
 from pilothouse.sensing.redaction import Redactor
-from pilothouse.sensing.state import MARKER_KEY, BatchLogStore, StateLogError, apply_records
+from pilothouse.sensing.state import ALERT_SEP, MARKER_KEY, BatchLogStore, StateLogError, apply_records
 from tests.unit.test_sensing_batching import RULES, _batches, _current, _events, _numbered, _one_at_a_time, _record
 
 
@@ -84,19 +84,46 @@ def test_a_crash_anywhere_in_the_unacknowledged_tail_then_a_differently_batched_
     assert more == [] and _current(again) == _current(reference)
 
 
-def test_a_batch_writes_each_changed_incident_once_then_its_marker(handler):
+def _docs(records: list) -> dict[bytes, dict]:
+    return {k: orjson.loads(v) for k, v in records}
+
+
+def test_a_batch_writes_each_changed_incident_once_with_only_its_changed_alerts_then_its_marker(handler):
     store = BatchLogStore()
     records = [(_numbered(i, "cart", f"cart-{i}"), i) for i in range(5)] + [(_numbered(9, "ad", "ad-0"), 9)]
     handler.correlate_batch(records, store)
     out = store.commit()
-    assert [k for k, _ in out][-1] == MARKER_KEY and orjson.loads(out[-1][1]) == {"b": 1}
-    docs = [orjson.loads(v) for _, v in out[:-1]]
-    assert [(d["b"], d["p"], d["s"]["version"]) for d in docs] == [(1, None, 5), (1, None, 1)]
+    assert out[-1] == (MARKER_KEY, b'{"b":1}')
+    heads = [(k, orjson.loads(v)) for k, v in out[:-1] if ALERT_SEP not in k]
+    assert [(d["b"], d["p"], d["s"]["version"], "alerts" in d["s"]) for _, d in heads] == [
+        (1, None, 5, False), (1, None, 1, False)]  # cart's, then ad's: in the order they first changed
+    alerts = [k for k, _ in out[:-1] if ALERT_SEP in k]
+    assert len(alerts) == 6 and len(out) == 9
+    assert all(k.split(ALERT_SEP)[0] in (heads[0][0], heads[1][0]) for k in alerts)
     assert store.commit() == []  # nothing written since
+    # one more alert on cart: that alert and cart's head, nothing of the other five
     handler.correlate_batch([(_numbered(10, "cart", "cart-9"), 10)], store)
-    out2 = store.commit()
-    doc = orjson.loads(out2[0][1])
-    assert doc["b"] == 2 and doc["p"] == docs[0]["s"] and doc["s"]["version"] == 6
+    out2 = _docs(store.commit())
+    cart = heads[0][0]
+    (new_alert,) = [k for k in out2 if ALERT_SEP in k]
+    assert len(out2) == 3 and out2[new_alert]["p"] is None and out2[new_alert]["s"]["fingerprint"] == "cart-9"
+    assert out2[cart]["b"] == 2 and out2[cart]["p"] == heads[0][1]["s"] and out2[cart]["s"]["version"] == 6
+    # an alert that changes (resolved): its record names the value it replaces
+    resolved = _numbered(11, "cart", "cart-9").model_copy(update={"status": "resolved"})
+    handler.correlate_batch([(resolved, 11)], store)
+    out3 = _docs(store.commit())
+    assert out3[new_alert]["p"] == out2[new_alert]["s"] and out3[new_alert]["s"]["status"] == "resolved"
+    assert len(out3) == 3
+    # the records recover to the live state
+    table: dict = {}
+    apply_records(table, out + list(_records(out2)) + list(_records(out3)))
+    again = BatchLogStore()
+    assert again.load(table) == [] and dict(again.incidents) == dict(store.incidents)
+    assert again.get_incident(cart.decode()) == store.get_incident(cart.decode())
+
+
+def _records(docs: dict[bytes, dict]) -> list:
+    return [(k, orjson.dumps(d)) for k, d in docs.items()]
 
 
 def test_an_incomplete_batch_is_rolled_back_and_an_incident_it_opened_is_dropped(handler):
@@ -110,21 +137,50 @@ def test_an_incomplete_batch_is_rolled_back_and_an_incident_it_opened_is_dropped
     recovered, rollback = _recover(log, len(log))
     (cart_id,) = [k for k in recovered.incidents]
     assert recovered.incidents[cart_id]["version"] == 1  # the cart incident as batch 1 left it; ad's is gone
-    keys = [k for k, _ in rollback]
-    assert keys[-1] == MARKER_KEY and len(keys) == 3
-    assert dict(rollback)[keys[1] if keys[0] == cart_id.encode() else keys[0]] is None  # ad: tombstone
-    assert orjson.loads(dict(rollback)[MARKER_KEY])["b"] == 3  # above every batch number seen
+    assert list(recovered.incidents[cart_id]["alerts"]) == ["alertmanager\x1fcart-0"]
+    undone = dict(rollback)
+    assert rollback[-1][0] == MARKER_KEY and len(rollback) == 5  # cart-1, cart's head, ad-0, ad's head; marker
+    assert orjson.loads(undone[cart_id.encode()])["s"]["version"] == 1  # restored
+    dropped = [k for k, v in undone.items() if v is None]
+    assert len(dropped) == 3 and all(not k.startswith(cart_id.encode()) or k.endswith(b"cart-1") for k in dropped)
+    assert orjson.loads(undone[MARKER_KEY])["b"] == 3  # above every batch number seen
     again, more = _recover(log + rollback, len(log + rollback))
-    assert more == [] and again.incidents == recovered.incidents
+    assert more == [] and dict(again.incidents) == dict(recovered.incidents)
 
 
-def test_a_record_of_the_per_alert_worker_loads_as_a_complete_batch(handler):
+def _whole_incident_tables(handler) -> tuple[MemoryStore, list[dict]]:
+    """The state of two incidents (one of 3 alerts) as the two earlier workers wrote it: whole incidents."""
     old = MemoryStore()
-    handler.correlate_batch([(_numbered(0, "cart", "cart-0"), 0)], old)
-    table = {iid.encode(): orjson.dumps(d) for iid, d in old.incidents.items()}
+    handler.correlate_batch([(_numbered(i, "cart", f"cart-{i}"), i) for i in range(3)]
+                            + [(_numbered(5, "ad", "ad-0"), 5)], old)
+    per_alert = {iid.encode(): orjson.dumps(d) for iid, d in old.incidents.items()}
+    batched = {iid.encode(): orjson.dumps({"b": 4, "p": None, "s": d}) for iid, d in old.incidents.items()}
+    batched[MARKER_KEY] = b'{"b":4}'
+    return old, [per_alert, batched]
+
+
+@pytest.mark.parametrize("era", [0, 1], ids=["per-alert worker", "whole-incident batches"])
+def test_an_earlier_workers_whole_incidents_load_and_are_rewritten_as_heads_and_alerts(handler, era):
+    old, tables = _whole_incident_tables(handler)
+    table = dict(tables[era])
     store = BatchLogStore()
-    assert store.load(table) == []
+    rewrite = store.load(table)
     assert _current(store) == _current(old) and store.alert_index == old.alert_index
+    assert rewrite[-1][0] == MARKER_KEY and len(rewrite) == 3 + 1 + 1 + 1 + 1  # 4 alerts, 2 heads, marker
+    for k, v in rewrite[:-1]:
+        doc = orjson.loads(v)
+        assert doc["p"] == doc["s"] and "alerts" not in doc["s"]
+    # a crash anywhere in the rewrite: the next recovery finds the same state (and rewrites what is left)
+    for cut in range(len(rewrite) + 1):
+        crashed = dict(table)
+        apply_records(crashed, rewrite[:cut])
+        again = BatchLogStore()
+        more = again.load(crashed)
+        assert _current(again) == _current(old), cut
+        apply_records(crashed, more)
+        final = BatchLogStore()
+        assert final.load(crashed) == [] and _current(final) == _current(old)
+        assert dict(final.incidents) == dict(old.incidents)
 
 
 def test_an_unreadable_record_stops_the_worker_with_a_reason():
