@@ -8,10 +8,10 @@ State: one Faust table (``incidents``), in memory, backed by the changelog topic
 that Faust creates and replays on assignment (the sensing principal owns the ``pilothouse-sensing-`` prefix). The
 worker writes that changelog itself, a batch at a time (:mod:`pilothouse.sensing.state`: each changed incident's head
 and changed alerts once, with the values they replace, then a marker; recovery rolls back a batch without its
-marker), as raw bytes through librdkafka, and mirrors the records into the table. The alert index (dedup key -> incident) and the service index
-(service -> incident) are derived from the incidents after every assignment. The table has ONE changelog partition,
-so recovery replays the writes in the order they were made: grouping needs a global view (an alert of one partition
-joins an incident of another), which a per-partition state would not give. Consequence: run one correlator instance
+marker), as raw bytes through librdkafka, and mirrors the records into the table. The alert index (dedup key ->
+incident) and the service index (service -> incident) are derived from the incidents after every assignment. The
+table has ONE changelog partition, so recovery replays the writes in the order they were made: grouping needs a
+global view (an alert of one partition joins an incident of another), which a per-partition state would not give. Consequence: run one correlator instance
 (a second one would split the partitions between them and group only within its share); the worker logs the
 partitions it holds.
 
