@@ -11,9 +11,9 @@ and changed alerts once, with the values they replace, then a marker; recovery r
 marker), as raw bytes through librdkafka, and mirrors the records into the table. The alert index (dedup key ->
 incident) and the service index (service -> incident) are derived from the incidents after every assignment. The
 table has ONE changelog partition, so recovery replays the writes in the order they were made: grouping needs a
-global view (an alert of one partition joins an incident of another), which a per-partition state would not give. Consequence: run one correlator instance
-(a second one would split the partitions between them and group only within its share); the worker logs the
-partitions it holds.
+global view (an alert of one partition joins an incident of another), which a per-partition state would not give.
+Consequence: run one correlator instance (a second one would split the partitions between them and group only
+within its share); the worker logs the partitions it holds.
 
 Batches: the agent takes the alerts already queued (up to ``batch_max``; it waits, at most ``gather_max_ms``, only
 for alerts the log already holds beyond those taken), correlates them through a read cache, produces the batch's
