@@ -314,12 +314,14 @@ class Incident:
                      lead)
 
     # -- (de)serialisation for state stores -----------------------------------------------------------------------
+    def head(self) -> dict[str, Any]:
+        """Every field but the alerts (what state.BatchLogStore writes as the incident's own record); not copies."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "alerts"}
+
     def to_dict(self) -> dict[str, Any]:
         """The incident as plain data (what the state stores keep): its fields, alerts as dicts (copies)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["alerts"] = {k: dict(a.__dict__) for k, a in self.alerts.items()}
-        d["service_marks"] = dict(self.service_marks)
-        return d
+        return {**self.head(), "service_marks": dict(self.service_marks),
+                "alerts": {k: dict(a.__dict__) for k, a in self.alerts.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Incident:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import fields
 from typing import Any
 
 import orjson
@@ -42,9 +41,6 @@ MARKER_KEY = b"\x00batch"
 
 ALERT_SEP = b"\x1e"
 """Between the incident id and the alert's dedup key in an alert record's key (incident ids are ``inc-`` + hex)."""
-
-HEAD_FIELDS = tuple(f.name for f in fields(Incident) if f.name != "alerts")
-"""What an incident's head record holds: every field of the incident but its alerts."""
 
 Record = tuple[bytes, bytes | None]
 """A changelog record: key, value (None: a tombstone)."""
@@ -121,7 +117,7 @@ class BatchLogStore(MappingStore):
             self._touched.clear()
             return []
         self.batch += 1
-        b = b'{"b":' + str(self.batch).encode() + b',"p":'
+        b = str(self.batch).encode()
         out: list[Record] = []
         for iid, inc in self._pending.items():
             key = iid.encode()
@@ -134,15 +130,15 @@ class BatchLogStore(MappingStore):
                 s = orjson.dumps(inc.alerts[akey])  # a dataclass: its fields, as Incident.to_dict has them
                 old = stored.get(akey)
                 if s != old:
-                    out.append((key + ALERT_SEP + akey.encode(), b + (old or b"null") + b',"s":' + s + b"}"))
+                    out.append((key + ALERT_SEP + akey.encode(), _value(b, old, s)))
                     stored[akey] = s
             inc.changed_alerts.clear()
-            head = orjson.dumps({f: getattr(inc, f) for f in HEAD_FIELDS})
-            out.append((key, b + self._heads.get(iid, b"null") + b',"s":' + head + b"}"))
+            head = orjson.dumps(inc.head())
+            out.append((key, _value(b, self._heads.get(iid), head)))
             self._heads[iid] = head
         self._pending.clear()
         self._touched.clear()
-        out.append((MARKER_KEY, b'{"b":' + str(self.batch).encode() + b"}"))
+        out.append((MARKER_KEY, b'{"b":' + b + b"}"))
         return out
 
     # -- recovery ----------------------------------------------------------------------------------------------------
@@ -193,7 +189,7 @@ class BatchLogStore(MappingStore):
                 out.append((key, None))
             else:
                 p = orjson.dumps(previous)
-                out.append((key, b'{"b":' + batch + b',"p":' + p + b',"s":' + p + b"}"))
+                out.append((key, _value(batch, p, p)))
             return previous
 
         for iid, (b, p, s) in heads.items():
@@ -210,9 +206,9 @@ class BatchLogStore(MappingStore):
             mine = self._alerts.setdefault(iid, {})
             for akey, ref in value["alerts"].items():
                 mine[akey] = enc = orjson.dumps(ref)
-                out.append((key + ALERT_SEP + akey.encode(), b'{"b":' + batch + b',"p":' + enc + b',"s":' + enc + b"}"))
+                out.append((key + ALERT_SEP + akey.encode(), _value(batch, enc, enc)))
             self._heads[iid] = enc = orjson.dumps({k: v for k, v in value.items() if k != "alerts"})
-            out.append((key, b'{"b":' + batch + b',"p":' + enc + b',"s":' + enc + b"}"))
+            out.append((key, _value(batch, enc, enc)))
         for (iid, akey), (b, p, s) in alerts.items():
             key = iid.encode() + ALERT_SEP + akey.encode()
             value = kept(key, b, p, s)
@@ -227,6 +223,11 @@ class BatchLogStore(MappingStore):
         self.batch += 1
         out.append((MARKER_KEY, b'{"b":' + batch + b"}"))
         return out
+
+
+def _value(batch: bytes, previous: bytes | None, value: bytes) -> bytes:
+    """A state record's value: ``{"b": batch, "p": previous | null, "s": value}`` (both JSON already)."""
+    return b'{"b":' + batch + b',"p":' + (b"null" if previous is None else previous) + b',"s":' + value + b"}"
 
 
 def apply_records(table: dict, records: Iterable[Record]) -> None:
