@@ -1,4 +1,6 @@
-"""A read-only observer of topics (demo progress, red-team checks, tooling): decoded records, no commits.
+"""Read-only observers of topics: decoded records for tools (demo progress, red-team checks), and the offsets a
+consumer group resumes from and the records between two offsets (a Faust worker checks that its stream skipped
+nothing). No commits.
 
 Services use ConsumerLoop (offsets, retries, dead letters); tools that only watch use this, so they never import
 confluent_kafka themselves.
@@ -7,10 +9,11 @@ confluent_kafka themselves.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from pilothouse.bus.catalogue import load_catalogue
 from pilothouse.bus.config import BusSettings
@@ -71,4 +74,59 @@ class TopicReader:
 
     def close(self) -> None:
         """Leave the group."""
+        self._consumer.close()
+
+
+class PartitionProbe:
+    """Asks the broker where a consumer group resumes a partition, and which records lie between two offsets.
+
+    It never joins the group and never commits: it only assigns partitions to itself. ``isolation`` must be the
+    group's own (Faust at least once reads uncommitted), so the probe sees the records that the group's consumer
+    sees. Thread-safe; each call blocks for a broker round trip or more, so run it off the event loop."""
+
+    def __init__(self, settings: BusSettings, group_id: str, *, isolation: str = "read_uncommitted") -> None:
+        self._consumer = Consumer({
+            **settings.librdkafka(), "group.id": group_id, "enable.auto.commit": False,
+            "enable.auto.offset.store": False, "isolation.level": isolation, "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        })
+        self._lock = threading.Lock()
+
+    def start_offset(self, topic: str, partition: int, timeout_s: float = 10.0) -> int:
+        """The offset the group resumes from: its committed offset, or the log start when it has committed nothing
+        (or retention deleted what it committed)."""
+        tp = TopicPartition(topic, partition)
+        with self._lock:
+            committed = self._consumer.committed([tp], timeout=timeout_s)[0]
+            low, _high = self._consumer.get_watermark_offsets(tp, timeout=timeout_s)
+        if committed.error:
+            raise RuntimeError(f"committed offset of {topic}[{partition}]: {committed.error}")
+        return max(committed.offset, low) if committed.offset >= 0 else low
+
+    def data_offsets(self, topic: str, partition: int, start: int, end: int, timeout_s: float = 10.0) -> list[int]:
+        """The offsets in ``[start, end)`` that hold records. Transaction markers take offsets and hold none, and
+        compaction removes records, so an empty list means that the gap is legitimate. Raises TimeoutError when the
+        broker did not answer within ``timeout_s``."""
+        found: list[int] = []
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._consumer.assign([TopicPartition(topic, partition, start)])
+            try:
+                while time.monotonic() < deadline:
+                    m = self._consumer.poll(0.2)
+                    if m is None:
+                        continue
+                    if m.error():
+                        if m.error().code() == KafkaError._PARTITION_EOF:
+                            return found
+                        raise RuntimeError(f"reading {topic}[{partition}] from {start}: {m.error()}")
+                    if m.offset() >= end:
+                        return found
+                    found.append(m.offset())
+            finally:
+                self._consumer.unassign()
+        raise TimeoutError(f"reading {topic}[{partition}] offsets {start}..{end - 1}: no answer in {timeout_s} s")
+
+    def close(self) -> None:
+        """Close the probe's consumer (it holds no group membership to leave)."""
         self._consumer.close()

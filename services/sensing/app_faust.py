@@ -32,6 +32,11 @@ opening alert's event id). A published version's state is always durable, so ver
 restart neither loses nor duplicates incidents. Faust's ``exactly_once`` (aiokafka transactions against Kafka 4.1) is
 not used: it is unproven there (see docs/kafka-from-maven.md) and the batch records make it unnecessary.
 
+Faust itself could lose alert records when a recovery ended (faust-streaming #596). The app uses
+:class:`pilothouse.bus.faust_recovery.SeekFirstTableManager`, which ends a recovery in an order that loses nothing.
+The agent also checks that each partition's offsets follow each other, from the committed offset on
+(``_check_continuity``). It asks the broker about any jump, and stops the worker if records were skipped.
+
 Undecodable records are dead-lettered to ``<topic>.dlq`` with the reason in headers; the stream goes on.
 """
 
@@ -52,7 +57,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from pilothouse.bus.config import BusSettings
 from pilothouse.bus.errors import PermanentError
 from pilothouse.bus.faust_codec import AvroCodec
+from pilothouse.bus.faust_recovery import SeekFirstTableManager
 from pilothouse.bus.producer import AsyncBatchProducer, BusProducer
+from pilothouse.bus.reader import PartitionProbe
 from pilothouse.bus.serde import Serde
 from pilothouse.sensing.config import SensingSettings
 from pilothouse.sensing.correlation import AlertInput, CorrelationRules, Correlator, DependencyMap, Incident
@@ -76,7 +83,15 @@ ALERT_WAIT_SECONDS = Histogram("pilothouse_sensing_alert_wait_seconds",
 BATCH_SIZE = Histogram("pilothouse_sensing_correlate_batch_alerts", "Alerts per correlation batch",
                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 PUBLISH_EVERY_S = 0.001  # while a batch's updates are built: how often the ones that may go are sent
+OFFSET_JUMPS = Counter("pilothouse_sensing_alert_offset_jumps_total",
+                       "Alert records whose offset did not follow the previous one's, by what the broker holds between "
+                       "(none: transaction markers or compaction; records: Faust skipped them, the worker stops)",
+                       ["between"])
 OPEN_INCIDENTS = Gauge("pilothouse_sensing_incidents_in_state", "Incidents in the state tables")
+class SkippedRecords(RuntimeError):
+    """Faust delivered an alert record out of sequence, and the records it skipped exist on the broker."""
+
+
 def _credentials(bus: BusSettings) -> Any:
     if not bus.security_protocol.startswith("SASL"):
         return None
@@ -118,6 +133,9 @@ class CorrelationWorker:
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=settings.commit_interval_s,
             table_cleanup_interval=3600.0,
+            # Faust's own recovery can drop stream records fetched while it seeks (faust-streaming #596): see
+            # pilothouse.bus.faust_recovery
+            TableManager=SeekFirstTableManager,
         )
         app = self.app
         # Only the incidents are persisted: one table, one changelog partition, a batch's changed incidents and then
@@ -135,6 +153,7 @@ class CorrelationWorker:
         self._index_stale = True
         self._taken: dict[Any, int] = {}  # alert partition -> next offset not yet taken into a batch
         self._given_up: dict[Any, int] = {}  # alert partition -> a high-water mark waited for in vain
+        self._probe: PartitionProbe | None = None  # asks the broker about offset jumps (made on first use)
         self.alerts_topic = app.topic(settings.alerts_topic, value_serializer="raw", key_serializer="raw")
         self.telemetry_topic = app.topic(settings.telemetry_topic, value_serializer="raw", key_serializer="raw")
         self.incidents_topic = app.topic(settings.incidents_topic, value_serializer="raw", key_serializer="raw")
@@ -164,8 +183,11 @@ class CorrelationWorker:
         serde = self.handler.serde
         try:
             async for event in stream.events():
+                tp, offset = event.message.tp, event.message.offset
+                if self._taken.get(tp) != offset:  # the first record since an assignment, or a jump
+                    await self._check_continuity(tp, self._taken.get(tp), offset)
                 pending.append(event)
-                self._taken[event.message.tp] = event.message.offset + 1
+                self._taken[tp] = offset + 1
                 try:
                     decoded = decode_alert_inputs(serde, event.value, event.message.offset)
                     alerts.extend((a, event.message) for a in decoded)
@@ -184,6 +206,34 @@ class CorrelationWorker:
             for task in (older, publishing):
                 if task is not None and not task.done():
                     task.cancel()  # its alerts stay unacked: a restart replays them
+
+    async def _check_continuity(self, tp: Any, expected: int | None, offset: int) -> None:
+        """Faust delivered the alert record at ``offset`` where the partition should go on at ``expected`` (None:
+        the first record since an assignment, which must be at the group's committed offset).
+
+        Offsets do jump legitimately: a transaction marker takes an offset, and compaction removes records. So the
+        broker is asked which records lie in between. If there are any, Faust skipped them (it can: see
+        :mod:`pilothouse.bus.faust_recovery`), and going on would lose them. Their offsets might even be committed.
+        This raises SkippedRecords, and the worker stops (``_fail``). Nothing of this record or later ones is acked,
+        so the restarted worker replays from the committed offset."""
+        if self._probe is None:
+            self._probe = PartitionProbe(self.bus, self.settings.app_id)
+        loop = asyncio.get_running_loop()
+        where = f"{tp.topic}[{tp.partition}]"
+        if expected is None:
+            expected = await loop.run_in_executor(None, self._probe.start_offset, tp.topic, tp.partition)
+        if offset == expected:
+            return
+        if offset < expected:
+            raise SkippedRecords(f"{where}: offset {offset} delivered after {expected - 1}; stopping so that a "
+                                 "restart replays the partition from the committed offset")
+        skipped = await loop.run_in_executor(None, self._probe.data_offsets, tp.topic, tp.partition, expected, offset)
+        OFFSET_JUMPS.labels("records" if skipped else "none").inc()
+        if skipped:
+            raise SkippedRecords(f"{where}: Faust skipped the records at offsets {skipped[:20]} (delivered {offset} "
+                                 f"after {expected - 1}); stopping so that a restart replays them")
+        log.info("offset jump without records (transaction markers or compaction)",
+                 extra={"partition": where, "from": expected, "to": offset})
 
     def _published(self, task: asyncio.Future) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -163,3 +163,47 @@ def test_transactions_make_consume_produce_exactly_once(bus_settings, new_topic,
     summaries = sorted(Serde().decode(m.value()).record.summary for m in out)
     assert summaries == sorted(f"enriched ev-{i}" for i in range(20))
     assert failed_once == {"ev-7"}
+
+
+def test_the_partition_probe_finds_the_resume_offset_and_tells_records_from_markers(bus_settings, new_topic,
+                                                                                      group_id):
+    """What the sensing correlator asks the broker when Faust delivers an alert record out of sequence: where its
+    group resumes, and whether the offsets it jumped over hold records (skipped: a loss) or only transaction markers
+    (legitimate)."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from pilothouse.bus.reader import PartitionProbe
+
+    s = bus_settings()
+    topic = new_topic()
+    plain = BusProducer(s)
+    for i in range(3):  # offsets 0, 1, 2
+        plain.produce_bytes(topic, b"plain-%d" % i, key=None, partition=0)
+    plain.flush(10)
+    tx = Producer({**s.librdkafka(), "transactional.id": f"probe-test-{uuid.uuid4().hex[:8]}"})
+    tx.init_transactions(30)
+    for batch in range(2):  # 3, 4 and a commit marker; two more records and a marker
+        tx.begin_transaction()
+        for i in range(2):
+            tx.produce(topic, value=b"tx-%d-%d" % (batch, i), partition=0)
+        tx.commit_transaction(30)
+    plain.produce_bytes(topic, b"after", key=None, partition=0)  # may land before the second marker
+    plain.flush(10)
+
+    probe = PartitionProbe(s, group_id)
+    try:
+        assert probe.start_offset(topic, 0) == 0  # nothing committed: the log start
+        records = probe.data_offsets(topic, 0, 0, 100)  # to the end of the partition
+        assert len(records) == 8 and records[:5] == [0, 1, 2, 3, 4]
+        markers = sorted(set(range(10)) - set(records))  # 8 records and 2 commit markers take offsets 0-9
+        assert len(markers) == 2 and markers[0] == 5
+        for m in markers:
+            assert probe.data_offsets(topic, 0, m, m + 1) == []  # only a marker: a legitimate jump
+        assert probe.data_offsets(topic, 0, 4, 7) == [4, 6]  # records were jumped over: a loss
+
+        committer = Consumer({**s.librdkafka(), "group.id": group_id, "enable.auto.commit": False})
+        committer.commit(offsets=[TopicPartition(topic, 0, 6)], asynchronous=False)
+        committer.close()
+        assert probe.start_offset(topic, 0) == 6  # the group's committed offset
+    finally:
+        probe.close()
