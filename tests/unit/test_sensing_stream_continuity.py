@@ -84,7 +84,7 @@ class _Probe:
 
 
 def _check(probe: _Probe, expected: int | None, offset: int):
-    worker = SimpleNamespace(_probe=probe, bus=None, settings=SimpleNamespace(app_id="app"))
+    worker = SimpleNamespace(_prober=lambda: probe)
     tp = SimpleNamespace(topic="alerts", partition=3)
     return asyncio.run(CorrelationWorker._check_continuity(worker, tp, expected, offset))
 
@@ -114,3 +114,35 @@ def test_a_jump_over_transaction_markers_or_compacted_records_is_accepted():
 def test_a_record_delivered_again_stops_the_worker():
     with pytest.raises(SkippedRecords, match="offset 7 delivered after 9"):
         _check(_Probe(committed=0, records=set(range(20))), 10, 7)
+
+
+def test_a_partition_that_delivers_nothing_after_an_assignment_is_sought_again(monkeypatch):
+    import pilothouse.sensing.app_faust as app_faust
+
+    monkeypatch.setattr(app_faust, "DELIVERY_WATCH_S", 0.0)
+    from collections import namedtuple
+
+    TP = namedtuple("TP", "topic partition")
+    stalled, flowing = TP("alerts", 0), TP("alerts", 1)
+    empty = TP("alerts", 2)  # nothing past the committed offset: nothing to deliver
+    probe = _Probe(committed=100, records=set(range(0, 149)))
+    sought = []
+
+    async def seek(tp, offset):
+        sought.append((tp.partition, offset))
+        taken[tp] = offset + 1  # Faust delivers once sought
+
+    taken = {flowing: 120}
+    worker = SimpleNamespace(_taken=taken, _prober=lambda: probe, _highwater=lambda tp: 100 if tp == empty else 149,
+                             app=SimpleNamespace(consumer=SimpleNamespace(seek=seek)))
+    worker._reseek_if_stalled = lambda loop, tp: CorrelationWorker._reseek_if_stalled(worker, loop, tp)
+    asyncio.run(asyncio.wait_for(CorrelationWorker._watch_delivery(worker, [stalled, flowing]), 5))
+    assert sought == [(0, 100)]
+    # a partition with nothing to deliver is left alone (the watch ends once the others delivered)
+    sought.clear()
+
+    async def check_empty():
+        await CorrelationWorker._reseek_if_stalled(worker, asyncio.get_running_loop(), empty)
+
+    asyncio.run(check_empty())
+    assert sought == []
