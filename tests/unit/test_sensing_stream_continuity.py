@@ -10,12 +10,20 @@ Two guards, tested here with fakes (the integration test kills and restarts the 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 
 from pilothouse.bus.faust_recovery import SeekFirstRecovery
 from pilothouse.sensing.app_faust import CorrelationWorker, SkippedRecords
+
+
+def _run(coro):
+XX
+    machinery) leaves a loop marked running in the main thread, where asyncio.run refuses to start."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 class _Calls(list):
@@ -51,7 +59,7 @@ def _recovery(calls: _Calls, assignment: set[str]):
 def test_recovery_delivers_no_stream_record_before_the_seek_and_the_queue_clear():
     calls = _Calls()
     recovery, consumer = _recovery(calls, {"alerts", "telemetry", "app-incidents-changelog"})
-    asyncio.run(SeekFirstRecovery._resume_after_seek(recovery, consumer))
+    _run(SeekFirstRecovery._resume_after_seek(recovery, consumer))
     names = [c[0] for c in calls]
     # the flow is stopped before anything else, and resumed only after the seek and the queue clear
     assert names[0] == "stop_flow"
@@ -65,7 +73,7 @@ def test_recovery_delivers_no_stream_record_before_the_seek_and_the_queue_clear(
 def test_recovery_with_nothing_assigned_does_not_seek():
     calls = _Calls()
     recovery, consumer = _recovery(calls, set())
-    asyncio.run(SeekFirstRecovery._resume_after_seek(recovery, consumer))
+    _run(SeekFirstRecovery._resume_after_seek(recovery, consumer))
     assert "perform_seek" not in [c[0] for c in calls]
     assert [c[0] for c in calls][-2:] == ["resume_flow", "fetcher.maybe_start"]
 
@@ -86,7 +94,7 @@ class _Probe:
 def _check(probe: _Probe, expected: int | None, offset: int):
     worker = SimpleNamespace(_prober=lambda: probe)
     tp = SimpleNamespace(topic="alerts", partition=3)
-    return asyncio.run(CorrelationWorker._check_continuity(worker, tp, expected, offset))
+    return _run(CorrelationWorker._check_continuity(worker, tp, expected, offset))
 
 
 def test_the_first_record_after_an_assignment_must_be_at_the_committed_offset():
@@ -136,7 +144,7 @@ def test_a_partition_that_delivers_nothing_after_an_assignment_is_sought_again(m
     worker = SimpleNamespace(_taken=taken, _prober=lambda: probe, _highwater=lambda tp: 100 if tp == empty else 149,
                              app=SimpleNamespace(consumer=SimpleNamespace(seek=seek)))
     worker._reseek_if_stalled = lambda loop, tp: CorrelationWorker._reseek_if_stalled(worker, loop, tp)
-    asyncio.run(asyncio.wait_for(CorrelationWorker._watch_delivery(worker, [stalled, flowing]), 5))
+    _run(asyncio.wait_for(CorrelationWorker._watch_delivery(worker, [stalled, flowing]), 5))
     assert sought == [(0, 100)]
     # a partition with nothing to deliver is left alone (the watch ends once the others delivered)
     sought.clear()
@@ -144,5 +152,5 @@ def test_a_partition_that_delivers_nothing_after_an_assignment_is_sought_again(m
     async def check_empty():
         await CorrelationWorker._reseek_if_stalled(worker, asyncio.get_running_loop(), empty)
 
-    asyncio.run(check_empty())
+    _run(check_empty())
     assert sought == []
