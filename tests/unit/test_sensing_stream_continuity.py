@@ -20,8 +20,8 @@ from pilothouse.sensing.app_faust import CorrelationWorker, SkippedRecords
 
 
 def _run(coro):
-XX
-    machinery) leaves a loop marked running in the main thread, where asyncio.run refuses to start."""
+    """Run ``coro`` on a fresh event loop in its own thread. In the full suite an earlier test leaves a loop marked
+    running in the main thread, and asyncio.run refuses to start there (the CI rehearsal of 25a77ab failed so)."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
 
