@@ -92,6 +92,8 @@ DELIVERY_RESEEKS = Counter("pilothouse_sensing_alert_partition_reseeks_total",
                            "DELIVERY_WATCH_S after an assignment")
 DELIVERY_WATCH_S = 5.0  # after an assignment: how long an alert partition with records may deliver none
 OPEN_INCIDENTS = Gauge("pilothouse_sensing_incidents_in_state", "Incidents in the state tables")
+
+
 class SkippedRecords(RuntimeError):
     """Faust delivered an alert record out of sequence, and the records it skipped exist on the broker."""
 
@@ -221,17 +223,15 @@ class CorrelationWorker:
         :mod:`pilothouse.bus.faust_recovery`), and going on would lose them. Their offsets might even be committed.
         This raises SkippedRecords, and the worker stops (``_fail``). Nothing of this record or later ones is acked,
         so the restarted worker replays from the committed offset."""
-        loop = asyncio.get_running_loop()
         where = f"{tp.topic}[{tp.partition}]"
         if expected is None:
-            expected = await loop.run_in_executor(None, self._prober().start_offset, tp.topic, tp.partition)
+            expected = await _off_loop(self._prober().start_offset, tp.topic, tp.partition)
         if offset == expected:
             return
         if offset < expected:
             raise SkippedRecords(f"{where}: offset {offset} delivered after {expected - 1}; stopping so that a "
                                  "restart replays the partition from the committed offset")
-        skipped = await loop.run_in_executor(None, self._prober().data_offsets, tp.topic, tp.partition, expected,
-                                             offset)
+        skipped = await _off_loop(self._prober().data_offsets, tp.topic, tp.partition, expected, offset)
         OFFSET_JUMPS.labels("records" if skipped else "none").inc()
         if skipped:
             raise SkippedRecords(f"{where}: Faust skipped the records at offsets {skipped[:20]} (delivered {offset} "
@@ -251,27 +251,26 @@ class CorrelationWorker:
         with the recovery fix. The consumer's position was at the log end and Faust's read offset at the committed
         one, so no record was delivered or lost (the offset check would have stopped the worker). Such a partition
         is sought to its committed offset again: Faust then fetches and delivers it."""
-        loop = asyncio.get_running_loop()
         while tps:
             await asyncio.sleep(DELIVERY_WATCH_S)
             left = []
             for tp in tps:
                 try:
-                    if tp not in self._taken and await self._reseek_if_stalled(loop, tp):
+                    if tp not in self._taken and await self._reseek_if_stalled(tp):
                         left.append(tp)  # sought again: it must deliver by the next look
                 except Exception:  # noqa: BLE001 - the broker may be away: look again next time
                     log.warning("could not check an alert partition's delivery", exc_info=True)
                     left.append(tp)
             tps = left  # a partition that delivered, or had nothing to deliver, is not watched again
 
-    async def _reseek_if_stalled(self, loop: asyncio.AbstractEventLoop, tp: Any) -> bool:
+    async def _reseek_if_stalled(self, tp: Any) -> bool:
         """Seek ``tp`` to its committed offset if the broker holds records from there on and none was delivered;
         True if it did."""
-        start = await loop.run_in_executor(None, self._prober().start_offset, tp.topic, tp.partition)
+        start = await _off_loop(self._prober().start_offset, tp.topic, tp.partition)
         end = self._highwater(tp)
         if end <= start or tp in self._taken:
             return False
-        held = await loop.run_in_executor(None, self._prober().data_offsets, tp.topic, tp.partition, start, end)
+        held = await _off_loop(self._prober().data_offsets, tp.topic, tp.partition, start, end)
         if not held or tp in self._taken:
             return False
         log.warning("no alert record delivered %.0f s after the assignment although the log holds offsets %d-%d; "
@@ -477,9 +476,8 @@ class CorrelationWorker:
         if cached is not None and cached[1] == scope and now - cached[0] < self.settings.evidence_refresh_s:
             return cached[2]
         window = self.handler.window(inc)
-        loop = asyncio.get_running_loop()
         # the HTTP calls run on a thread: the event loop keeps serving Kafka meanwhile
-        result = await loop.run_in_executor(None, self.metrics, scope, window)
+        result = await _off_loop(self.metrics, scope, window)
         self._metric_cache[inc.incident_id] = (now, scope, result)
         if len(self._metric_cache) > 10_000:
             self._metric_cache.pop(next(iter(self._metric_cache)))
@@ -514,6 +512,12 @@ class CorrelationWorker:
         mine = sorted(tp.partition for tp in alert_tps)
         # one instance must hold every partition (see the module docstring); make a split visible in the logs
         log.info("partitions assigned", extra={"alerts_partitions": mine})
+
+
+async def _off_loop(call: Any, *args: Any) -> Any:
+    """``call(*args)`` on the default executor: blocking I/O (broker probes, Prometheus queries) must not stop the
+    event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, call, *args)
 
 
 def _succeeded(task: asyncio.Future) -> bool:

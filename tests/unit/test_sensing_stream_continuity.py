@@ -143,14 +143,11 @@ def test_a_partition_that_delivers_nothing_after_an_assignment_is_sought_again(m
     taken = {flowing: 120}
     worker = SimpleNamespace(_taken=taken, _prober=lambda: probe, _highwater=lambda tp: 100 if tp == empty else 149,
                              app=SimpleNamespace(consumer=SimpleNamespace(seek=seek)))
-    worker._reseek_if_stalled = lambda loop, tp: CorrelationWorker._reseek_if_stalled(worker, loop, tp)
+    worker._reseek_if_stalled = lambda tp: CorrelationWorker._reseek_if_stalled(worker, tp)
     _run(asyncio.wait_for(CorrelationWorker._watch_delivery(worker, [stalled, flowing, empty]), 5))
     assert sought == [(0, 100)]  # the watch ends: each partition delivered, or had nothing to deliver
     # a partition with nothing to deliver is left alone (the watch ends once the others delivered)
     sought.clear()
 
-    async def check_empty():
-        await CorrelationWorker._reseek_if_stalled(worker, asyncio.get_running_loop(), empty)
-
-    _run(check_empty())
+    _run(CorrelationWorker._reseek_if_stalled(worker, empty))
     assert sought == []
