@@ -459,7 +459,7 @@ def _warm_up(args, url: str, watch: TopicWatch, cobs: int, pids: dict[str, int],
     Why: a freshly started broker's JVM has not compiled its hot paths yet, and on this machine it compiles them
     slowly (its compiler threads share the gateway's core). Measured (2 vCPUs, bench right after ``pilothouse stack
     up``, 113 full-speed phases of 5,000 alerts in 240 s): the broker's CPU per alert fell from 200 us (2,500
-    alerts/s) to 50-60 us after ~60 s and to 30-40 us (4,700-5,200 alerts/s) after ~150 s. A broker in production has
+    alerts/s) to 50-90 us after ~60 s and to 30-40 us (4,700-5,200 alerts/s) after ~150 s. A broker in production has
     been up for days, so the result is measured after this warm-up, on services and topics of its own, and the
     warm-up's figures are reported beside it. There is no stopping rule: the fall has plateaus (74 us for ten phases,
     then 45), so a rule that stops at the first plateau stops too early."""
