@@ -20,7 +20,9 @@ incident topic.
   broker and this client (posting and reading) share the machine's cores. Each stage's figure is the median of
   ``--repeats`` measurements (``in_memory.*_runs``): on a shared machine a single one varied by ±25 %.
 * ``p99_latency_ms`` — alert → incident update latency (from the POST being sent to the update read back) with alerts
-  sent at half the measured ``alerts_per_s``, same batch size. How it is read: a consumer thread of this process
+  sent at half the measured ``alerts_per_s``, same batch size, for ``--latency-seconds`` (10), over as many more
+  services as it takes for its incidents to end as large as the full-speed phases' (``half_rate_services``). How it
+  is read: a consumer thread of this process
   (``fetch.min.bytes=1``: a fetch returns as soon as a record is there) notes each incident record's arrival time and
   bytes; they are decoded (only the fingerprints) once the topic has been quiet for 0.3 s, so that decoding takes no
   CPU from the stages while they work. ``half_rate_latency_over_time_ms``: p50/p99 per 0.5 s of the phase (the
@@ -30,6 +32,9 @@ incident topic.
   ``message.timestamp.type=LogAppendTime``), read back after the run. ``half_rate_correlator``: the correlator's
   batches in that phase (mean size, time per batch, state-ack wait, age of a batch's oldest alert, full garbage
   collections and their total pause).
+* ``in_memory.correlator_us_per_alert_by_incident_size`` — the correlator stage's CPU per alert (in memory, at the
+  real path's mean batch) when each incident ends with 1x, 3x and 6x the alerts it ends with here: how an update's
+  cost grows with its incident (every update carries all of its incident's alerts).
 * ``real_path.cpu_wait_share`` — per process (the stages, the broker, this client), the share of the phase its threads were ready to run but waited
   for a core (Linux schedstat): how contended the machine was. ``correlator_cpu_ms_per_alert``: the correlator's CPU
   time per alert at full speed, real and in memory: what the real path adds, whatever share of its core it got.
@@ -64,15 +69,15 @@ SERVICES = 200  # alerts spread over services outside the dependency map: incide
 ALERT_PARTITIONS = 3  # partitions of the bench's alerts topic (the catalogue's default)
 
 
-def _webhook(run: str, start: int, n: int, now: datetime, svc: str = "svc") -> bytes:
-    """Alertmanager webhook of alerts start..start+n over SERVICES services named ``<svc>-<k>``."""
+def _webhook(run: str, start: int, n: int, now: datetime, svc: str = "svc", services: int = SERVICES) -> bytes:
+    """Alertmanager webhook of alerts start..start+n over ``services`` services named ``<svc>-<k>``."""
     alerts = []
     for i in range(start, start + n):
         alerts.append({
             "status": "firing",
-            "labels": {"alertname": "HighErrorRate", "service": f"{svc}-{i % SERVICES}", "severity": "critical",
-                       "namespace": "prod", "pod": f"{svc}-{i % SERVICES}-7d9f8b6c5-x{i % 9}"},
-            "annotations": {"summary": f"High error rate on {svc}-{i % SERVICES} (5xx > 5%)",
+            "labels": {"alertname": "HighErrorRate", "service": f"{svc}-{i % services}", "severity": "critical",
+                       "namespace": "prod", "pod": f"{svc}-{i % services}-7d9f8b6c5-x{i % 9}"},
+            "annotations": {"summary": f"High error rate on {svc}-{i % services} (5xx > 5%)",
                             "description": "5xx ratio 0.12 over 5m; runbook https://runbooks.example.org/5xx"},
             "startsAt": now.isoformat().replace("+00:00", "Z"), "endsAt": "0001-01-01T00:00:00Z",
             "generatorURL": "http://prometheus.example.org/graph?g0.expr=x", "fingerprint": f"bench-{run}-{i:07d}",
@@ -562,15 +567,19 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
         ack_wait_s, alerts_per_s, full_lat = median["ack_wait_s"], median["alerts_per_s"], median["latencies"]
         delta, all_fps = median["delta"], median["fps"]
 
-        # 2) half of the measured rate: requests paced evenly
+        # 2) half of the measured rate for ``latency_seconds``: requests paced evenly
         rate = alerts_per_s / 2
-        n2 = min(args.alerts, max(args.batch * 20, int(rate * args.latency_seconds)))
+        n2 = max(args.batch * 20, int(rate * args.latency_seconds))
+        n2 -= n2 % args.batch
+        # other services than phase 1, and as many more as it takes for its incidents to end as large as phase 1's
+        # did (args.alerts / SERVICES alerts each): the same workload, only longer (an update's cost grows with its
+        # incident, so reusing phase 1's incidents, or letting these grow larger, measures a heavier one)
+        services2 = SERVICES * -(-n2 // args.alerts)
         bodies2 = []
         for k, start in enumerate(range(0, n2, args.batch)):
             fps = [f"bench-{run}h-{i:07d}" for i in range(start, start + args.batch)]
-            # other services than phase 1: new incidents that grow as phase 1's did (an update's cost grows with
-            # its incident, so reusing phase 1's incidents would measure latency on a heavier workload)
-            bodies2.append((k * args.batch / rate, _webhook(f"{run}h", start, args.batch, now, svc="half"), fps))
+            bodies2.append((k * args.batch / rate,
+                            _webhook(f"{run}h", start, args.batch, now, svc="half", services=services2), fps))
         sent2: dict[str, float] = {}
         metrics2, gateway2 = _metrics(cobs), _metrics(obs)
         statuses2 = _post_all(url, bodies2, sent2, args.concurrency)
@@ -609,6 +618,9 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
             "alerts_per_s": round(alerts_per_s, 1),
             "full_speed_latency_ms": {"p50": round(_pct(full_lat, 0.5), 1), "p99": round(_pct(full_lat, 0.99), 1)},
             "half_rate_alerts_per_s": round(rate, 1), "half_rate_alerts": len(fps2), "half_rate_complete": complete2,
+            "half_rate_services": services2,
+            # the phase's start, wall clock (ms since the epoch): to match its windows with other logs (GC, broker)
+            "half_rate_started_ms": round(first * 1000 + wall_offset_ms),
             "half_rate_http_statuses": {str(s): statuses2.count(s) for s in sorted(set(statuses2))},
             "p50_latency_ms": round(_pct(lat, 0.5), 1), "p99_latency_ms": round(_pct(lat, 0.99), 1),
             "max_latency_ms": round(max(lat), 1) if lat else None, "incident_updates_read": watch.updates,
@@ -677,6 +689,12 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(max(0, args.repeats - 1))]
     gateway_runs = [m["gateway_stage_per_s"] for m in (memory_before, memory_after, *more)]
     correlator_runs = [m["correlator_stage"]["run"]["per_s"] for m in (memory_after, *more)]
+    # how the correlator's cost per alert grows with its incidents' size (an update carries every alert of its
+    # incident): the same workload with 1x, 3x and 6x the alerts per service, at the batch size it ran at
+    sizes = {str(k * args.alerts // SERVICES): cpu_limit(k * args.alerts, args.batch,
+                                                         {"run": real["correlator_mean_batch"]})
+             for k in (1, 3, 6)}
+    growth = {n: round(1e6 / m["correlator_stage"]["run"]["per_s"], 1) for n, m in sizes.items()}
     gateway_limit = sorted(gateway_runs)[len(gateway_runs) // 2]
     correlator_limit = sorted(correlator_runs)[len(correlator_runs) // 2]
     limit = min(gateway_limit, correlator_limit)
@@ -698,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
                     "ratio_met": real["alerts_per_s"] >= 0.5 * limit, "p99_met": real["p99_latency_ms"] <= 50},
         "in_memory": {"gateway_stage_per_s": round(gateway_limit, 1), "correlator_stage_per_s": correlator_limit,
                       "gateway_stage_runs": gateway_runs, "correlator_stage_runs": correlator_runs,
-                      "before": memory_before, "after": memory_after},
+                      "before": memory_before, "after": memory_after,
+                      "correlator_us_per_alert_by_incident_size": growth},
         "real_path": real,
         "warmup": warmup,
     }

@@ -300,3 +300,70 @@ def test_topology_carries_the_direct_callers_of_the_incidents_own_services():
     assert deps.topology(["cart", "redis"], ["cart", "redis", "disk"]) == [
         ("cart", "redis"), ("front", "cart"), ("redis", "disk")]
     assert deps.topology([], ["redis", "disk"]) == [("redis", "disk")]  # the evidence scope alone, as before
+
+
+def _walked_views(alerts):
+    """The derived views by a plain walk over every alert (what Incident computed per update before they were kept
+    up to date alert by alert): services, fingerprints, severity, each service's lead alert."""
+    rank = {"critical": 4, "error": 3, "warning": 2, "info": 1, "unknown": 0}
+    leads = {}
+    for a in alerts.values():
+        held = leads.get(a.service)
+        if held is None or (a.first_seen, a.fingerprint) < (held.first_seen, held.fingerprint):
+            leads[a.service] = a
+    firing = [a.severity for a in alerts.values() if a.status == "firing"]
+    pool = firing or [a.severity for a in alerts.values()]
+    severity = max(pool, key=lambda s: rank.get(s, 0)) if pool else "unknown"  # max(): the first of the highest
+    return (sorted(s for s in leads if s), sorted({a.fingerprint for a in alerts.values()}), severity, leads,
+            all(a.status == "resolved" for a in alerts.values()))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_views_kept_alert_by_alert_equal_a_walk_over_every_alert(seed):
+    """Incident's views (services, fingerprints, severity, leads, all-resolved) are kept up to date per alert write
+    (AlertMap): after any mix of writes, replacements that change the lead, deletes, ``update``, ``pop`` and a plain
+    dict assigned in place, they must equal a walk over every alert, ties included (same first_seen and
+    fingerprint from two sources; severities outside the ranking)."""
+    from pilothouse.sensing.correlation import AlertMap, AlertRef
+
+    rnd = random.Random(seed)
+    inc = Incident("inc-x", 1, "open", "opened", "", 0, 0, None, {}, "e0")
+
+    def ref(k: int, **changes) -> AlertRef:
+        base = AlertRef(rnd.choice(["am", "pd"]), f"fp-{k % 7}", rnd.choice(["cart", "ad", "", "frontend"]),
+                        rnd.choice(["firing", "firing", "resolved"]),
+                        rnd.choice(["critical", "warning", "info", "unknown", "weird", "page"]), f"s{k}",
+                        rnd.choice([0, 5, 5, 9]), 10, f"e{k}")
+        return dataclasses.replace(base, **changes)
+
+    for step in range(400):
+        op = rnd.random()
+        keys = list(inc.alerts)
+        if op < 0.45 or not keys:  # a new alert
+            k = rnd.randrange(60)
+            inc.alerts[f"k{k}"] = ref(k)
+        elif op < 0.8:  # what the correlator does: a new state of the same alert
+            key = rnd.choice(keys)
+            old = inc.alerts[key]
+            inc.alerts[key] = dataclasses.replace(old, status=rnd.choice(["firing", "resolved"]),
+                                                  severity=rnd.choice(["critical", "error", "weird"]),
+                                                  summary="changed", last_event_id=f"x{step}")
+        elif op < 0.87:  # a replacement that moves the alert (its service or first_seen): views built afresh
+            key = rnd.choice(keys)
+            inc.alerts[key] = dataclasses.replace(inc.alerts[key], service=rnd.choice(["cart", "db"]),
+                                                  first_seen=rnd.choice([0, 1, 9]))
+        elif op < 0.92:
+            del inc.alerts[rnd.choice(keys)]
+        elif op < 0.95:
+            inc.alerts.pop(rnd.choice(keys))
+        elif op < 0.98:
+            inc.alerts.update({f"u{step}": ref(step)})
+        else:
+            inc.alerts = dict(inc.alerts)  # a plain dict: no views kept, built from a walk at each read
+        services, fingerprints, severity, leads, all_resolved = _walked_views(inc.alerts)
+        assert inc.services == services
+        assert inc.fingerprints == fingerprints
+        assert inc.severity == severity
+        assert inc._scan().leads == leads
+        assert inc.all_resolved() == all_resolved
+    assert isinstance(Incident.from_dict(inc.to_dict()).alerts, AlertMap)  # a loaded incident keeps its views

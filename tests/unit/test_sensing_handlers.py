@@ -246,7 +246,7 @@ def test_cached_alert_evidence_gives_the_record_a_fresh_build_gives(redactor, ma
         with_logs += any(e.kind == "log_burst" for e in got.evidence)
         largest = max(len(i.alerts) for i in (store.get_incident(x) for x in store.incidents))
         assert len(h.alert_items) <= max(max_items, largest)
-        assert len(h.alert_items) == sum(len(items) for _, _, items in h.alert_items._by_incident.values())
+        assert len(h.alert_items) == sum(len(held.order) for held in h.alert_items._by_incident.values())
     assert emitted > 100 and with_logs > 0
 
 
@@ -455,3 +455,41 @@ def test_the_encoded_record_is_the_record_encoded_whatever_the_cache_held(redact
             assert encoded == serde.encode(record)
             assert serde.decode(encoded).record == record
     assert {e.kind for e in record.evidence} >= {"alert", "log_burst"} and len(record.evidence) > 5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cached_alert_items_follow_any_change_of_the_alerts(seed):
+    """The cache finds what changed by the refs' identity and takes in added keys from the map's order: after
+    deletes, a key deleted and written again, ``update`` and new states of alerts, its items must be the ones a
+    fresh cache builds (same order, same bytes)."""
+    import dataclasses
+    import random
+
+    from pilothouse.sensing.correlation import AlertRef, Incident
+
+    rnd, serde = random.Random(seed), Serde()
+    cache = AlertEvidenceCache(serde)
+    inc = Incident("inc-1", 1, "open", "opened", "", T, T, None, {}, "ev-0")
+    for step in range(300):
+        keys = list(inc.alerts)
+        op = rnd.random()
+        if op < 0.5 or not keys:
+            k = rnd.randrange(40)
+            inc.alerts[f"k{k}"] = AlertRef("alertmanager", f"fp-{k}", rnd.choice(["cart", "ad"]), "firing",
+                                           "critical", f"s{k}", T + rnd.randrange(5), T, f"ev-{step}", step)
+        elif op < 0.8:
+            key = rnd.choice(keys)
+            inc.alerts[key] = dataclasses.replace(inc.alerts[key], status=rnd.choice(["firing", "resolved"]),
+                                                  last_event_id=f"ev-{step}")
+        elif op < 0.9:
+            key = rnd.choice(keys)
+            ref = inc.alerts.pop(key)
+            if rnd.random() < 0.5:  # written again: the same key, now last in the map's order
+                inc.alerts[key] = ref
+        else:
+            k = 1000 + step
+            inc.alerts.update({f"k{k}": AlertRef("pagerduty", f"fp-{k}", "cart", "firing", "warning", "u", T, T,
+                                                 f"ev-{step}", step)})
+        if rnd.random() < 0.6:  # not every change is published at once: some pile up between two updates
+            assert cache.items(inc, "not configured") == AlertEvidenceCache(serde).items(inc, "not configured")
+    assert len(cache) == len(inc.alerts)
