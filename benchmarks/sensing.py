@@ -20,9 +20,9 @@ incident topic.
   broker and this client (posting and reading) share the machine's cores. Each stage's figure is the median of
   ``--repeats`` measurements (``in_memory.*_runs``): on a shared machine a single one varied by ±25 %.
 * ``p99_latency_ms`` — alert → incident update latency (from the POST being sent to the update read back) with alerts
-  sent at half the measured ``alerts_per_s``, same batch size, for ``--latency-seconds`` (10), over as many more
-  services as it takes for its incidents to end as large as the full-speed phases' (``half_rate_services``). How it
-  is read: a consumer thread of this process
+  sent at half the measured ``alerts_per_s``, same batch size, for ``--latency-seconds`` (10): each ``--alerts``
+  alerts on new services, so that its incidents end as large as the full-speed phases' did (``half_rate_services``
+  in all). How it is read: a consumer thread of this process
   (``fetch.min.bytes=1``: a fetch returns as soon as a record is there) notes each incident record's arrival time and
   bytes; they are decoded (only the fingerprints) once the topic has been quiet for 0.3 s, so that decoding takes no
   CPU from the stages while they work. ``half_rate_latency_over_time_ms``: p50/p99 per 0.5 s of the phase (the
@@ -69,15 +69,15 @@ SERVICES = 200  # alerts spread over services outside the dependency map: incide
 ALERT_PARTITIONS = 3  # partitions of the bench's alerts topic (the catalogue's default)
 
 
-def _webhook(run: str, start: int, n: int, now: datetime, svc: str = "svc", services: int = SERVICES) -> bytes:
-    """Alertmanager webhook of alerts start..start+n over ``services`` services named ``<svc>-<k>``."""
+def _webhook(run: str, start: int, n: int, now: datetime, svc: str = "svc") -> bytes:
+    """Alertmanager webhook of alerts start..start+n over SERVICES services named ``<svc>-<k>``."""
     alerts = []
     for i in range(start, start + n):
         alerts.append({
             "status": "firing",
-            "labels": {"alertname": "HighErrorRate", "service": f"{svc}-{i % services}", "severity": "critical",
-                       "namespace": "prod", "pod": f"{svc}-{i % services}-7d9f8b6c5-x{i % 9}"},
-            "annotations": {"summary": f"High error rate on {svc}-{i % services} (5xx > 5%)",
+            "labels": {"alertname": "HighErrorRate", "service": f"{svc}-{i % SERVICES}", "severity": "critical",
+                       "namespace": "prod", "pod": f"{svc}-{i % SERVICES}-7d9f8b6c5-x{i % 9}"},
+            "annotations": {"summary": f"High error rate on {svc}-{i % SERVICES} (5xx > 5%)",
                             "description": "5xx ratio 0.12 over 5m; runbook https://runbooks.example.org/5xx"},
             "startsAt": now.isoformat().replace("+00:00", "Z"), "endsAt": "0001-01-01T00:00:00Z",
             "generatorURL": "http://prometheus.example.org/graph?g0.expr=x", "fingerprint": f"bench-{run}-{i:07d}",
@@ -571,15 +571,18 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
         rate = alerts_per_s / 2
         n2 = max(args.batch * 20, int(rate * args.latency_seconds))
         n2 -= n2 % args.batch
-        # other services than phase 1, and as many more as it takes for its incidents to end as large as phase 1's
-        # did (args.alerts / SERVICES alerts each): the same workload, only longer (an update's cost grows with its
-        # incident, so reusing phase 1's incidents, or letting these grow larger, measures a heavier one)
-        services2 = SERVICES * -(-n2 // args.alerts)
+        # other services than phase 1, and new ones every ``args.alerts`` alerts, so that its incidents end as large
+        # as phase 1's did (args.alerts / SERVICES alerts each): the same workload, only longer (an update's cost
+        # grows with its incident, so reusing phase 1's incidents, or letting these grow larger, measures a heavier
+        # one)
         bodies2 = []
         for k, start in enumerate(range(0, n2, args.batch)):
             fps = [f"bench-{run}h-{i:07d}" for i in range(start, start + args.batch)]
+            # each ``args.alerts`` alerts on SERVICES services of their own: phase 1's workload, block after block
+            # (all at once, round robin over 1,200 services, their incidents outnumbered the correlator's live
+            # ones, 1,000, and every update decoded its incident from its state)
             bodies2.append((k * args.batch / rate,
-                            _webhook(f"{run}h", start, args.batch, now, svc="half", services=services2), fps))
+                            _webhook(f"{run}h", start, args.batch, now, svc=f"half{start // args.alerts}"), fps))
         sent2: dict[str, float] = {}
         metrics2, gateway2 = _metrics(cobs), _metrics(obs)
         statuses2 = _post_all(url, bodies2, sent2, args.concurrency)
@@ -618,7 +621,7 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
             "alerts_per_s": round(alerts_per_s, 1),
             "full_speed_latency_ms": {"p50": round(_pct(full_lat, 0.5), 1), "p99": round(_pct(full_lat, 0.99), 1)},
             "half_rate_alerts_per_s": round(rate, 1), "half_rate_alerts": len(fps2), "half_rate_complete": complete2,
-            "half_rate_services": services2,
+            "half_rate_services": SERVICES * -(-n2 // args.alerts),
             # the phase's start, wall clock (ms since the epoch): to match its windows with other logs (GC, broker)
             "half_rate_started_ms": round(first * 1000 + wall_offset_ms),
             "half_rate_http_statuses": {str(s): statuses2.count(s) for s in sorted(set(statuses2))},

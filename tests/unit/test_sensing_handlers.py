@@ -493,3 +493,25 @@ def test_cached_alert_items_follow_any_change_of_the_alerts(seed):
         if rnd.random() < 0.6:  # not every change is published at once: some pile up between two updates
             assert cache.items(inc, "not configured") == AlertEvidenceCache(serde).items(inc, "not configured")
     assert len(cache) == len(inc.alerts)
+
+
+def test_an_incident_decoded_again_keeps_its_cached_alert_items(monkeypatch):
+    """An incident that fell out of the correlator's live ones is decoded from its state: new refs of the same
+    alerts. Its items must come from the cache (equal refs), and only a changed alert's item be built again."""
+    from pilothouse.sensing.correlation import AlertRef, Incident
+
+    built = []
+    real_build = AlertEvidenceCache._build
+    monkeypatch.setattr(AlertEvidenceCache, "_build", staticmethod(lambda *a: built.append(a[1]) or real_build(*a)))
+    serde = Serde()
+    cache = AlertEvidenceCache(serde)
+    inc = Incident("inc-1", 1, "open", "opened", "", T, T, None, {
+        f"k{i}": AlertRef("alertmanager", f"fp-{i}", "cart", "firing", "critical", "s", T + i, T, f"ev-{i}", i)
+        for i in range(30)}, "ev-0")
+    first = cache.items(inc, "not configured")
+    assert len(built) == 30
+    decoded = Incident.from_dict(inc.to_dict())
+    assert cache.items(decoded, "not configured") == first and len(built) == 30
+    decoded.alerts["k7"] = AlertRef("alertmanager", "fp-7", "cart", "resolved", "critical", "s", T + 7, T + 9,
+                                    "ev-99", 99)
+    assert len(cache.items(decoded, "not configured")) == 30 and len(built) == 31
