@@ -192,7 +192,7 @@ def dedup_key(source: str, fingerprint: str) -> str:
 @dataclass(frozen=True)
 class AlertRef:
     """One alert as the incident remembers it. Frozen: a change is a new ref put in the incident's :class:`AlertMap`
-    (which keeps the incident's views up to date, and caches key their items on the ref's identity)."""
+    (which keeps the incident's views up to date; the evidence cache finds changed alerts by the ref's identity)."""
 
     source: str
     fingerprint: str

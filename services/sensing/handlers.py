@@ -503,8 +503,8 @@ class AlertEvidenceCache:
     sensing bench. An item depends only on its alert (an :class:`AlertRef`, frozen: a changed alert is a new ref) and
     the incident's context (its first_seen, the metric-source note), so an item is rebuilt when its alert's ref is
     neither the one it was built from nor equal to it, and the first question is a walk in C (``map``/``compress``),
-    not a Python loop over the incident's alerts (which cost ~110 us per update at 75 alerts). Bounded by ``max_items``: the least
-    recently updated incidents are dropped."""
+    not a Python loop over the incident's alerts (which cost ~110 us per update at 75 alerts). Bounded by
+    ``max_items``: the least recently updated incidents are dropped."""
 
     def __init__(self, serde: Serde, max_items: int = 50_000) -> None:
         self.serde = serde
