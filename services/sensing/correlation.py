@@ -260,9 +260,10 @@ class _Views:
             self._count(new, +1)
             return True
         self._count(new, +1)
-        if self._fp_count.get(new.fingerprint, 0) == 0:
+        count = self._fp_count.get(new.fingerprint, 0)
+        if count == 0:
             bisect.insort(self.fingerprints, new.fingerprint)
-        self._fp_count[new.fingerprint] = self._fp_count.get(new.fingerprint, 0) + 1
+        self._fp_count[new.fingerprint] = count + 1
         held_key = self.leads.get(new.service)
         if held_key is None:
             self.leads[new.service] = key
@@ -380,7 +381,7 @@ class Incident:
 
     @property
     def severity(self) -> str:
-        return self._scan().severity
+        return self._views().severity(self.alerts)
 
     @property
     def fingerprints(self) -> list[str]:
