@@ -32,6 +32,8 @@ incident topic.
   ``message.timestamp.type=LogAppendTime``), read back after the run. ``half_rate_correlator``: the correlator's
   batches in that phase (mean size, time per batch, state-ack wait, age of a batch's oldest alert, full garbage
   collections and their total pause).
+  ``half_rate_broker_stops``: the local broker's safepoints of 1 ms or more in that phase (GC pauses above all: each
+  stops every producer and consumer at once), read from its GC log; each window has its ``broker_stopped_ms``.
 * ``in_memory.correlator_us_per_alert_by_incident_size`` — the correlator stage's CPU per alert (in memory, at the
   real path's mean batch) when each incident ends with 1x, 3x and 6x the alerts it ends with here: how an update's
   cost grows with its incident (every update carries all of its incident's alerts).
@@ -52,6 +54,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -403,6 +406,34 @@ def _gc_figures(delta: dict[str, float]) -> dict[str, float]:
             "full": every[2], "full_ms": round(delta.get(name.format("sum", 2), 0.0) * 1000, 1)}
 
 
+_SAFEPOINT = re.compile(r'^\[([^\]]+)\].*\] Safepoint "([^"]+)", .*Total: (\d+) ns$')
+
+
+def broker_stops(log_dir: Path, start_ms: float, end_ms: float, *, min_ms: float = 1.0) -> list[dict] | None:
+    """The local broker's safepoints of at least ``min_ms`` that began between two wall-clock moments (ms since the
+    epoch): each one stopped all of its request threads (a GC pause, or another VM operation). Read from its GC log
+    (``kafkaServer-gc.log*``, JDK unified logging with ``safepoint`` and the ``time`` decorator: each line stamped
+    when the stop ended): ``[{"at_ms": start, "ms": length (from reaching it to leaving it), "kind": operation}]``.
+    None without such a log (a broker this stack did not start, or an older one)."""
+    files = sorted(log_dir.glob("kafkaServer-gc.log*"))
+    if not files:
+        return None
+    stops = []
+    for path in files:
+        for line in path.read_text(errors="replace").splitlines():
+            m = _SAFEPOINT.match(line)
+            if not m:
+                continue
+            try:
+                ended = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f%z").timestamp() * 1000
+            except ValueError:
+                continue
+            length = int(m.group(3)) / 1e6
+            if length >= min_ms and start_ms <= ended - length <= end_ms:
+                stops.append({"at_ms": round(ended - length), "ms": round(length, 3), "kind": m.group(2)})
+    return sorted(stops, key=lambda p: p["at_ms"])
+
+
 def _batch_figures(delta: dict[str, float]) -> dict[str, float]:
     """Mean batch size and mean per-batch times (ms) of the correlator, from a difference of its /metrics."""
     def mean(name: str, scale: float = 1000.0) -> float:
@@ -602,6 +633,11 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
         for fp in fps2:
             if fp in watch.first_seen:
                 windows.setdefault(int((sent2[fp] - first) / 0.5), []).append(fp)
+        # the broker's stops in the phase (GC pauses above all: each stops every producer and consumer at once), by
+        # the same windows
+        started_ms = first * 1000 + wall_offset_ms
+        pauses = broker_stops(Path(info.data_dir) / "logs" / "kafka", started_ms,
+                              max(sent2.values(), default=first) * 1000 + wall_offset_ms)
         over_time = []
         for k, members in sorted(windows.items()):
             v = [(watch.first_seen[fp] - sent2[fp]) * 1000 for fp in members]
@@ -609,6 +645,9 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
                               "p99": round(_pct(v, 0.99), 1),
                               "stages_p99": {name: x["p99"] for name, x in stage_breakdown(
                                   times[fp] for fp in members if fp in times).items() if name != "total"}})
+            if pauses is not None:
+                over_time[-1]["broker_stopped_ms"] = round(sum(
+                    p["ms"] for p in pauses if int((p["at_ms"] - started_ms) / 500) == k), 1)
         return {
             "alerts": len(all_fps), "batch": args.batch, "concurrency": args.concurrency,
             "http_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
@@ -623,7 +662,12 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
             "half_rate_alerts_per_s": round(rate, 1), "half_rate_alerts": len(fps2), "half_rate_complete": complete2,
             "half_rate_services": SERVICES * -(-n2 // args.alerts),
             # the phase's start, wall clock (ms since the epoch): to match its windows with other logs (GC, broker)
-            "half_rate_started_ms": round(first * 1000 + wall_offset_ms),
+            "half_rate_started_ms": round(started_ms),
+            # the broker's stops of 1 ms or more; None: no GC log from the broker (not one this stack started)
+            "half_rate_broker_stops": None if pauses is None else {
+                "stops": len(pauses), "total_ms": round(sum(p["ms"] for p in pauses), 1),
+                "max_ms": max((p["ms"] for p in pauses), default=0.0),
+                "at_s_ms_kind": [[round((p["at_ms"] - started_ms) / 1000, 2), p["ms"], p["kind"]] for p in pauses]},
             "half_rate_http_statuses": {str(s): statuses2.count(s) for s in sorted(set(statuses2))},
             "p50_latency_ms": round(_pct(lat, 0.5), 1), "p99_latency_ms": round(_pct(lat, 0.99), 1),
             "max_latency_ms": round(max(lat), 1) if lat else None, "incident_updates_read": watch.updates,

@@ -169,14 +169,25 @@ def start(settings: Settings, java: str, lib: Path):
     # (kafka-run-class.sh, KAFKA_JVM_PERFORMANCE_OPTS). With G1's default 200 ms target the broker's young
     # collections took 31 ms on average and up to 56 ms under the sensing bench, and each one stalled every
     # producer and consumer at once (a 0.5 s window with p99 83 ms where its neighbours had 25-31 ms).
+    # A fixed young generation (-Xmn1g of a fixed 2 GB heap): left to size it against the 20 ms target, G1 kept
+    # eden at 36-85 MB, so under the bench a young pause came every 2-10 s (15-41 ms each: the GC threads share a
+    # core with the gateway) and 1-3 of them fell in every 10 s latency phase. With a 1 GB eden one comes every
+    # 80-135 s. -XX:MaxTenuringThreshold=1: what outlives one young collection goes to the old generation at the
+    # next (with the default 15, the ~37 MB the broker keeps from its start was copied at every young collection
+    # for 15 of them: 70-121 ms each). The old generation grows by ~5 MB a young collection (76 MB after 20
+    # minutes of benches); G1's concurrent cycle and mixed collections reclaim it once the heap is 35 % full.
     # -UseCodeCacheFlushing: JDK 17's sweeper threw compiled request-path code away between bursts of load (one
     # sweep under the sensing bench zombified 9,101 nmethods; the broker's compiled methods fell from 4,189 to
     # 3,006) and the JIT, on a starved core, compiled it again for minutes. The code cache is 240 MB; the broker
     # uses under 20 MB of it.
+    # GC log as Kafka's start script writes it (kafkaServer-gc.log, beside server.log), with every safepoint (each
+    # stops the broker's request threads, a GC pause or not): the sensing bench reads the stops that fell in its
+    # latency phase from it.
     argv = [
-        java, "-Xms512m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
-        "-XX:+ExplicitGCInvokesConcurrent", "-XX:-UseCodeCacheFlushing", "-Djava.awt.headless=true",
-        f"-Dlog4j2.configurationFile={p['log4j']}", f"-Dkafka.logs.dir={p['logs']}",
+        java, "-Xms2g", "-Xmx2g", "-Xmn1g", "-XX:MaxTenuringThreshold=1", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+        "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent", "-XX:-UseCodeCacheFlushing",
+        f"-Xlog:gc*,safepoint:file={p['logs']}/kafkaServer-gc.log:time,uptimemillis,tags:filecount=10,filesize=20M",
+        "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={p['log4j']}", f"-Dkafka.logs.dir={p['logs']}",
         "-cp", f"{lib}/*", "kafka.Kafka", str(p["properties"]),
     ]  # fmt: skip
     return procs.start(NAME, argv, run_dir=settings.run_dir, log_path=p["stdout"], cwd=p["base"])

@@ -1,0 +1,56 @@
+"""The sensing bench's reading of the local broker's stops (safepoints) from its GC log, in lines as the stack's
+broker writes them (JDK unified logging, ``-Xlog:gc*,safepoint:file=...:time,uptimemillis,tags``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pilothouse.benchmarks.sensing import broker_stops
+
+LOG = """\
+[2026-11-26T14:57:52.872+0000][87755ms][gc,start    ] GC(6) Pause Young (Normal) (G1 Evacuation Pause)
+[2026-11-26T14:57:52.926+0000][87809ms][gc          ] GC(6) Pause Young (Normal) (G1 Evacuation Pause) \
+1215M->180M(2048M) 53.932ms
+[2026-11-26T14:57:52.926+0000][87809ms][safepoint   ] Safepoint "G1CollectForAllocation", Time since last: \
+80412345678 ns, Reaching safepoint: 95120 ns, Cleanup: 10250 ns, At safepoint: 53980112 ns, Total: 54085482 ns
+[2026-11-26T14:57:53.100+0000][87983ms][safepoint   ] Safepoint "ICBufferFull", Time since last: 174000000 ns, \
+Reaching safepoint: 2885 ns, Cleanup: 136071 ns, At safepoint: 1292 ns, Total: 140248 ns
+[2026-11-26T14:59:13.294+0000][168177ms][safepoint   ] Safepoint "Deoptimize", Time since last: 80194000000 ns, \
+Reaching safepoint: 31000000 ns, Cleanup: 5000 ns, At safepoint: 1200000 ns, Total: 32205000 ns
+[2026-11-26T14:59:13.310+0000][168193ms][gc          ] GC(8) Concurrent Mark Cycle 41.000ms
+"""
+
+
+def _ms(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp() * 1000
+
+
+def test_stops_are_read_with_their_start_length_and_operation(tmp_path):
+    (tmp_path / "kafkaServer-gc.log").write_text(LOG)
+    stops = broker_stops(tmp_path, 0, _ms("2030-01-01T00:00:00.000+0000"))
+    # the start is the end stamp less the whole stop (reaching the safepoint included); the 0.14 ms stop is under
+    # the default 1 ms floor; GC lines and concurrent phases are no stops of their own
+    assert stops == [
+        {"at_ms": round(_ms("2026-11-26T14:57:52.926+0000") - 54.085482), "ms": 54.085,
+         "kind": "G1CollectForAllocation"},
+        {"at_ms": round(_ms("2026-11-26T14:59:13.294+0000") - 32.205), "ms": 32.205, "kind": "Deoptimize"},
+    ]
+    assert [s["kind"] for s in broker_stops(tmp_path, 0, 1e15, min_ms=0.1)] == [
+        "G1CollectForAllocation", "ICBufferFull", "Deoptimize"]
+
+
+def test_only_stops_that_began_in_the_span_count_also_from_rotated_files(tmp_path):
+    first, rest = LOG.split("[2026-11-26T14:59:13.294", 1)
+    (tmp_path / "kafkaServer-gc.log.0").write_text(first)
+    (tmp_path / "kafkaServer-gc.log").write_text("[2026-11-26T14:59:13.294" + rest)
+    start = _ms("2026-11-26T14:57:52.873+0000")  # the collection began at 52.926 s - 54.085 ms = 52.872 s
+    stops = broker_stops(tmp_path, start, _ms("2026-11-26T14:59:13.261+0000"))
+    assert stops == []  # the deoptimization began at 13.294 s - 32.205 ms = 13.2618 s: after the span
+    stops = broker_stops(tmp_path, start - 2, _ms("2026-11-26T14:59:13.262+0000"))
+    assert [s["kind"] for s in stops] == ["G1CollectForAllocation", "Deoptimize"]
+
+
+def test_no_log_is_none_and_not_an_empty_list(tmp_path):
+    assert broker_stops(tmp_path, 0, 1e15) is None
+    (tmp_path / "kafkaServer-gc.log").write_text("")
+    assert broker_stops(tmp_path, 0, 1e15) == []
