@@ -420,6 +420,8 @@ def broker_stops(log_dir: Path, start_ms: float, end_ms: float, *, min_ms: float
         return None
     stops = []
     for path in files:
+        if path.stat().st_mtime * 1000 < start_ms:  # a rotated file last written before the span: nothing in it
+            continue
         for line in path.read_text(errors="replace").splitlines():
             m = _SAFEPOINT.match(line)
             if not m:

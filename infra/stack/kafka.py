@@ -174,7 +174,7 @@ def start(settings: Settings, java: str, lib: Path):
     # core with the gateway) and 1-3 of them fell in every 10 s latency phase. With a 1 GB eden one comes every
     # 80-135 s. -XX:MaxTenuringThreshold=1: what outlives one young collection goes to the old generation at the
     # next (with the default 15, the ~37 MB the broker keeps from its start was copied at every young collection
-    # for 15 of them: 70-121 ms each). The old generation grows by ~5 MB a young collection (76 MB after 20
+    # for 15 of them: 68-121 ms each). The old generation grows by ~5 MB a young collection (76 MB after 20
     # minutes of benches); G1's concurrent cycle and mixed collections reclaim it once the heap is 35 % full.
     # -UseCodeCacheFlushing: JDK 17's sweeper threw compiled request-path code away between bursts of load (one
     # sweep under the sensing bench zombified 9,101 nmethods; the broker's compiled methods fell from 4,189 to

@@ -3,6 +3,7 @@ broker writes them (JDK unified logging, ``-Xlog:gc*,safepoint:file=...:time,upt
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 
 from pilothouse.benchmarks.sensing import broker_stops
@@ -54,3 +55,12 @@ def test_no_log_is_none_and_not_an_empty_list(tmp_path):
     assert broker_stops(tmp_path, 0, 1e15) is None
     (tmp_path / "kafkaServer-gc.log").write_text("")
     assert broker_stops(tmp_path, 0, 1e15) == []
+
+
+def test_a_rotated_file_last_written_before_the_span_is_not_read(tmp_path):
+    old = tmp_path / "kafkaServer-gc.log.0"
+    old.write_text(LOG)
+    start = _ms("2026-11-26T14:57:52.800+0000")
+    assert len(broker_stops(tmp_path, start, 1e15)) == 2
+    os.utime(old, (start / 1000 - 1, start / 1000 - 1))  # its last line was written a second before the span
+    assert broker_stops(tmp_path, start, 1e15) == []
