@@ -79,6 +79,12 @@ class SensingSettings(BaseSettings):
         "carries the whole incident (its state record, twice: before and after); lz4 cuts those bytes ~8x, and the "
         "broker's CPU with them (bench sensing: p50 alert->incident latency 34 -> 25 ms). Faust replays the "
         "changelog through aiokafka, which needs cramjam for lz4/zstd/snappy (installed with pilothouse)")
+    full_gc_idle_s: float = Field(
+        0.5, gt=0, description="the correlator makes its full garbage collections itself, once it has had no alert "
+        "for this long (CPython's own, under load, stopped the stream for 56-90 ms each: see "
+        "pilothouse.bus.runtime.CollectionSchedule)")
+    full_gc_max_interval_s: float = Field(
+        600.0, ge=60, description="and at the latest this long after the last one, whatever the load")
     data_dir: Path = Path("/tmp/pilothouse-sensing")
     dependency_map: Path = DEFAULT_DEPENDENCY_MAP
     group_window_s: int = Field(900, gt=0, description="an alert joins an open incident seen within this window")

@@ -209,3 +209,44 @@ def test_a_failing_record_leaves_no_damage_in_the_live_incidents(deps):
     assert _current(store) == _current(expected)
     (iid,) = list(store.incidents)
     assert len(store.get_incident(iid).alerts) == 5  # the live object too, not only the bytes
+
+
+def test_the_correlation_state_makes_no_cyclic_garbage(deps):
+    """The correlator makes its full garbage collections itself, under load only every few minutes
+    (pilothouse.bus.runtime.CollectionSchedule): its state must be freed by reference counting alone. Incidents
+    evicted from the live set and decoded again, evidence items evicted from their cache, alerts replaced by new
+    refs (resolved, fired again): none of it may be left in a reference cycle, which only a full collection frees."""
+    import dataclasses
+    import gc
+
+    from pilothouse.sensing.correlation import CorrelationRules
+    from tests.unit.test_sensing_correlation import MIN, FakeClock, alert
+
+    handler = IncidentHandler(Correlator(deps, CorrelationRules(group_window_ms=15 * MIN)),
+                              Redactor(b"unit-test-pseudonym-key-000001"))
+    handler.alert_items.max_items = 300  # evicted as the run goes on
+    store, clock, rng = BatchLogStore(live_max=20), FakeClock(), random.Random(7)
+    events = []
+    for i in range(3000):  # 150 services outside the map, 5 fingerprints each, firing and resolving
+        clock.advance(rng.choice([0, 0, 0, 1000]))
+        k = rng.randrange(150)
+        status = "resolved" if rng.random() < 0.2 else "firing"
+        ev = alert(clock, f"fp{k}-{rng.randrange(5)}", f"svc-{k}", status, event_id=f"nocycle-{i}")
+        events.append(dataclasses.replace(ev, sequence=i))
+
+    def run(batch):
+        result = handler.correlate_batch([(_record(ev), ev.sequence) for ev in batch], store)
+        store.commit()
+        for inc in result.incidents:
+            handler.encoded_incident_record(inc)
+
+    run(events[:100])  # warm: the caches, lazily built modules
+    gc.collect()
+    gc.disable()
+    try:
+        for start in range(100, len(events), 25):
+            run(events[start:start + 25])
+        assert len(store._live) == 20 and len(handler.alert_items) <= 300  # evictions happened
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
