@@ -90,8 +90,8 @@ class CollectionSchedule:
       2,300 alerts/s.
     * **Young collections** start when allocations minus deallocations of tracked objects pass a threshold (700). A
       service that replaces its state as it goes (an incident evicted, another decoded) frees about as many objects as
-      it makes, so that count hardly grows while the young generations fill up: one young collection a second, and
-      every ~11 s a generation-1 collection over 25,000 alerts' objects, 27-36 ms.
+      it makes, so that count hardly grows while the young generations fill up: once the correlator's incidents
+      began to leave its live set, a generation-1 collection every ~10 s over 25,000 alerts' objects, 20-42 ms.
 
     :meth:`start` turns automatic full collections off (the threshold of generation 2 out of reach; automatic young
     ones stay, for bursts between ticks). :meth:`tick`, every ``period_s`` (a timer on the service's event loop: a
@@ -156,7 +156,6 @@ class CollectionSchedule:
         FULL_COLLECTIONS.labels(reason).inc()
         self._last_full = self._clock()
         return reason
-
 
 
 class Health:

@@ -168,7 +168,7 @@ class CorrelationWorker:
         app.agent(self.alerts_topic, name="correlate-alerts")(self._alerts)
         app.agent(self.telemetry_topic, name="buffer-telemetry")(self._telemetry)
         # Garbage collections on its own schedule: young ones every 0.1 s, full ones at the stream's lulls (at the
-        # latest every full_gc_max_interval_s). CPython's schedule stopped the stream for 27-90 ms at a time under
+        # latest every full_gc_max_interval_s). CPython's schedule stopped the stream for 20-90 ms at a time under
         # load: the state is an object per alert of every incident held (see CollectionSchedule)
         self.gc_schedule = CollectionSchedule(idle_s=settings.full_gc_idle_s,
                                               max_interval_s=settings.full_gc_max_interval_s)
