@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import struct
 from datetime import datetime, timedelta, timezone
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -136,7 +137,7 @@ class Serde:
         self.registry = registry
         self._ids_by_name: dict[tuple[str, str], int] = {}
         self._schema_by_id: dict[int, RecordSchema] = {}
-        self._splits: dict[tuple[str, str], Any] = {}
+        self._splits: dict[tuple[str, frozenset[str]], Any] = {}
         self._writers: dict[str, _Writer] = {}
         self._projections: dict[tuple[bytes, tuple[str, ...], bool], tuple[Any, Any]] = {}
 
@@ -179,62 +180,77 @@ class Serde:
             )
         return data
 
-    def encode_item(self, name: str, field: str, obj: dict) -> bytes:
+    def encode_item(self, name: str, field: str, obj: Any) -> bytes:
         """The Avro body of one item of the array field ``field`` of record ``name``: a piece for
         :meth:`encode_spliced`. Raises RecordInvalid."""
-        _, items, _ = self._split(name, field)
+        _, items = self._splice_plan(name, (field,))
         buf = io.BytesIO()
         try:
-            items.write(buf, obj)
+            items[field].write(buf, obj)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise RecordInvalid(f"{name}.{field}[]: {e}") from e
         return buf.getvalue()
 
-    def encode_spliced(self, name: str, obj: dict, field: str, items: list[bytes], *,
+    def encode_spliced(self, name: str, obj: dict, spliced: Mapping[str, Sequence[bytes]], *,
                        topic: str | None = None) -> bytes:
-        """Serialise ``obj`` with its array field ``field`` given as items already encoded by :meth:`encode_item`:
-        the same bytes as :meth:`encode_dict` of the whole record (Avro writes a record as its fields in order and an
-        array as count, items, 0). For records that carry a long, slowly changing list (an incident's evidence):
-        each item is encoded once, not once per version. Raises RecordInvalid / OversizedMessage."""
+        """Serialise ``obj`` with its array fields named in ``spliced`` given as items already encoded by
+        :meth:`encode_item` (field -> items): the same bytes as :meth:`encode_dict` of the whole record (Avro writes
+        a record as its fields in order and an array as count, items, 0). For records that carry long, slowly
+        changing lists (an incident's evidence and fingerprints): each item is encoded once, not once per version.
+        Raises RecordInvalid / OversizedMessage."""
         rs = self.schemas.get(name)
-        (head, head_names), _, (tail, tail_names) = self._split(name, field)
+        runs, _ = self._splice_plan(name, tuple(spliced))
         buf = self._framed(rs, topic)
         try:
-            head.write(buf, {k: obj[k] for k in head_names if k in obj})
-            if items:
-                buf.write(_zigzag_varint(len(items)))
-                buf.write(b"".join(items))
-            buf.write(b"\x00")
-            tail.write(buf, {k: obj[k] for k in tail_names if k in obj})
+            for writer, names, field in runs:
+                if writer is not None:
+                    writer.write(buf, {k: obj[k] for k in names if k in obj})
+                if field is not None:
+                    items = spliced[field]
+                    if items:
+                        buf.write(_zigzag_varint(len(items)))
+                        buf.write(b"".join(items))
+                    buf.write(b"\x00")
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise RecordInvalid(f"{rs.name}: {e}") from e
         return self._bounded(rs, buf.getvalue())
 
-    def _split(self, name: str, field: str) -> tuple[tuple[_Writer, list[str]], _Writer, tuple[_Writer, list[str]]]:
-        """Writers of the fields before ``field``, of its items, and of the fields after it (cached)."""
-        key = (name, field)
+    def _splice_plan(self, name: str, spliced: tuple[str, ...]) -> tuple[list[tuple[_Writer | None, list[str], str | None]],
+                                                                        dict[str, _Writer]]:
+        """How to write record ``name`` with the array fields ``spliced`` given as encoded items (cached): runs of
+        (writer of the plain fields before a spliced field, their names, that field; None after the last one), and
+        the item writer of each spliced field."""
+        key = (name, frozenset(spliced))
         if key not in self._splits:
             from fastavro import parse_schema
 
             rs = self.schemas.get(name)
             fields = rs.expanded["fields"]
-            at = [i for i, f in enumerate(fields) if f["name"] == field]
-            if not at or not isinstance(fields[at[0]]["type"], dict) or fields[at[0]]["type"].get("type") != "array":
-                raise RecordInvalid(f"{name} has no array field {field!r}")
-            i = at[0]
-            named: dict = {}  # shared: a later part may use a type an earlier part defined
-            base = rs.name.rsplit(".", 1)
-            parts = []
-            for suffix, part in (("Head", fields[:i]), ("Tail", fields[i + 1:])):
-                parts.append({"type": "record", "name": f"{base[-1]}__{field}__{suffix}", "namespace": base[0],
-                              "fields": part})
+            for field in spliced:
+                at = [f for f in fields if f["name"] == field]
+                if not at or not isinstance(at[0]["type"], dict) or at[0]["type"].get("type") != "array":
+                    raise RecordInvalid(f"{name} has no array field {field!r}")
+            namespace, base = rs.name.rsplit(".", 1)
+            named: dict = {}  # shared, in field order: a later part may use a type an earlier part defined
             plain: dict = {}  # the same, for the writers' schemas without logical types
-            head = _Writer(parts[0], parse_schema(parts[0], named), plain)
-            item_schema = fields[i]["type"]["items"]
-            items = _Writer(item_schema, parse_schema(item_schema, named), plain)
-            tail = _Writer(parts[1], parse_schema(parts[1], named), plain)
-            self._splits[key] = ((head, [f["name"] for f in fields[:i]]), items,
-                                 (tail, [f["name"] for f in fields[i + 1:]]))
+            runs: list[tuple[_Writer | None, list[str], str | None]] = []
+            items: dict[str, _Writer] = {}
+            run: list[dict] = []
+            for f in [*fields, None]:
+                if f is not None and f["name"] not in spliced:
+                    run.append(f)
+                    continue
+                writer = None
+                if run:
+                    part = {"type": "record", "name": f"{base}__spliced__{len(runs)}", "namespace": namespace,
+                            "fields": run}
+                    writer = _Writer(part, parse_schema(part, named), plain)
+                runs.append((writer, [r["name"] for r in run], None if f is None else f["name"]))
+                run = []
+                if f is not None:
+                    item_schema = f["type"]["items"]
+                    items[f["name"]] = _Writer(item_schema, parse_schema(item_schema, named), plain)
+            self._splits[key] = (runs, items)
         return self._splits[key]
 
     def _registered_id(self, topic: str, rs: RecordSchema) -> int:

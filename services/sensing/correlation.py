@@ -319,6 +319,12 @@ class AlertMap(dict):
         if self._views is not None and not self._views.write(key, old, ref, self):
             self._views = None
 
+    def append_token(self) -> object:
+        """An object that stays the same (``is``) while the map only gains keys or has alerts written again in
+        place; after any other change (a delete, ``update``, ...) the map hands out a new one. A holder of a token
+        knows, if it gets the same one later, that no key it saw has gone."""
+        return self.views()
+
     def views(self) -> _Views:
         if self._views is None:
             views = _Views()

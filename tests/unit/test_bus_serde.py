@@ -164,15 +164,35 @@ def test_a_spliced_array_encodes_to_the_same_bytes_as_the_whole_record(name, fie
     assert whole[field], "the sample must hold an item to repeat"
     whole[field] = [whole[field][0]] * n
     items = [serde.encode_item(name, field, item) for item in whole[field]]
-    spliced = serde.encode_spliced(name, {k: v for k, v in whole.items() if k != field}, field, items)
+    spliced = serde.encode_spliced(name, {k: v for k, v in whole.items() if k != field}, {field: items})
     assert spliced == serde.encode_dict(name, whole)
     assert serde.decode(spliced).data[field] == serde.decode(serde.encode_dict(name, whole)).data[field]
+
+
+@pytest.mark.parametrize("name", sorted({name for name, _ in _array_fields()}))
+def test_every_array_field_spliced_at_once_encodes_to_the_same_bytes(name):
+    """Several spliced fields, adjacent or apart, first or last: the runs of plain fields between them are written
+    in order (an IncidentUpdated splices its fingerprints and its evidence)."""
+    serde = Serde()
+    whole = _instance(name).model_dump()
+    fields = [f for n, f in _array_fields() if n == name]
+    for k, field in enumerate(fields):
+        whole[field] = whole[field][:1] * (k + 2)
+    pieces = {f: [serde.encode_item(name, f, item) for item in whole[f]] for f in fields}
+    plain = {k: v for k, v in whole.items() if k not in pieces}
+    assert serde.encode_spliced(name, plain, pieces) == serde.encode_dict(name, whole)
+    assert serde.encode_spliced(name, plain, dict(reversed(pieces.items()))) == serde.encode_dict(name, whole)
+    some = dict(list(pieces.items())[:1])
+    assert serde.encode_spliced(name, {**plain, **{f: whole[f] for f in fields if f not in some}},
+                                some) == serde.encode_dict(name, whole)
 
 
 def test_splicing_needs_an_array_field_and_valid_pieces():
     serde = Serde()
     with pytest.raises(RecordInvalid, match="no array field"):
-        serde.encode_spliced("pilothouse.sensing.IncidentUpdated", {}, "title", [])
+        serde.encode_spliced("pilothouse.sensing.IncidentUpdated", {}, {"title": []})
+    with pytest.raises(RecordInvalid, match="no array field"):
+        serde.encode_spliced("pilothouse.sensing.IncidentUpdated", {}, {"evidence": [], "nope": []})
     with pytest.raises(RecordInvalid):
         serde.encode_item("pilothouse.sensing.IncidentUpdated", "evidence", {"kind": "alert"})
 

@@ -492,7 +492,12 @@ def test_cached_alert_items_follow_any_change_of_the_alerts(seed):
                                                  f"ev-{step}", step)})
         if rnd.random() < 0.6:  # not every change is published at once: some pile up between two updates
             assert cache.items(inc, "not configured") == AlertEvidenceCache(serde).items(inc, "not configured")
+            fingerprints = inc.view(DependencyMap()).fingerprints
+            assert cache.encoded_fingerprints(inc.incident_id, fingerprints) == [
+                serde.encode_item("pilothouse.sensing.IncidentUpdated", "alert_fingerprints", f) for f in fingerprints]
     assert len(cache) == len(inc.alerts)
+    assert cache.encoded_fingerprints("not-cached", ["fp-x"]) == [  # an incident it holds no items of
+        serde.encode_item("pilothouse.sensing.IncidentUpdated", "alert_fingerprints", "fp-x")]
 
 
 def test_an_incident_decoded_again_keeps_its_cached_alert_items(monkeypatch):
