@@ -33,7 +33,10 @@ incident topic.
   batches in that phase (mean size, time per batch, state-ack wait, age of a batch's oldest alert, full garbage
   collections and their total pause). ``half_rate_gc``: each stage's garbage collections. Both span the phase until
   its last update was read, so a full collection the correlator made once the stream fell idle (0.5 s after the
-  last alert: see ``CollectionSchedule``) is counted there too.
+  last alert: see ``CollectionSchedule``) is counted there too. ``half_rate_gc.client``: this process's own
+  collections in the phase (it freezes what lives from before and makes no full collection while a phase is timed:
+  a pause of the client's is one of the measurement, see :class:`ClientCollections`); each window has its
+  ``client_gc_ms``.
   ``half_rate_broker_stops``: the local broker's safepoints of 1 ms or more in that phase (GC pauses above all: each
   stops every producer and consumer at once), read from its GC log; each window has its ``broker_stopped_ms``.
 * ``in_memory.correlator_us_per_alert_by_incident_size`` — the correlator stage's CPU per alert (in memory, at the
@@ -53,6 +56,7 @@ Targets: ``alerts_per_s >= 0.5 x cpu_limit_per_s`` and ``p99_latency_ms <= 50``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -155,7 +159,7 @@ class TopicWatch:
     moment, wall-clock ms), ``log_time`` (the broker's LogAppendTime of that record, ms: the bench creates its topics
     with ``message.timestamp.type=LogAppendTime``) and, for alerts, ``received_at`` (the gateway's stamp, ms).
 
-    What the measurement costs: the consumer fetches with ``fetch.wait.max.ms=1`` (a fetch returns as soon as anything
+    What the measurement costs: the consumer fetches with ``fetch.min.bytes=1`` (a fetch returns as soon as anything
     is there) from a thread of its own that only notes each record's bytes and arrival time; records are decoded when
     someone waits for them (``wait_for``, after the requests of a phase were sent), so that while alerts are being
     posted this process does not decode updates on the gateway's core. What reading adds is the last stage of the
@@ -398,6 +402,50 @@ def delete_app_topics(admin, app_id: str, extra: list[str] = (), groups: list[st
     return failed
 
 
+class ClientCollections:
+    """This process's own garbage collections while a phase is timed, and fewer of them.
+
+    The client is part of the measurement: its posting threads stamp when a request is sent and its reader thread
+    when an update arrives, and a collection holds the GIL, so that both wait. In three 120 s half-rate phases
+    (session 14) the reader's stage (incident log -> read here) reached 45-63 ms in one window ~10 s into each
+    phase while every other stage was quiet: a pause of the client, not of the pipeline. So, while a phase is
+    timed: what lives from before it is frozen (``gc.freeze``: no collection walks it again) and full collections
+    are off (only young ones run); both are restored after the phase. ``figures()`` says what collections the client
+    still made (count, pause, the longest), and ``pauses`` when (``perf_counter``, ms, generation)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float, int]] = []
+        self._started: float | None = None
+        self._threshold: tuple[int, int, int] | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.pauses.append((self._started, (time.perf_counter() - self._started) * 1000, info["generation"]))
+            self._started = None
+
+    def __enter__(self) -> ClientCollections:
+        gc.collect()
+        gc.freeze()
+        self._threshold = gc.get_threshold()
+        gc.set_threshold(self._threshold[0], self._threshold[1], 1 << 30)  # no full collection in the phase
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+        if self._threshold is not None:
+            gc.set_threshold(*self._threshold)
+        gc.unfreeze()
+
+    def figures(self) -> dict[str, float]:
+        full = [ms for _, ms, gen in self.pauses if gen == 2]
+        return {"collections": len(self.pauses), "pause_ms": round(sum(ms for _, ms, _ in self.pauses), 1),
+                "full": len(full), "full_ms": round(sum(full), 1),
+                "max_ms": round(max((ms for _, ms, _ in self.pauses), default=0.0), 2)}
+
+
 def _gc_figures(delta: dict[str, float]) -> dict[str, float]:
     """Garbage collections of a process (all, and full ones) and their pause time (ms), from a difference of its
     /metrics."""
@@ -469,11 +517,12 @@ def _full_speed(args, url: str, watch: TopicWatch, cobs: int, pids: dict[str, in
     metrics0 = _metrics(cobs)
     cpu0 = {k: _cpu_seconds(pid) for k, pid in pids.items()}
     delay0 = {k: _run_delay_seconds(pid) for k, pid in pids.items()}
-    t0 = time.perf_counter()
-    statuses = _post_all(url, bodies, sent, args.concurrency)
-    posted_s = time.perf_counter() - t0
-    all_fps = [fp for _, _, fps in bodies for fp in fps]
-    complete = watch.wait_for(all_fps, 300, quiet_s=0)  # decoding as they come: the CPU shares end here
+    with ClientCollections():
+        t0 = time.perf_counter()
+        statuses = _post_all(url, bodies, sent, args.concurrency)
+        posted_s = time.perf_counter() - t0
+        all_fps = [fp for _, _, fps in bodies for fp in fps]
+        complete = watch.wait_for(all_fps, 300, quiet_s=0)  # decoding as they come: the CPU shares end here
     end = max(watch.first_seen.get(fp, time.perf_counter()) for fp in all_fps)
     # CPU share of each process over the phase (1.0 = one core all the time; the machine has os.cpu_count()) ...
     cpu_share = {k: round((_cpu_seconds(pid) - cpu0[k]) / (time.perf_counter() - t0), 2) for k, pid in pids.items()}
@@ -620,9 +669,10 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
                             _webhook(f"{run}h", start, args.batch, now, svc=f"half{start // args.alerts}"), fps))
         sent2: dict[str, float] = {}
         metrics2, gateway2 = _metrics(cobs), _metrics(obs)
-        statuses2 = _post_all(url, bodies2, sent2, args.concurrency)
-        fps2 = [fp for _, _, fps in bodies2 for fp in fps]
-        complete2 = watch.wait_for(fps2, 300)
+        with ClientCollections() as client_gc:
+            statuses2 = _post_all(url, bodies2, sent2, args.concurrency)
+            fps2 = [fp for _, _, fps in bodies2 for fp in fps]
+            complete2 = watch.wait_for(fps2, 300)
         lat = [(watch.first_seen[fp] - sent2[fp]) * 1000 for fp in fps2 if fp in watch.first_seen]
         delta2 = {k: v - metrics2.get(k, 0.0) for k, v in _metrics(cobs).items()}
         gateway_delta2 = {k: v - gateway2.get(k, 0.0) for k, v in _metrics(obs).items()}
@@ -652,6 +702,8 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
             if pauses is not None:
                 over_time[-1]["broker_stopped_ms"] = round(sum(
                     p["ms"] for p in pauses if int((p["at_ms"] - started_ms) / 500) == k), 1)
+            over_time[-1]["client_gc_ms"] = round(sum(ms for at, ms, _ in client_gc.pauses
+                                                      if int((at - first) / 0.5) == k), 2)
         return {
             "alerts": len(all_fps), "batch": args.batch, "concurrency": args.concurrency,
             "http_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
@@ -677,7 +729,8 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
             "p50_latency_ms": round(_pct(lat, 0.5), 1), "p99_latency_ms": round(_pct(lat, 0.99), 1),
             "max_latency_ms": round(max(lat), 1) if lat else None, "incident_updates_read": watch.updates,
             "half_rate_stages_ms": stages, "half_rate_correlator": _batch_figures(delta2),
-            "half_rate_gc": {"gateway": _gc_figures(gateway_delta2), "correlator": _gc_figures(delta2)},
+            "half_rate_gc": {"gateway": _gc_figures(gateway_delta2), "correlator": _gc_figures(delta2),
+                             "client": client_gc.figures()},
             "full_speed_correlator": _batch_figures(delta),
             "half_rate_latency_over_time_ms": over_time, "latencies_ms": lat,
         }

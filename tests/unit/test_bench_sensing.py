@@ -64,3 +64,24 @@ def test_a_rotated_file_last_written_before_the_span_is_not_read(tmp_path):
     assert len(broker_stops(tmp_path, start, 1e15)) == 2
     os.utime(old, (start / 1000 - 1, start / 1000 - 1))  # its last line was written a second before the span
     assert broker_stops(tmp_path, start, 1e15) == []
+
+
+def test_the_client_makes_no_full_collection_while_a_phase_is_timed_and_restores_the_collector():
+    """What lived before the phase is frozen, full collections are off and every collection is noted (when, how
+    long, which generation); afterwards the thresholds and the frozen objects are as they were."""
+    import gc
+
+    from pilothouse.benchmarks.sensing import ClientCollections
+
+    before = gc.get_threshold()
+    with ClientCollections() as client:
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[2] >= 1 << 30
+        gc.collect(1)
+        for _ in range(50_000):  # cycles: young collections come, and no full one
+            a = []
+            a.append(a)
+    figures = client.figures()
+    assert figures["collections"] >= 2 and figures["full"] == 0 and figures["max_ms"] > 0
+    assert {gen for _, _, gen in client.pauses} <= {0, 1}
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    assert client._callback not in gc.callbacks
