@@ -165,17 +165,15 @@ def start(settings: Settings, java: str, lib: Path):
     if procs.find(settings.run_dir, NAME):
         return None
     p = _paths(settings)
-    # G1 with the pause target, heap occupancy and explicit-GC settings of Kafka's own start script
-    # (kafka-run-class.sh, KAFKA_JVM_PERFORMANCE_OPTS). With G1's default 200 ms target the broker's young
-    # collections took 31 ms on average and up to 56 ms under the sensing bench, and each one stalled every
-    # producer and consumer at once (a 0.5 s window with p99 83 ms where its neighbours had 25-31 ms).
-    # A fixed young generation (-Xmn1g of a fixed 2 GB heap): left to size it against the 20 ms target, G1 kept
-    # eden at 36-85 MB, so under the bench a young pause came every 2-10 s (15-41 ms each: the GC threads share a
-    # core with the gateway) and 1-3 of them fell in every 10 s latency phase. With a 1 GB eden one comes every
-    # 80-135 s. -XX:MaxTenuringThreshold=1: what outlives one young collection goes to the old generation at the
-    # next (with the default 15, the ~37 MB the broker keeps from its start was copied at every young collection
-    # for 15 of them: 68-121 ms each). The old generation grows by ~5 MB a young collection (76 MB after 20
-    # minutes of benches); G1's concurrent cycle and mixed collections reclaim it once the heap is 35 % full.
+    # ZGC: its pauses do not grow with the heap or what survives (under 0.1 ms here); its marking and relocation
+    # run beside the broker's threads. Under G1, tuned as far as it goes (Kafka's start-script settings: 20 ms pause
+    # target, IHOP 35 %; a fixed 1 GB eden, so that a young pause came every 80-135 s and not every 2-10 s; tenuring
+    # threshold 1, so that the ~37 MB the broker keeps from its start was not copied at every young collection),
+    # each young collection still stopped the broker for 42-62 ms (its 2 GC threads share a core with the gateway).
+    # That was two in every 120 s half-rate phase of the sensing bench, each stopping every producer and consumer
+    # at once: each made a window of 74-97 ms p99 (every stage slow together), in 5 of 5 runs. Under ZGC (session 14): no stop of
+    # 1 ms or more in the phase, no allocation stall, a proactive cycle every ~30 s (~230 MB live), and the
+    # broker's CPU per alert at full speed the same (28-34 us after warm-up, 30-36 under G1).
     # -UseCodeCacheFlushing: JDK 17's sweeper threw compiled request-path code away between bursts of load (one
     # sweep under the sensing bench zombified 9,101 nmethods; the broker's compiled methods fell from 4,189 to
     # 3,006) and the JIT, on a starved core, compiled it again for minutes. The code cache is 240 MB; the broker
@@ -184,8 +182,7 @@ def start(settings: Settings, java: str, lib: Path):
     # stops the broker's request threads, a GC pause or not): the sensing bench reads the stops that fell in its
     # latency phase from it.
     argv = [
-        java, "-Xms2g", "-Xmx2g", "-Xmn1g", "-XX:MaxTenuringThreshold=1", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-        "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent", "-XX:-UseCodeCacheFlushing",
+        java, "-Xms2g", "-Xmx2g", "-XX:+UseZGC", "-XX:-UseCodeCacheFlushing",
         f"-Xlog:gc*,safepoint:file={p['logs']}/kafkaServer-gc.log:time,uptimemillis,tags:filecount=10,filesize=20M",
         "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={p['log4j']}", f"-Dkafka.logs.dir={p['logs']}",
         "-cp", f"{lib}/*", "kafka.Kafka", str(p["properties"]),
