@@ -171,9 +171,10 @@ def start(settings: Settings, java: str, lib: Path):
     # threshold 1, so that the ~37 MB the broker keeps from its start was not copied at every young collection),
     # each young collection still stopped the broker for 42-62 ms (its 2 GC threads share a core with the gateway).
     # That was two in every 120 s half-rate phase of the sensing bench, each stopping every producer and consumer
-    # at once: each made a window of 74-97 ms p99 (every stage slow together), in 5 of 5 runs. Under ZGC (session 14): no stop of
-    # 1 ms or more in the phase, no allocation stall, a proactive cycle every ~30 s (~230 MB live), and the
-    # broker's CPU per alert at full speed the same (28-34 us after warm-up, 30-36 under G1).
+    # at once: each made a window of 74-97 ms p99 (every stage slow together), in 5 of 5 runs. Under ZGC
+    # (session 14): no stop of 1 ms or more in the phase, no allocation stall, a proactive cycle every 22-46 s
+    # (~240 MB live, ~250 ms of concurrent work). Its cost is some CPU: the broker's share at full speed was
+    # 0.17-0.26 of a core, against 0.15-0.18 under G1.
     # -UseCodeCacheFlushing: JDK 17's sweeper threw compiled request-path code away between bursts of load (one
     # sweep under the sensing bench zombified 9,101 nmethods; the broker's compiled methods fell from 4,189 to
     # 3,006) and the JIT, on a starved core, compiled it again for minutes. The code cache is 240 MB; the broker

@@ -75,6 +75,9 @@ class _Writer:
         schemaless_writer(buf, self.parsed, obj, strict_allow_default=True)
 
 
+_SpliceRuns = list[tuple[_Writer | None, list[str], str | None]]
+
+
 def _timestamp_fields(schema: Any) -> tuple[str, ...] | None:
     """The names of a record schema's timestamp-millis fields (nullable ones too); None if it is not a record or a
     logical type sits anywhere else (inside an array, a map, a nested record) or is not a timestamp-millis."""
@@ -215,8 +218,7 @@ class Serde:
             raise RecordInvalid(f"{rs.name}: {e}") from e
         return self._bounded(rs, buf.getvalue())
 
-    def _splice_plan(self, name: str, spliced: tuple[str, ...]) -> tuple[list[tuple[_Writer | None, list[str], str | None]],
-                                                                        dict[str, _Writer]]:
+    def _splice_plan(self, name: str, spliced: tuple[str, ...]) -> tuple[_SpliceRuns, dict[str, _Writer]]:
         """How to write record ``name`` with the array fields ``spliced`` given as encoded items (cached): runs of
         (writer of the plain fields before a spliced field, their names, that field; None after the last one), and
         the item writer of each spliced field."""
@@ -233,7 +235,7 @@ class Serde:
             namespace, base = rs.name.rsplit(".", 1)
             named: dict = {}  # shared, in field order: a later part may use a type an earlier part defined
             plain: dict = {}  # the same, for the writers' schemas without logical types
-            runs: list[tuple[_Writer | None, list[str], str | None]] = []
+            runs: _SpliceRuns = []
             items: dict[str, _Writer] = {}
             run: list[dict] = []
             for f in [*fields, None]:

@@ -419,8 +419,8 @@ class IncidentHandler:
         """The same record, Avro-encoded (the bytes ``serde.encode(incident_record(...))`` gives): each evidence item
         (and each fingerprint) is encoded once per state of its source and spliced in, so an update no longer costs
         a dump and an encode of every alert of its incident (an incident's n-th update cost O(n) item encodings, its
-        whole life O(n^2)); the rest is written from a plain dict (no model to validate and dump again: the Avro writer checks every
-        field against the schema)."""
+        whole life O(n^2)); the rest is written from a plain dict (no model to validate and dump again: the Avro
+        writer checks every field against the schema)."""
         head, evidence = self._update(inc, metrics)
         fingerprints = self.alert_items.encoded_fingerprints(inc.incident_id, head.pop("alert_fingerprints"))
         return self.serde.encode_spliced(avro.IncidentUpdated.AVRO_NAME, head, {
