@@ -170,6 +170,13 @@ class TransactionalProcessor:
 
     def _abort(self, e: Exception) -> None:
         log.warning("aborting transaction", extra={"error": str(e)})
+        # What the transaction produced is delivered first (librdkafka#4849, open): librdkafka sends the abort's
+        # EndTxn once its AddPartitionsToTxn request is sent, not once it is answered. So an abort right after a
+        # produce can reach the coordinator while the transaction is still empty there, and the coordinator's
+        # INVALID_TXN_STATE is fatal to the producer: seen once here, a handler's retryable error right after the
+        # batch's first outputs. A delivered message proves its partition was added. The messages stay invisible:
+        # the abort marker hides them from read_committed consumers.
+        self._producer.flush(30)
         try:
             self._producer.abort_transaction(30)
         except KafkaException as ae:
