@@ -414,9 +414,11 @@ class ClientCollections:
     still made (count, pause, the longest), and ``pauses`` when (``perf_counter``, ms, generation)."""
 
     def __init__(self) -> None:
+        from pilothouse.bus.runtime import CollectionSchedule
+
         self.pauses: list[tuple[float, float, int]] = []
         self._started: float | None = None
-        self._threshold: tuple[int, int, int] | None = None
+        self._schedule = CollectionSchedule()  # only its start/stop: no automatic full collection in between
 
     def _callback(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -428,15 +430,13 @@ class ClientCollections:
     def __enter__(self) -> ClientCollections:
         gc.collect()
         gc.freeze()
-        self._threshold = gc.get_threshold()
-        gc.set_threshold(self._threshold[0], self._threshold[1], 1 << 30)  # no full collection in the phase
+        self._schedule.start()
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc: object) -> None:
         gc.callbacks.remove(self._callback)
-        if self._threshold is not None:
-            gc.set_threshold(*self._threshold)
+        self._schedule.stop()
         gc.unfreeze()
 
     def figures(self) -> dict[str, float]:
