@@ -1,11 +1,16 @@
-"""The sensing bench's reading of the local broker's stops (safepoints) from its GC log, in lines as the stack's
-broker writes them (JDK unified logging, ``-Xlog:gc*,safepoint:file=...:time,uptimemillis,tags``)."""
+"""The sensing bench's instruments: its reading of the local broker's stops (safepoints) from its GC log, in lines
+as the stack's broker writes them (JDK unified logging, ``-Xlog:gc*,safepoint:file=...:time,uptimemillis,tags``),
+its client's collections, and the host probe (a core taken away is seen)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from datetime import datetime
 
+from pilothouse.benchmarks.host_probe import HostProbe
 from pilothouse.benchmarks.sensing import broker_stops
 
 LOG = """\
@@ -85,3 +90,41 @@ def test_the_client_makes_no_full_collection_while_a_phase_is_timed_and_restores
     assert {gen for _, _, gen in client.pauses} <= {0, 1}
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
     assert client._callback not in gc.callbacks
+
+
+def test_host_probe_sees_a_core_taken_away():
+    """A probe process stopped for 80 ms (SIGSTOP, as a hypervisor would deschedule the core) reports a wake-up
+    that late; only wake-ups later than ``report_ms`` are listed; its fixed work is timed."""
+    cpu = min(os.sched_getaffinity(0))
+    with HostProbe([cpu], period_ms=2.0, report_ms=1.0) as probe:
+        time.sleep(0.5)  # the interpreter starts and the probe is looping
+        pid = probe._procs[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.08)
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.1)
+    figures = probe.figures(over_ms=5.0)
+    core = figures["cores"][str(cpu)]
+    assert isinstance(figures["realtime"], bool)
+    assert core["wakeups"] > 50
+    assert core["late_over_5ms"] >= 1
+    assert 60 <= core["max_late_ms"] < 1000
+    assert all(late > 1.0 for _, _, late in probe.late)
+    # the fixed work's time, per 100 ms: there, and the same kind of figure whatever the span
+    assert 0 < core["work_us_p50"] <= core["work_us_p90"] <= core["work_us_p99"]
+    assert probe.work_us(0, 1e15)[str(cpu)] > 0
+    assert probe.work_us(0, 1) == {}
+
+
+def test_the_bench_waits_for_the_broker_to_remove_deleted_topics_files(tmp_path):
+    from pilothouse.benchmarks.sensing import wait_for_deleted_logs
+
+    (tmp_path / "alerts-0").mkdir()  # a live partition: not waited for
+    gone = tmp_path / "test.bench-alerts-0.0123abcd-delete"
+    gone.mkdir()
+    threading.Timer(0.6, gone.rmdir).start()
+    waited = wait_for_deleted_logs(tmp_path, timeout_s=10)
+    assert not gone.exists()
+    assert 0.5 <= waited < 10
+    assert wait_for_deleted_logs(tmp_path, timeout_s=10) == 0.0
+    assert wait_for_deleted_logs(tmp_path / "no-such-broker") is None
