@@ -7,11 +7,15 @@ had interrupts off). Where real-time priority is refused (no root, no CAP_SYS_NI
 task, ``realtime`` says so, and its lateness then includes waiting behind the benchmark's own processes.
 
 A core can also be there but slower (a busy sibling hyperthread of another guest, a lower clock). So at every
-wake-up the probe also times a fixed piece of work (~17 µs of Python), which nothing of the benchmark's can
-interrupt; ``work_us`` holds its median per 100 ms. The same work taking longer in one stretch of a phase than in
-the rest means the core did less per second there, for every process on it.
+wake-up the probe also times a fixed piece of work (~20 µs of Python), which nothing of the benchmark's can
+interrupt; ``work_us`` holds its median per 100 ms. The same work taking much longer in one stretch of a phase than
+in the rest means the core did less per second there, for every process on it. A few per cent longer is also what
+busier processes on the same core cost it (its cache is evicted between wake-ups).
 
 Cost: a wake-up every 2 ms per core, ~2-3 % of a core each (measured with ``ps`` on the 2-vCPU VM).
+
+:class:`ProcessSchedule` answers the other half: which of the benchmark's processes had a core in a stretch of the
+phase, and which waited for one (every thread's schedstat, every 100 ms, from a sampler process of its own).
 
     with HostProbe() as probe:
         ...  # the timed phase
@@ -71,7 +75,7 @@ def _probe(cpu: int, period_ms: float, report_ms: float, max_s: float) -> None:
 
 
 def _work() -> int:
-    """The fixed piece of work timed at every wake-up (~17 µs on the 2-vCPU VM)."""
+    """The fixed piece of work timed at every wake-up (~20 µs on the 2-vCPU VM)."""
     x = 0
     for i in range(600):
         x += i * i
@@ -141,3 +145,85 @@ def _spread(us: list[float]) -> dict[str, float]:
         return {}
     return {"work_us_p50": us[len(us) // 2], "work_us_p90": us[int(len(us) * 0.9)],
             "work_us_p99": us[min(len(us) - 1, int(len(us) * 0.99))]}
+
+
+def _sample(pids: dict[str, int], period_ms: float, max_s: float) -> None:
+    """The sampler process: until stdin closes (or ``max_s``), every ``period_ms`` read each process's threads'
+    schedstat (time on a core, time runnable but waiting for one); print, per interval, each process's share of it."""
+    stop = threading.Event()
+
+    def until_eof() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=until_eof, daemon=True).start()
+    last: dict[tuple[str, str], tuple[int, int]] = {}
+    intervals = []
+    deadline = time.monotonic() + max_s
+    previous = None
+    while not stop.is_set() and time.monotonic() < deadline:
+        now_ms = time.time() * 1000
+        moved: dict[str, list[float]] = {}
+        for name, pid in pids.items():
+            ran = waited = 0
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        on_cpu, on_queue = (int(x) for x in f.read().split()[:2])
+                except (OSError, ValueError):
+                    continue  # the thread ended
+                before = last.get((name, tid))
+                last[(name, tid)] = (on_cpu, on_queue)
+                if before is not None:
+                    ran += on_cpu - before[0]
+                    waited += on_queue - before[1]
+            moved[name] = [ran, waited]
+        if previous is not None:
+            span_ns = (now_ms - previous) * 1e6
+            intervals.append((round(now_ms, 1), {name: [round(r / span_ns, 3), round(w / span_ns, 3)]
+                                                 for name, (r, w) in moved.items()}))
+        previous = now_ms
+        time.sleep(period_ms / 1000)
+    json.dump(intervals, sys.stdout)
+
+
+class ProcessSchedule:
+    """Which process had a core, and which waited for one, per ``period_ms`` while the block runs: a sampler process
+    reads every thread's schedstat of ``pids`` (name -> pid). ``window(start_ms, end_ms)``: per process, the share of a
+    core it ran and the share it waited (summed over its threads: 1.0 is one core's worth) over that span."""
+
+    def __init__(self, pids: dict[str, int], *, period_ms: float = 100.0, max_s: float = 1800.0) -> None:
+        self.pids, self.period_ms, self.max_s = pids, period_ms, max_s
+        self._proc: subprocess.Popen | None = None
+        self.intervals: list[tuple[float, dict[str, list[float]]]] = []
+
+    def __enter__(self) -> ProcessSchedule:
+        code = (f"from pilothouse.benchmarks.host_probe import _sample; "
+                f"_sample({json.dumps(self.pids)}, {self.period_ms}, {self.max_s})")
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        try:
+            out, _ = proc.communicate("", timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return
+        if proc.returncode == 0 and out:
+            self.intervals = [(at, shares) for at, shares in json.loads(out)]
+
+    def window(self, start_ms: float, end_ms: float) -> dict[str, list[float]]:
+        inside = [shares for at, shares in self.intervals if start_ms < at <= end_ms]
+        out: dict[str, list[float]] = {}
+        for shares in inside:
+            for name, (ran, waited) in shares.items():
+                total = out.setdefault(name, [0.0, 0.0])
+                total[0] += ran / len(inside)
+                total[1] += waited / len(inside)
+        return {name: [round(r, 2), round(w, 2)] for name, (r, w) in out.items()}

@@ -40,7 +40,9 @@ incident topic.
   ``half_rate_host``: how late a real-time probe on each core woke (every 2 ms, :class:`HostProbe`): time the
   machine itself took a core away from every process, which no stage can be blamed for; each window has its
   ``host_late_ms`` (the latest wake-up in it, 0 when none was over 1 ms late) and ``host_work_us`` (per core, how
-  long the probe's fixed piece of work took: higher when the core itself was slower, for every process on it).
+  long the probe's fixed piece of work took: higher when the core itself was slower, for every process on it), and
+  ``ran_waited`` (per process, the share of a core its threads ran and the share they waited for one, from their
+  schedstat every 100 ms: :class:`ProcessSchedule`).
   ``half_rate_broker_stops``: the local broker's safepoints of 1 ms or more in that phase (GC pauses above all: each
   stops every producer and consumer at once), read from its GC log; each window has its ``broker_stopped_ms``.
 * ``in_memory.correlator_us_per_alert_by_incident_size`` — the correlator stage's CPU per alert (in memory, at the
@@ -78,7 +80,7 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pilothouse.benchmarks.host_probe import HostProbe
+from pilothouse.benchmarks.host_probe import HostProbe, ProcessSchedule
 
 GATEWAY_TOKEN = "bench-alertmanager-token-0123456789"
 PSEUDONYM_KEY = "bench-pseudonym-key-000000000001"
@@ -696,7 +698,7 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
                             _webhook(f"{run}h", start, args.batch, now, svc=f"half{start // args.alerts}"), fps))
         sent2: dict[str, float] = {}
         metrics2, gateway2 = _metrics(cobs), _metrics(obs)
-        with HostProbe() as host, ClientCollections() as client_gc:
+        with HostProbe() as host, ProcessSchedule(pids) as sched, ClientCollections() as client_gc:
             statuses2 = _post_all(url, bodies2, sent2, args.concurrency)
             fps2 = [fp for _, _, fps in bodies2 for fp in fps]
             complete2 = watch.wait_for(fps2, 300)
@@ -734,6 +736,7 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
             over_time[-1]["host_late_ms"] = max((ms for at, _, ms in host.late
                                                  if int((at - started_ms) / 500) == k), default=0.0)
             over_time[-1]["host_work_us"] = host.work_us(started_ms + k * 500, started_ms + (k + 1) * 500)
+            over_time[-1]["ran_waited"] = sched.window(started_ms + k * 500, started_ms + (k + 1) * 500)
         return {
             "alerts": len(all_fps), "batch": args.batch, "concurrency": args.concurrency,
             "http_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},

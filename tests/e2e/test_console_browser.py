@@ -258,6 +258,9 @@ def test_the_browser_signs_and_a_foreign_key_is_refused_in_process(browser, tmp_
         page = new_page(browser, errors)
         log_in(page, url, "rita")
         page.locator("#signing-key-file").set_input_files(str(key_file(tmp_path, "ada")))  # the wrong file
+        # stored (IndexedDB, asynchronously) before the page is left: a navigation right after the file was chosen
+        # could beat the store, and the decision was then refused for having no key, not the wrong one (seen once)
+        expect(page.locator("#signing-key-status")).to_contain_text("ready for rita")
         page.goto(f"{url}/incidents/{w.incident_id}")
         card = page.locator(f"#hyp-{w.h1}")
         card.get_by_label("Validate").check()

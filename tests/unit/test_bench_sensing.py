@@ -1,17 +1,20 @@
 """The sensing bench's instruments: its reading of the local broker's stops (safepoints) from its GC log, in lines
 as the stack's broker writes them (JDK unified logging, ``-Xlog:gc*,safepoint:file=...:time,uptimemillis,tags``),
-its client's collections, and the host probe (a core taken away is seen)."""
+its client's collections, the host probe (a core taken away is seen) and the per-process schedule (which process
+ran)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime
 
-from pilothouse.benchmarks.host_probe import HostProbe
-from pilothouse.benchmarks.sensing import broker_stops
+from pilothouse.benchmarks.host_probe import HostProbe, ProcessSchedule
+from pilothouse.benchmarks.sensing import broker_stops, wait_for_deleted_logs
 
 LOG = """\
 [2026-11-26T14:57:52.872+0000][87755ms][gc,start    ] GC(6) Pause Young (Normal) (G1 Evacuation Pause)
@@ -117,8 +120,6 @@ def test_host_probe_sees_a_core_taken_away():
 
 
 def test_the_bench_waits_for_the_broker_to_remove_deleted_topics_files(tmp_path):
-    from pilothouse.benchmarks.sensing import wait_for_deleted_logs
-
     (tmp_path / "alerts-0").mkdir()  # a live partition: not waited for
     gone = tmp_path / "test.bench-alerts-0.0123abcd-delete"
     gone.mkdir()
@@ -128,3 +129,22 @@ def test_the_bench_waits_for_the_broker_to_remove_deleted_topics_files(tmp_path)
     assert 0.5 <= waited < 10
     assert wait_for_deleted_logs(tmp_path, timeout_s=10) == 0.0
     assert wait_for_deleted_logs(tmp_path / "no-such-broker") is None
+
+
+def test_process_schedule_says_which_process_ran():
+    """A process that spins runs about a core's worth in every interval; one that sleeps runs none of it."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with ProcessSchedule({"spinner": os.getpid(), "sleeper": sleeper.pid}, period_ms=50) as sched:
+            until = time.perf_counter() + 0.8
+            started_ms = time.time() * 1000
+            while time.perf_counter() < until:
+                pass
+            ended_ms = time.time() * 1000
+    finally:
+        sleeper.kill()
+    assert len(sched.intervals) >= 5
+    shares = sched.window(started_ms + 200, ended_ms)
+    assert shares["spinner"][0] > 0.5  # ran (a core is shared on a busy machine: not asserting 1.0)
+    assert shares["sleeper"][0] < 0.05
+    assert sched.window(0, 1) == {}
