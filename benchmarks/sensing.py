@@ -37,12 +37,12 @@ incident topic.
   collections in the phase (it freezes what lives from before and makes no full collection while a phase is timed:
   a pause of the client's is one of the measurement, see :class:`ClientCollections`); each window has its
   ``client_gc_ms``.
-  ``half_rate_host``: how late a real-time probe on each core woke (every 2 ms, :class:`HostProbe`): time the
+  ``half_rate_host``: how late a real-time probe on each core woke (every 5 ms, :class:`HostProbe`): time the
   machine itself took a core away from every process, which no stage can be blamed for; each window has its
   ``host_late_ms`` (the latest wake-up in it, 0 when none was over 1 ms late) and ``host_work_us`` (per core, how
   long the probe's fixed piece of work took: higher when the core itself was slower, for every process on it), and
   ``ran_waited`` (per process, the share of a core its threads ran and the share they waited for one, from their
-  schedstat every 100 ms: :class:`ProcessSchedule`).
+  schedstat every 250 ms: :class:`ProcessSchedule`).
   ``half_rate_broker_stops``: the local broker's safepoints of 1 ms or more in that phase (GC pauses above all: each
   stops every producer and consumer at once), read from its GC log; each window has its ``broker_stopped_ms``.
 * ``in_memory.correlator_us_per_alert_by_incident_size`` — the correlator stage's CPU per alert (in memory, at the
