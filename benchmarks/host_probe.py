@@ -34,6 +34,34 @@ import threading
 import time
 
 
+def _stop_on_eof() -> threading.Event:
+    """In a probe or sampler process: an event set once the parent closes our stdin (or goes away)."""
+    stop = threading.Event()
+
+    def until_eof() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=until_eof, daemon=True).start()
+    return stop
+
+
+def _start(call: str) -> subprocess.Popen:
+    """A probe or sampler process running ``call`` (a call of one of this module's functions)."""
+    return subprocess.Popen([sys.executable, "-c", f"from pilothouse.benchmarks import host_probe; host_probe.{call}"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _report(proc: subprocess.Popen) -> object | None:
+    """Close its stdin (it stops) and read the JSON it prints; None if it did not finish well."""
+    try:
+        out, _ = proc.communicate("", timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None
+    return json.loads(out) if proc.returncode == 0 and out else None
+
+
 def _probe(cpu: int, period_ms: float, report_ms: float, max_s: float) -> None:
     """The probe process: until stdin closes (or ``max_s``), wake every ``period_ms``; print one JSON document."""
     os.sched_setaffinity(0, {cpu})
@@ -42,13 +70,7 @@ def _probe(cpu: int, period_ms: float, report_ms: float, max_s: float) -> None:
         realtime = True
     except (PermissionError, OSError):
         realtime = False
-    stop = threading.Event()
-
-    def until_eof() -> None:
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=until_eof, daemon=True).start()
+    stop = _stop_on_eof()
     period, late_s = period_ms / 1000, report_ms / 1000
     deadline = time.monotonic() + max_s
     wakeups, late, work_us = 0, [], []
@@ -109,22 +131,13 @@ class HostProbe:
         return out
 
     def __enter__(self) -> HostProbe:
-        code = (f"from pilothouse.benchmarks.host_probe import _probe; "
-                f"_probe({{cpu}}, {self.period_ms}, {self.report_ms}, {self.max_s})")
-        for cpu in self.cpus:
-            self._procs.append(subprocess.Popen([sys.executable, "-c", code.format(cpu=cpu)], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, text=True))
+        self._procs = [_start(f"_probe({cpu}, {self.period_ms}, {self.report_ms}, {self.max_s})")
+                       for cpu in self.cpus]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for proc in self._procs:
-            try:
-                out, _ = proc.communicate("", timeout=10)  # closes stdin: the probe stops and reports
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                continue
-            if proc.returncode == 0 and out:
-                self.results.append(json.loads(out))
+        reports = [_report(proc) for proc in self._procs]
+        self.results = [r for r in reports if r is not None]
         self._procs = []
 
     def figures(self, *, over_ms: float = 5.0) -> dict:
@@ -152,13 +165,7 @@ def _spread(us: list[float]) -> dict[str, float]:
 def _sample(pids: dict[str, int], period_ms: float, max_s: float) -> None:
     """The sampler process: until stdin closes (or ``max_s``), every ``period_ms`` read each process's threads'
     schedstat (time on a core, time runnable but waiting for one); print, per interval, each process's share of it."""
-    stop = threading.Event()
-
-    def until_eof() -> None:
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=until_eof, daemon=True).start()
+    stop = _stop_on_eof()
     last: dict[tuple[str, str], tuple[int, int]] = {}
     intervals = []
     deadline = time.monotonic() + max_s
@@ -204,21 +211,12 @@ class ProcessSchedule:
         self.intervals: list[tuple[float, dict[str, list[float]]]] = []
 
     def __enter__(self) -> ProcessSchedule:
-        code = (f"from pilothouse.benchmarks.host_probe import _sample; "
-                f"_sample({json.dumps(self.pids)}, {self.period_ms}, {self.max_s})")
-        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      text=True)
+        self._proc = _start(f"_sample({json.dumps(self.pids)}, {self.period_ms}, {self.max_s})")
         return self
 
     def __exit__(self, *exc: object) -> None:
         proc, self._proc = self._proc, None
-        try:
-            out, _ = proc.communicate("", timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return
-        if proc.returncode == 0 and out:
-            self.intervals = [(at, shares) for at, shares in json.loads(out)]
+        self.intervals = [(at, shares) for at, shares in _report(proc) or []]
 
     def window(self, start_ms: float, end_ms: float) -> dict[str, list[float]]:
         inside = [shares for at, shares in self.intervals if start_ms < at <= end_ms]
