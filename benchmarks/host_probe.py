@@ -88,14 +88,19 @@ def _probe(cpu: int, period_ms: float, report_ms: float, max_s: float) -> None:
         took = time.perf_counter_ns() - started
         here = int(wall_ms // 100)
         if here != bucket:
-            if timings:
-                timings.sort()
-                work_us.append((bucket * 100, round(timings[len(timings) // 2] / 1000, 2)))
+            _median_into(work_us, bucket, timings)
             bucket, timings = here, []
         timings.append(took)
         if now > deadline:
             break
+    _median_into(work_us, bucket, timings)  # the last 100 ms too
     json.dump({"cpu": cpu, "realtime": realtime, "wakeups": wakeups, "late": late, "work_us": work_us}, sys.stdout)
+
+
+def _median_into(work_us: list, bucket: int | None, timings: list[int]) -> None:
+    if timings:
+        timings.sort()
+        work_us.append((bucket * 100, round(timings[len(timings) // 2] / 1000, 2)))
 
 
 def _work() -> int:
