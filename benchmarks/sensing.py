@@ -81,6 +81,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pilothouse.benchmarks.host_probe import HostProbe, ProcessSchedule
+from pilothouse.stack import kafka
 
 GATEWAY_TOKEN = "bench-alertmanager-token-0123456789"
 PSEUDONYM_KEY = "bench-pseudonym-key-000000000001"
@@ -719,7 +720,7 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
         # the broker's stops in the phase (GC pauses above all: each stops every producer and consumer at once), by
         # the same windows
         started_ms = first * 1000 + wall_offset_ms
-        pauses = broker_stops(Path(info.data_dir) / "logs" / "kafka", started_ms,
+        pauses = broker_stops(kafka.server_logs(Path(info.data_dir)), started_ms,
                               max(sent2.values(), default=first) * 1000 + wall_offset_ms)
         over_time = []
         for k, members in sorted(windows.items()):
@@ -824,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     bounds = {"one_at_a_time": 1, "full_batches": args.correlator_batch_max}
     warmup = real_path(args, info, warmup_s=args.warmup_seconds) if args.warmup_seconds > 0 else None
     if warmup is not None:
-        warmup["deleted_logs_wait_s"] = wait_for_deleted_logs(Path(info.data_dir) / "kafka" / "data")
+        warmup["deleted_logs_wait_s"] = wait_for_deleted_logs(kafka.log_dirs(Path(info.data_dir)))
     memory_before = cpu_limit(args.alerts, args.batch, bounds)
     real = real_path(args, info)
     memory_after = cpu_limit(args.alerts, args.batch, {"run": real["correlator_mean_batch"], **bounds})

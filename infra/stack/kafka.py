@@ -111,14 +111,24 @@ def provision_classpath(settings: Settings) -> tuple[Path, bool]:
     return lib, True
 
 
+def log_dirs(data_dir: Path) -> Path:
+    """The local broker's ``log.dirs`` (its partitions) under a stack's data directory."""
+    return data_dir / "kafka" / "data"
+
+
+def server_logs(data_dir: Path) -> Path:
+    """The local broker's own logs (server.log, the GC log) under a stack's data directory."""
+    return data_dir / "logs" / "kafka"
+
+
 def _paths(settings: Settings) -> dict[str, Path]:
     base = settings.data_dir / "kafka"
     return {
         "base": base,
-        "log_dirs": base / "data",
+        "log_dirs": log_dirs(settings.data_dir),
         "properties": base / "server.properties",
         "log4j": base / "log4j2.properties",
-        "logs": settings.logs_dir / "kafka",
+        "logs": server_logs(settings.data_dir),
         "stdout": settings.logs_dir / "kafka.out",
     }
 

@@ -55,7 +55,7 @@ def load_or_create_info(settings: Settings, principals: tuple[str, ...]) -> tupl
         current = StackInfo.load(data_dir)
     except NotProvisioned:
         leftovers = [
-            p for p in (data_dir / "kafka" / "data" / "meta.properties", data_dir / "postgres" / "data" / "PG_VERSION")
+            p for p in (kafka.log_dirs(data_dir) / "meta.properties", data_dir / "postgres" / "data" / "PG_VERSION")
             if p.exists()
         ]  # fmt: skip
         if leftovers:
