@@ -722,6 +722,9 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
         started_ms = first * 1000 + wall_offset_ms
         pauses = broker_stops(kafka.server_logs(Path(info.data_dir)), started_ms,
                               max(sent2.values(), default=first) * 1000 + wall_offset_ms)
+        def window_of(ms: float) -> int:  # the window a wall-clock moment (ms) falls in, as the alerts' above
+            return int((ms - started_ms) / 500)
+
         over_time = []
         for k, members in sorted(windows.items()):
             v = [(watch.first_seen[fp] - sent2[fp]) * 1000 for fp in members]
@@ -729,15 +732,14 @@ def real_path(args, info, *, warmup_s: float | None = None) -> dict:
                               "p99": round(_pct(v, 0.99), 1),
                               "stages_p99": {name: x["p99"] for name, x in stage_breakdown(
                                   times[fp] for fp in members if fp in times).items() if name != "total"}})
+            window, span = over_time[-1], (started_ms + k * 500, started_ms + (k + 1) * 500)
             if pauses is not None:
-                over_time[-1]["broker_stopped_ms"] = round(sum(
-                    p["ms"] for p in pauses if int((p["at_ms"] - started_ms) / 500) == k), 1)
-            over_time[-1]["client_gc_ms"] = round(sum(ms for at, ms, _ in client_gc.pauses
-                                                      if int((at - first) / 0.5) == k), 2)
-            over_time[-1]["host_late_ms"] = max((ms for at, _, ms in host.late
-                                                 if int((at - started_ms) / 500) == k), default=0.0)
-            over_time[-1]["host_work_us"] = host.work_us(started_ms + k * 500, started_ms + (k + 1) * 500)
-            over_time[-1]["ran_waited"] = sched.window(started_ms + k * 500, started_ms + (k + 1) * 500)
+                window["broker_stopped_ms"] = round(sum(p["ms"] for p in pauses if window_of(p["at_ms"]) == k), 1)
+            window["client_gc_ms"] = round(sum(ms for at, ms, _ in client_gc.pauses
+                                               if window_of(at * 1000 + wall_offset_ms) == k), 2)
+            window["host_late_ms"] = max((ms for at, _, ms in host.late if window_of(at) == k), default=0.0)
+            window["host_work_us"] = host.work_us(*span)
+            window["ran_waited"] = sched.window(*span)
         return {
             "alerts": len(all_fps), "batch": args.batch, "concurrency": args.concurrency,
             "http_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
